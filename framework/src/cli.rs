@@ -1,0 +1,141 @@
+//! The `recfuse` command line: thin glue over the library.
+
+use crate::config::{ConfigSources, LoadedConfig};
+use crate::pipeline::{self, RunOptions};
+use crate::registry::Registry;
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(name = "recfuse", version, about = "LLM-powered recommendation from plugins, wired by config")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Pipeline config (TOML, YAML or JSON).
+    pub config: PathBuf,
+    /// Overlay files applied in order on top of the config (e.g. configs/markets/de.toml).
+    #[arg(long = "overlay", value_name = "FILE")]
+    pub overlays: Vec<PathBuf>,
+    /// Override one key, e.g. `--set ranker.half_life_days=30`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> Result<LoadedConfig> {
+        LoadedConfig::load(&ConfigSources { base: self.config.clone(), overlays: self.overlays.clone(), sets: self.sets.clone() })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a pipeline; reruns skip unchanged stages and resume interrupted ones.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Run directory (default: run.dir/run.name from the config).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check a config: every key, every component's own table, every plugin it names.
+    Validate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List available components: built-in and from plugin libraries.
+    Plugins {
+        /// Plugin directories or library files to load as well.
+        #[arg(long = "path", value_name = "DIR_OR_FILE")]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Runs the CLI with `args` (including the program name); returns the exit code.
+pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> Result<i32> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            write!(out, "{e}")?;
+            return Ok(code);
+        }
+    };
+    match cli.command {
+        Command::Run { config, run_dir, quiet } => {
+            let cfg = config.load()?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            install_ctrlc(cancel.clone());
+            let opts = RunOptions { run_dir, show_progress: !quiet, cancel };
+            let outcome = pipeline::run(&cfg, &opts)?;
+            for (stage, how) in &outcome.stages {
+                writeln!(out, "stage {stage:<13} {}", format!("{how:?}").to_lowercase())?;
+            }
+            if let Some(rep) = &outcome.report {
+                writeln!(out, "\n{}", rep.markdown())?;
+            }
+            writeln!(out, "run directory: {}", outcome.run_dir.display())?;
+            Ok(0)
+        }
+        Command::Validate { config } => {
+            let cfg = config.load()?;
+            let comps = pipeline::validate(&cfg)?;
+            writeln!(out, "{}: ok", config.config.display())?;
+            for c in comps {
+                writeln!(out, "  {:<13} {:<16} {} {} ({})", c.kind, c.name, c.plugin, c.version, c.origin)?;
+            }
+            Ok(0)
+        }
+        Command::Plugins { paths } => {
+            let mut reg = Registry::with_builtins()?;
+            let mut problems = Vec::new();
+            for p in &paths {
+                if p.is_dir() {
+                    problems.extend(reg.load_dir(p)?);
+                } else if let Err(e) = reg.load_library(p) {
+                    problems.push(e);
+                }
+            }
+            problems.extend(reg.load_env_path()?);
+            writeln!(out, "{:<13} {:<16} {:<20} {:<8} {:<4} origin", "kind", "name", "plugin", "version", "abi")?;
+            for plugin in reg.plugins() {
+                for c in &plugin.components {
+                    writeln!(
+                        out,
+                        "{:<13} {:<16} {:<20} {:<8} {:<4} {}",
+                        c.kind.as_str(),
+                        c.name,
+                        plugin.name,
+                        plugin.version,
+                        plugin.abi.to_string(),
+                        plugin.origin
+                    )?;
+                }
+            }
+            for e in &problems {
+                writeln!(out, "error: {e:#}")?;
+            }
+            Ok(if problems.is_empty() { 0 } else { 1 })
+        }
+    }
+}
+
+fn install_ctrlc(cancel: Arc<AtomicBool>) {
+    // First Ctrl-C: stop at the next batch boundary (the run can be resumed). Second: exit now.
+    let _ = ctrlc::set_handler(move || {
+        if cancel.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after the current batch; press Ctrl-C again to exit immediately");
+    });
+}

@@ -1,0 +1,479 @@
+//! Pipeline configuration, layered with the `config` crate:
+//! base file (TOML, YAML or JSON) < overlay files, in order < `RECFUSE__SECTION__KEY` environment
+//! variables < `--set section.key=value`.
+//!
+//! The host owns the sections `run`, `plugins`, `split` and `eval`; each component table
+//! (`source`, `fusers`, `instructions`, `tuner`, `ranker`) names its plugin with `kind` and the
+//! rest of the table belongs to that plugin, which deserializes and validates it itself.
+//! Every error names the key and the file (or environment, or `--set`) the value came from.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where the layers come from.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSources {
+    pub base: PathBuf,
+    pub overlays: Vec<PathBuf>,
+    /// `key=value` overrides; values are parsed as JSON when they parse (numbers, booleans,
+    /// arrays), else taken as strings.
+    pub sets: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Name of the run; its directory is `dir/name`.
+    pub name: String,
+    #[serde(default = "d_runs")]
+    pub dir: PathBuf,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Users per call to a fuser, instruction builder or ranker.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+}
+fn d_runs() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_batch() -> usize {
+    256
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    /// Plugin library files to load.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// Directories whose shared libraries are all loaded.
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSection {
+    /// Users need at least this many target events to get a validation and a test item.
+    #[serde(default = "d_min_events")]
+    pub min_events: usize,
+    /// Behaviour kinds that can be a target (all item events when empty).
+    #[serde(default)]
+    pub target_kinds: Vec<String>,
+    /// Sampled negatives per positive in instruction examples.
+    #[serde(default = "d_negatives")]
+    pub negatives: usize,
+}
+fn d_min_events() -> usize {
+    3
+}
+fn d_negatives() -> usize {
+    1
+}
+impl Default for SplitSection {
+    fn default() -> Self {
+        Self { min_events: d_min_events(), target_kinds: vec![], negatives: d_negatives() }
+    }
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    #[serde(default = "d_ks")]
+    pub ks: Vec<usize>,
+    /// Users with at most this many train events form the cold-start segment.
+    #[serde(default = "d_cold")]
+    pub cold_start_max: usize,
+    /// Evaluate at most this many users (0 = all), chosen deterministically.
+    #[serde(default)]
+    pub max_users: usize,
+}
+fn d_ks() -> Vec<usize> {
+    vec![5, 10]
+}
+fn d_cold() -> usize {
+    5
+}
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self { ks: d_ks(), cold_start_max: d_cold(), max_users: 0 }
+    }
+}
+
+/// A component table: `kind` picks the plugin component, `settings` is the rest of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentSpec {
+    /// Config key of the table (`ranker`, `fusers[1]`), for messages.
+    pub key: String,
+    pub kind: String,
+    pub settings: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub run: RunSection,
+    pub plugins: PluginsSection,
+    pub source: ComponentSpec,
+    pub fusers: Vec<ComponentSpec>,
+    pub instructions: Option<ComponentSpec>,
+    pub tuner: Option<ComponentSpec>,
+    pub ranker: Option<ComponentSpec>,
+    pub split: SplitSection,
+    pub eval: EvalSection,
+}
+
+/// A loaded, layered config: the typed pipeline plus the resolved tree and where each value
+/// came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub pipeline: PipelineConfig,
+    pub tree: Value,
+    origins: BTreeMap<String, String>,
+    pub files: Vec<PathBuf>,
+}
+
+/// Several configuration errors, reported together.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} configuration error(s):", self.0.len())?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+impl std::error::Error for ConfigErrors {}
+
+const TOP_LEVEL: [&str; 9] = ["run", "plugins", "source", "fusers", "instructions", "tuner", "ranker", "split", "eval"];
+
+fn to_config_value(v: Value) -> config::Value {
+    use config::ValueKind as K;
+    let kind = match v {
+        Value::Null => K::Nil,
+        Value::Bool(b) => K::Boolean(b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => K::I64(i),
+            (None, Some(f)) => K::Float(f),
+            _ => K::String(n.to_string()),
+        },
+        Value::String(s) => K::String(s),
+        Value::Array(a) => K::Array(a.into_iter().map(to_config_value).collect()),
+        Value::Object(o) => K::Table(o.into_iter().map(|(k, v)| (k, to_config_value(v))).collect()),
+    };
+    config::Value::new(Some(&"--set".to_string()), kind)
+}
+
+fn from_config_value(v: &config::Value, path: &str, origins: &mut BTreeMap<String, String>) -> Value {
+    use config::ValueKind as K;
+    if let Some(o) = v.origin() {
+        origins.insert(path.to_string(), o.to_string());
+    }
+    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    match &v.kind {
+        K::Nil => Value::Null,
+        K::Boolean(b) => Value::Bool(*b),
+        K::I64(i) => Value::from(*i),
+        K::I128(i) => Value::from(*i as f64),
+        K::U64(u) => Value::from(*u),
+        K::U128(u) => Value::from(*u as f64),
+        K::Float(f) => Value::from(*f),
+        K::String(s) => Value::String(s.clone()),
+        K::Table(t) => {
+            let mut keys: Vec<&String> = t.keys().collect();
+            keys.sort();
+            Value::Object(keys.into_iter().map(|k| (k.clone(), from_config_value(&t[k], &join(k), origins))).collect())
+        }
+        K::Array(a) => Value::Array(
+            a.iter().enumerate().map(|(i, x)| from_config_value(x, &format!("{path}[{i}]"), origins)).collect(),
+        ),
+    }
+}
+
+impl LoadedConfig {
+    pub fn load(sources: &ConfigSources) -> Result<Self> {
+        use config::{Config, Environment, File};
+        let mut files = vec![sources.base.clone()];
+        files.extend(sources.overlays.iter().cloned());
+        let mut builder = Config::builder();
+        for f in &files {
+            if !f.exists() {
+                bail!("config file {} not found", f.display());
+            }
+            builder = builder.add_source(File::from(f.as_path()).required(true));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("RECFUSE").prefix_separator("__").separator("__").try_parsing(true),
+        );
+        let mut set_keys = Vec::new();
+        for s in &sources.sets {
+            let (k, v) = s.split_once('=').with_context(|| format!("--set `{s}`: expected key=value"))?;
+            let value = serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string()));
+            builder = builder.set_override(k.trim(), to_config_value(value)).with_context(|| format!("--set `{s}`"))?;
+            set_keys.push(k.trim().to_string());
+        }
+        let cfg = builder.build().map_err(|e| anyhow!("{e}"))?;
+        let mut origins = BTreeMap::new();
+        let tree = from_config_value(&cfg.cache, "", &mut origins);
+        for k in set_keys {
+            origins.insert(k, "--set".into());
+        }
+        let mut partial = LoadedConfig { pipeline: placeholder(), tree, origins, files };
+        partial.pipeline = partial.parse().map_err(anyhow::Error::new)?;
+        Ok(partial)
+    }
+
+    /// Where the value at `key` (or its nearest parent) came from.
+    pub fn origin_of(&self, key: &str) -> String {
+        let mut k = key.to_string();
+        loop {
+            if let Some(o) = self.origins.get(&k) {
+                return o.clone();
+            }
+            match k.rfind(['.', '[']) {
+                Some(i) => k.truncate(i),
+                None => break,
+            }
+        }
+        self.files.first().map(|f| f.display().to_string()).unwrap_or_default()
+    }
+
+    /// An error about one config key, naming the key and where its value came from.
+    pub fn key_error(&self, key: &str, message: impl std::fmt::Display) -> String {
+        format!("config key `{key}` (from {}): {message}", self.origin_of(key))
+    }
+
+    fn section<T: DeserializeOwned>(&self, key: &str, default: Option<T>, errors: &mut Vec<String>) -> Option<T> {
+        match self.tree.get(key) {
+            None | Some(Value::Null) => {
+                if default.is_none() {
+                    errors.push(format!("missing section `[{key}]` in {}", self.files[0].display()));
+                }
+                default
+            }
+            Some(v) => match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let (full, msg) = locate(key, &e.path().to_string(), &e.inner().to_string());
+                    errors.push(self.key_error(&full, msg));
+                    default
+                }
+            },
+        }
+    }
+
+    fn component(&self, key: &str, value: &Value, errors: &mut Vec<String>) -> Option<ComponentSpec> {
+        let Some(table) = value.as_object() else {
+            errors.push(self.key_error(key, "expected a table with `kind = \"...\"`"));
+            return None;
+        };
+        let mut settings: Map<String, Value> = table.clone();
+        match settings.remove("kind") {
+            Some(Value::String(kind)) => Some(ComponentSpec { key: key.to_string(), kind, settings: Value::Object(settings) }),
+            Some(_) => {
+                errors.push(self.key_error(&format!("{key}.kind"), "expected a string naming a component"));
+                None
+            }
+            None => {
+                errors.push(self.key_error(key, "missing `kind`, the name of the component to use"));
+                None
+            }
+        }
+    }
+
+    fn optional_component(&self, key: &str, errors: &mut Vec<String>) -> Option<ComponentSpec> {
+        match self.tree.get(key) {
+            None | Some(Value::Null) => None,
+            Some(v) => self.component(key, v, errors),
+        }
+    }
+
+    fn parse(&self) -> std::result::Result<PipelineConfig, ConfigErrors> {
+        let mut errors = Vec::new();
+        if let Some(obj) = self.tree.as_object() {
+            for k in obj.keys() {
+                if !TOP_LEVEL.contains(&k.as_str()) {
+                    errors.push(self.key_error(k, format!("unknown section; expected one of {}", TOP_LEVEL.join(", "))));
+                }
+            }
+        }
+        let run = self.section::<RunSection>("run", None, &mut errors);
+        let plugins = self.section("plugins", Some(PluginsSection::default()), &mut errors).unwrap_or_default();
+        let split = self.section("split", Some(SplitSection::default()), &mut errors).unwrap_or_default();
+        let eval = self.section("eval", Some(EvalSection::default()), &mut errors).unwrap_or_default();
+        let source = match self.tree.get("source") {
+            Some(v) => self.component("source", v, &mut errors),
+            None => {
+                errors.push(format!("missing section `[source]` in {}", self.files[0].display()));
+                None
+            }
+        };
+        let mut fusers = Vec::new();
+        match self.tree.get("fusers") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) => {
+                for (i, v) in a.iter().enumerate() {
+                    fusers.extend(self.component(&format!("fusers[{i}]"), v, &mut errors));
+                }
+            }
+            Some(_) => errors.push(self.key_error("fusers", "expected an array of tables (`[[fusers]]`)")),
+        }
+        let instructions = self.optional_component("instructions", &mut errors);
+        let tuner = self.optional_component("tuner", &mut errors);
+        let ranker = self.optional_component("ranker", &mut errors);
+        if tuner.is_some() && instructions.is_none() {
+            errors.push(self.key_error("tuner", "a tuner needs an `[instructions]` stage to learn from"));
+        }
+        if let Some(run) = &run {
+            if run.batch_size == 0 {
+                errors.push(self.key_error("run.batch_size", "must be at least 1"));
+            }
+        }
+        if eval.ks.is_empty() || eval.ks.contains(&0) {
+            errors.push(self.key_error("eval.ks", "needs at least one cut-off, each at least 1"));
+        }
+        if split.min_events < 3 {
+            errors.push(self.key_error("split.min_events", "leave-one-out needs at least 3 (train, validation, test)"));
+        }
+        match (errors.is_empty(), run, source) {
+            (true, Some(run), Some(source)) => {
+                Ok(PipelineConfig { run, plugins, source, fusers, instructions, tuner, ranker, split, eval })
+            }
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// The resolved config with secrets redacted, for the run directory.
+    pub fn redacted(&self) -> Value {
+        fn walk(v: &Value) -> Value {
+            match v {
+                Value::Object(o) => Value::Object(
+                    o.iter()
+                        .map(|(k, v)| {
+                            let secret = ["api_key", "secret", "password", "token"].iter().any(|s| k == s);
+                            (k.clone(), if secret && v.is_string() { Value::String("***redacted***".into()) } else { walk(v) })
+                        })
+                        .collect(),
+                ),
+                Value::Array(a) => Value::Array(a.iter().map(walk).collect()),
+                other => other.clone(),
+            }
+        }
+        walk(&self.tree)
+    }
+
+    pub fn base_dir(&self) -> &Path {
+        self.files[0].parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// Joins a section key with a serde path and, for unknown fields, the field's name.
+pub fn locate(section: &str, serde_path: &str, message: &str) -> (String, String) {
+    let mut key = section.to_string();
+    if !serde_path.is_empty() && serde_path != "." {
+        key = format!("{key}.{serde_path}");
+    }
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some(end) = rest.find('`') {
+            let field = &rest[..end];
+            if !key.ends_with(&format!(".{field}")) {
+                key = format!("{key}.{field}");
+            }
+        }
+    }
+    (key, message.to_string())
+}
+
+fn placeholder() -> PipelineConfig {
+    PipelineConfig {
+        run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch() },
+        plugins: PluginsSection::default(),
+        source: ComponentSpec { key: "source".into(), kind: String::new(), settings: Value::Null },
+        fusers: vec![],
+        instructions: None,
+        tuner: None,
+        ranker: None,
+        split: SplitSection::default(),
+        eval: EvalSection::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().write_all(body.as_bytes()).unwrap();
+        p
+    }
+
+    const BASE: &str = r#"
+[run]
+name = "t"
+[source]
+kind = "jsonl"
+events = "e.jsonl"
+[ranker]
+kind = "popularity"
+"#;
+
+    #[test]
+    fn layers_overlay_and_set() {
+        let d = tempfile::tempdir().unwrap();
+        let base = write(d.path(), "base.toml", BASE);
+        let overlay = write(d.path(), "market.yaml", "ranker:\n  kind: recency\n  half_life_days: 30\n");
+        let c = LoadedConfig::load(&ConfigSources {
+            base,
+            overlays: vec![overlay.clone()],
+            sets: vec!["run.seed=7".into(), "eval.ks=[1,20]".into()],
+        })
+        .unwrap();
+        let r = c.pipeline.ranker.as_ref().unwrap();
+        assert_eq!(r.kind, "recency");
+        assert_eq!(r.settings["half_life_days"], 30);
+        assert_eq!(c.pipeline.run.seed, 7);
+        assert_eq!(c.pipeline.eval.ks, vec![1, 20]);
+        assert!(c.origin_of("ranker.half_life_days").contains("market.yaml"));
+        assert_eq!(c.origin_of("run.seed"), "--set");
+    }
+
+    #[test]
+    fn errors_name_key_and_file_and_are_all_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let base = write(d.path(), "base.toml", BASE);
+        let bad = write(d.path(), "bad.toml", "[run]\nseeed = 3\n[eval]\nks = \"five\"\n[rankr]\nkind = \"x\"\n");
+        let err = LoadedConfig::load(&ConfigSources { base, overlays: vec![bad], sets: vec![] }).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("config key `run.seeed`") && msg.contains("bad.toml"), "{msg}");
+        assert!(msg.contains("config key `eval.ks`"), "{msg}");
+        assert!(msg.contains("config key `rankr`") && msg.contains("unknown section"), "{msg}");
+    }
+
+    #[test]
+    fn missing_kind_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let base = write(d.path(), "base.json", r#"{"run": {"name": "x"}, "source": {"events": "e"}}"#);
+        let msg = format!("{:#}", LoadedConfig::load(&ConfigSources { base, ..Default::default() }).unwrap_err());
+        assert!(msg.contains("config key `source`") && msg.contains("missing `kind`"), "{msg}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let d = tempfile::tempdir().unwrap();
+        let base = write(d.path(), "base.toml", &format!("{BASE}\n[[fusers]]\nkind = \"chatgpt\"\napi_key = \"sk-123\"\napi_key_env = \"OPENAI_API_KEY\"\n"));
+        let c = LoadedConfig::load(&ConfigSources { base, ..Default::default() }).unwrap();
+        let r = c.redacted().to_string();
+        assert!(!r.contains("sk-123") && r.contains("OPENAI_API_KEY"), "{r}");
+    }
+}

@@ -1,0 +1,30 @@
+//! # recfuse: the host runtime
+//!
+//! * [`registry`]: built-in (inventory) and dynamic (abi_stable) plugins, version-checked;
+//! * [`handles`]: safe host-side handles on plugin components;
+//! * [`host`]: the services plugins call back into (logging, progress, cancellation);
+//! * [`config`]: layered pipeline config with errors naming key and file;
+//! * [`split`], [`eval`]: leave-one-out split and full-ranking metrics;
+//! * [`runstore`]: run directory, stage keys, crash-safe journals;
+//! * [`pipeline`]: the stage runner; [`cli`]: the `recfuse` command.
+
+pub mod cli;
+pub mod config;
+pub mod eval;
+pub mod handles;
+pub mod host;
+pub mod pipeline;
+pub mod registry;
+pub mod runstore;
+pub mod split;
+
+// Link the built-in plugins so their `inventory` registrations are part of the binary.
+#[cfg(feature = "builtin-plugins")]
+mod builtins {
+    use recfuse_plugin_atomic_source as _;
+    use recfuse_plugin_ctr_instructions as _;
+    use recfuse_plugin_identity_tuner as _;
+    use recfuse_plugin_jsonl_source as _;
+    use recfuse_plugin_popularity_ranker as _;
+    use recfuse_plugin_template_fuser as _;
+}
