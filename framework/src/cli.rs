@@ -79,10 +79,10 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             let opts = RunOptions { run_dir, show_progress: !quiet, cancel };
             let outcome = pipeline::run(&cfg, &opts)?;
             for (stage, how) in &outcome.stages {
-                writeln!(out, "stage {stage:<13} {}", format!("{how:?}").to_lowercase())?;
+                writeln!(out, "stage {stage:<24} {}", format!("{how:?}").to_lowercase())?;
             }
-            if let Some(rep) = &outcome.report {
-                writeln!(out, "\n{}", rep.markdown())?;
+            if !outcome.reports.is_empty() {
+                writeln!(out, "\n{}", crate::eval::markdown(&outcome.reports))?;
             }
             writeln!(out, "run directory: {}", outcome.run_dir.display())?;
             Ok(0)

@@ -94,6 +94,36 @@ pub struct EvalSection {
     /// Evaluate at most this many users (0 = all), chosen deterministically.
     #[serde(default)]
     pub max_users: usize,
+    /// `full`: rank the test item among all items not seen in train/validation (default).
+    /// `sampled`: rank it among `negatives` sampled items, as papers using sampled metrics do.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Sampled negatives per user: the candidates of the sampled protocol, and the negatives of
+    /// AUC / UAUC under both protocols.
+    #[serde(default = "d_eval_negatives")]
+    pub negatives: usize,
+    #[serde(default)]
+    pub sampling: Sampling,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Full,
+    Sampled,
+}
+
+/// How evaluation negatives are drawn: uniformly, or in proportion to train popularity.
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    #[default]
+    Uniform,
+    Popularity,
+}
+fn d_eval_negatives() -> usize {
+    100
 }
 fn d_ks() -> Vec<usize> {
     vec![5, 10]
@@ -103,7 +133,14 @@ fn d_cold() -> usize {
 }
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { ks: d_ks(), cold_start_max: d_cold(), max_users: 0 }
+        Self {
+            ks: d_ks(),
+            cold_start_max: d_cold(),
+            max_users: 0,
+            protocol: Protocol::Full,
+            negatives: d_eval_negatives(),
+            sampling: Sampling::Uniform,
+        }
     }
 }
 
@@ -113,6 +150,8 @@ pub struct ComponentSpec {
     /// Config key of the table (`ranker`, `fusers[1]`), for messages.
     pub key: String,
     pub kind: String,
+    /// Name in reports; the host-reserved key `label` of a ranker table (default: `kind`).
+    pub label: String,
     pub settings: Value,
 }
 
@@ -124,7 +163,8 @@ pub struct PipelineConfig {
     pub fusers: Vec<ComponentSpec>,
     pub instructions: Option<ComponentSpec>,
     pub tuner: Option<ComponentSpec>,
-    pub ranker: Option<ComponentSpec>,
+    /// From `[ranker]` or `[[rankers]]`: every model evaluated in the run.
+    pub rankers: Vec<ComponentSpec>,
     pub split: SplitSection,
     pub eval: EvalSection,
 }
@@ -154,7 +194,8 @@ impl std::fmt::Display for ConfigErrors {
 }
 impl std::error::Error for ConfigErrors {}
 
-const TOP_LEVEL: [&str; 9] = ["run", "plugins", "source", "fusers", "instructions", "tuner", "ranker", "split", "eval"];
+const TOP_LEVEL: [&str; 10] =
+    ["run", "plugins", "source", "fusers", "instructions", "tuner", "ranker", "rankers", "split", "eval"];
 
 fn to_config_value(v: Value) -> config::Value {
     use config::ValueKind as K;
@@ -277,8 +318,25 @@ impl LoadedConfig {
             return None;
         };
         let mut settings: Map<String, Value> = table.clone();
+        let label = if key.starts_with("ranker") {
+            match settings.remove("label") {
+                Some(Value::String(l)) => Some(l),
+                Some(_) => {
+                    errors.push(self.key_error(&format!("{key}.label"), "expected a string"));
+                    None
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
         match settings.remove("kind") {
-            Some(Value::String(kind)) => Some(ComponentSpec { key: key.to_string(), kind, settings: Value::Object(settings) }),
+            Some(Value::String(kind)) => Some(ComponentSpec {
+                key: key.to_string(),
+                label: label.unwrap_or_else(|| kind.clone()),
+                kind,
+                settings: Value::Object(settings),
+            }),
             Some(_) => {
                 errors.push(self.key_error(&format!("{key}.kind"), "expected a string naming a component"));
                 None
@@ -286,6 +344,19 @@ impl LoadedConfig {
             None => {
                 errors.push(self.key_error(key, "missing `kind`, the name of the component to use"));
                 None
+            }
+        }
+    }
+
+    fn component_list(&self, key: &str, errors: &mut Vec<String>) -> Vec<ComponentSpec> {
+        match self.tree.get(key) {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => {
+                a.iter().enumerate().filter_map(|(i, v)| self.component(&format!("{key}[{i}]"), v, errors)).collect()
+            }
+            Some(_) => {
+                errors.push(self.key_error(key, format!("expected an array of tables (`[[{key}]]`)")));
+                vec![]
             }
         }
     }
@@ -317,19 +388,19 @@ impl LoadedConfig {
                 None
             }
         };
-        let mut fusers = Vec::new();
-        match self.tree.get("fusers") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(a)) => {
-                for (i, v) in a.iter().enumerate() {
-                    fusers.extend(self.component(&format!("fusers[{i}]"), v, &mut errors));
-                }
-            }
-            Some(_) => errors.push(self.key_error("fusers", "expected an array of tables (`[[fusers]]`)")),
-        }
+        let fusers = self.component_list("fusers", &mut errors);
         let instructions = self.optional_component("instructions", &mut errors);
         let tuner = self.optional_component("tuner", &mut errors);
-        let ranker = self.optional_component("ranker", &mut errors);
+        let mut rankers: Vec<ComponentSpec> = self.optional_component("ranker", &mut errors).into_iter().collect();
+        if self.tree.get("rankers").is_some() && !rankers.is_empty() {
+            errors.push(self.key_error("rankers", "use either `[ranker]` or `[[rankers]]`, not both"));
+        }
+        rankers.extend(self.component_list("rankers", &mut errors));
+        for (i, r) in rankers.iter().enumerate() {
+            if rankers[..i].iter().any(|o| o.label == r.label) {
+                errors.push(self.key_error(&r.key, format!("two rankers are labelled `{}`; give each a distinct `label`", r.label)));
+            }
+        }
         if tuner.is_some() && instructions.is_none() {
             errors.push(self.key_error("tuner", "a tuner needs an `[instructions]` stage to learn from"));
         }
@@ -346,7 +417,7 @@ impl LoadedConfig {
         }
         match (errors.is_empty(), run, source) {
             (true, Some(run), Some(source)) => {
-                Ok(PipelineConfig { run, plugins, source, fusers, instructions, tuner, ranker, split, eval })
+                Ok(PipelineConfig { run, plugins, source, fusers, instructions, tuner, rankers, split, eval })
             }
             _ => Err(ConfigErrors(errors)),
         }
@@ -397,11 +468,11 @@ fn placeholder() -> PipelineConfig {
     PipelineConfig {
         run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch() },
         plugins: PluginsSection::default(),
-        source: ComponentSpec { key: "source".into(), kind: String::new(), settings: Value::Null },
+        source: ComponentSpec { key: "source".into(), kind: String::new(), label: String::new(), settings: Value::Null },
         fusers: vec![],
         instructions: None,
         tuner: None,
-        ranker: None,
+        rankers: vec![],
         split: SplitSection::default(),
         eval: EvalSection::default(),
     }
@@ -439,7 +510,7 @@ kind = "popularity"
             sets: vec!["run.seed=7".into(), "eval.ks=[1,20]".into()],
         })
         .unwrap();
-        let r = c.pipeline.ranker.as_ref().unwrap();
+        let r = &c.pipeline.rankers[0];
         assert_eq!(r.kind, "recency");
         assert_eq!(r.settings["half_life_days"], 30);
         assert_eq!(c.pipeline.run.seed, 7);

@@ -1,17 +1,24 @@
-//! Full-ranking evaluation: every item the user has not interacted with in train (or
-//! validation) is a candidate; the test item's rank gives HR@k, NDCG@k and MRR@k, overall and
-//! per segment (cold-start users: at most `cold_start_max` train events).
+//! Ranking evaluation of the test item, overall and per segment (cold-start users: at most
+//! `cold_start_max` train events; warm: the others).
 //!
-//! Ties are broken at their expected position: rank = #higher + #equal/2 (rounded down). A
-//! constant scorer therefore lands in the middle, not at the top.
+//! * `full` protocol (default): every item the user has not interacted with in train or
+//!   validation is a candidate.
+//! * `sampled` protocol: the test item against `negatives` items sampled (uniformly or by train
+//!   popularity, seeded) from those the user never interacted with.
+//!
+//! HR@k, NDCG@k and MRR@k come from the test item's rank. AUC (pooled over users) and UAUC
+//! (averaged per user) come from the test item against the sampled negatives, under both
+//! protocols: the yes/no view of the same scores. Ties are broken at their expected position:
+//! rank = #higher + #equal/2 (rounded down); in AUC a tie counts one half. A constant scorer
+//! therefore lands in the middle, not at the top.
 
-use crate::config::EvalSection;
+use crate::config::{EvalSection, Protocol, Sampling};
 use crate::handles::RankerHandle;
 use crate::split::SplitData;
 use anyhow::{bail, Result};
 use recfuse_sdk::records::*;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// 0-based rank of `target` among the unmasked items.
 pub fn rank_of(scores: &[f32], target: usize, masked: &[bool]) -> usize {
@@ -30,11 +37,14 @@ pub fn rank_of(scores: &[f32], target: usize, masked: &[bool]) -> usize {
     higher + equal / 2
 }
 
-/// Sums of per-user metrics for one segment.
+/// Per-user metrics of one segment, summed, then averaged by `finish`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Segment {
     pub users: usize,
     pub metrics: BTreeMap<String, f64>,
+    /// (score, is_positive) pairs for the pooled AUC; dropped once computed.
+    #[serde(skip)]
+    pairs: Vec<(f32, bool)>,
 }
 
 impl Segment {
@@ -47,11 +57,53 @@ impl Segment {
             *self.metrics.entry(format!("MRR@{k}")).or_default() += if hit { 1.0 / (rank + 1) as f64 } else { 0.0 };
         }
     }
+
+    /// Adds one user's positive score against its negatives' scores (AUC and UAUC).
+    pub fn add_pairs(&mut self, positive: f32, negatives: &[f32]) {
+        if negatives.is_empty() {
+            return;
+        }
+        let wins: f64 = negatives.iter().map(|&n| if positive > n { 1.0 } else if positive == n { 0.5 } else { 0.0 }).sum();
+        *self.metrics.entry("UAUC".into()).or_default() += wins / negatives.len() as f64;
+        self.pairs.push((positive, true));
+        self.pairs.extend(negatives.iter().map(|&n| (n, false)));
+    }
+
     fn finish(mut self) -> Self {
         let n = self.users.max(1) as f64;
         self.metrics.values_mut().for_each(|v| *v /= n);
+        if !self.pairs.is_empty() {
+            self.metrics.insert("AUC".into(), pooled_auc(&mut self.pairs));
+        }
+        self.pairs = Vec::new();
         self
     }
+}
+
+/// Area under the ROC curve of pooled (score, label) pairs (Mann-Whitney, ties count ½).
+pub fn pooled_auc(pairs: &mut [(f32, bool)]) -> f64 {
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut rank_sum, mut positives) = (0f64, 0f64);
+    let mut i = 0;
+    while i < pairs.len() {
+        let mut j = i;
+        while j < pairs.len() && pairs[j].0 == pairs[i].0 {
+            j += 1;
+        }
+        let mid_rank = (i + j + 1) as f64 / 2.0; // 1-based average rank of the tie block
+        for p in &pairs[i..j] {
+            if p.1 {
+                rank_sum += mid_rank;
+                positives += 1.0;
+            }
+        }
+        i = j;
+    }
+    let negatives = pairs.len() as f64 - positives;
+    if positives == 0.0 || negatives == 0.0 {
+        return 0.5;
+    }
+    (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -65,29 +117,42 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn markdown(&self) -> String {
-        // Columns by family, then cut-off: HR@5, HR@10, NDCG@5, ...
+    /// Metric names by family, then cut-off: HR@5, HR@10, NDCG@5, ..., AUC, UAUC.
+    pub fn metric_names(&self) -> Vec<String> {
         let mut metrics: Vec<String> = self.segments.get("all").map(|s| s.metrics.keys().cloned().collect()).unwrap_or_default();
-        let family = |m: &str| ["HR@", "NDCG@", "MRR@"].iter().position(|f| m.starts_with(f)).unwrap_or(3);
+        let family = |m: &str| ["HR@", "NDCG@", "MRR@", "AUC", "UAUC"].iter().position(|f| m.starts_with(f)).unwrap_or(5);
         let cutoff = |m: &str| m.rsplit('@').next().and_then(|k| k.parse::<usize>().ok()).unwrap_or(0);
         metrics.sort_by_key(|m| (family(m), cutoff(m)));
-        let mut out = format!(
-            "# Evaluation: {}\n\n{} over {} items; cold-start = at most {} train events.\n\n| segment | users | {} |\n|---|---:|{}\n",
-            self.model,
-            self.protocol,
-            self.items,
-            self.cold_start_max,
-            metrics.join(" | "),
-            "---:|".repeat(metrics.len())
-        );
-        for name in ["all", "cold", "warm"] {
-            if let Some(s) = self.segments.get(name) {
-                let vals: Vec<String> = metrics.iter().map(|m| format!("{:.4}", s.metrics.get(m).copied().unwrap_or(0.0))).collect();
-                out.push_str(&format!("| {name} | {} | {} |\n", s.users, vals.join(" | ")));
+        metrics
+    }
+
+}
+
+/// All reports of a run as one Markdown document: a table per segment, a row per model.
+pub fn markdown(reports: &[Report]) -> String {
+    let Some(first) = reports.first() else { return String::new() };
+    let metrics = first.metric_names();
+    let mut out = format!(
+        "# Evaluation\n\n{} over {} items; cold-start = at most {} train events.\n",
+        first.protocol, first.items, first.cold_start_max
+    );
+    for segment in ["all", "cold", "warm"] {
+        let users = first.segments.get(segment).map(|s| s.users).unwrap_or(0);
+        out.push_str(&format!("\n## {segment} ({users} users)\n\n| model | {} |\n|---|{}\n", metrics.join(" | "), "---:|".repeat(metrics.len())));
+        for r in reports {
+            if let Some(s) = r.segments.get(segment) {
+                let vals: Vec<String> = metrics
+                    .iter()
+                    .map(|m| match s.metrics.get(m) {
+                        Some(v) if s.users > 0 => format!("{v:.4}"),
+                        _ => "n/a".into(),
+                    })
+                    .collect();
+                out.push_str(&format!("| {} | {} |\n", r.model, vals.join(" | ")));
             }
         }
-        out
     }
+    out
 }
 
 /// Users to evaluate: all with a test item, or an evenly spaced subset of `max_users`.
@@ -99,44 +164,150 @@ pub fn pick_users(split: &SplitData, max_users: usize) -> Vec<UserIdx> {
     (0..max_users).map(|i| all[i * all.len() / max_users]).collect()
 }
 
-/// Scores `users` against every item in batches and accumulates the metrics.
+/// Evaluation negatives for each of `users`: items the user never interacted with (in any
+/// event of the dataset), drawn with the run's seed so every model sees the same ones.
+pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx], cfg: &EvalSection, seed: u64) -> Vec<Vec<ItemIdx>> {
+    let n_items = dataset.catalog.items.len();
+    let mut touched: Vec<HashSet<ItemIdx>> = vec![HashSet::new(); dataset.catalog.users.len()];
+    for e in dataset.events.iter().filter(|e| e.item != NONE) {
+        touched[e.user as usize].insert(e.item);
+    }
+    // Cumulative train popularity, for popularity sampling.
+    let mut cumulative = vec![0f64; n_items];
+    if cfg.sampling == Sampling::Popularity {
+        for e in split.train.events.iter().filter(|e| e.item != NONE) {
+            cumulative[e.item as usize] += 1.0;
+        }
+        let mut acc = 0.0;
+        for c in cumulative.iter_mut() {
+            acc += *c;
+            *c = acc;
+        }
+    }
+    let total = cumulative.last().copied().unwrap_or(0.0);
+    users
+        .iter()
+        .map(|&u| {
+            let seen = &touched[u as usize];
+            let available = n_items.saturating_sub(seen.len());
+            let want = cfg.negatives.min(available);
+            let mut rng = SplitMix::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9));
+            let mut out: Vec<ItemIdx> = Vec::with_capacity(want);
+            let mut chosen: HashSet<ItemIdx> = HashSet::with_capacity(want);
+            let mut tries = 0usize;
+            while out.len() < want && tries < 1000 * (want + 1) {
+                tries += 1;
+                let item = if cfg.sampling == Sampling::Popularity && total > 0.0 {
+                    let x = rng.unit() * total;
+                    cumulative.partition_point(|&c| c <= x).min(n_items - 1) as ItemIdx
+                } else {
+                    rng.below(n_items as u64) as ItemIdx
+                };
+                if !seen.contains(&item) && chosen.insert(item) {
+                    out.push(item);
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// SplitMix64: small, seedable, and good enough for sampling.
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Scores `users` in batches under the configured protocol and accumulates the metrics.
+/// `negatives[i]` are the sampled negatives of `users[i]`.
 pub fn evaluate(
     ranker: &RankerHandle,
+    label: &str,
     split: &SplitData,
     cfg: &EvalSection,
     users: &[UserIdx],
+    negatives: &[Vec<ItemIdx>],
     batch_size: usize,
     mut on_batch: impl FnMut(usize) -> Result<()>,
 ) -> Result<Report> {
     let n_items = split.train.catalog.items.len();
-    let items: Vec<ItemIdx> = (0..n_items as u32).collect();
-    let mut scores = vec![0f32; batch_size * n_items];
+    let all_items: Vec<ItemIdx> = (0..n_items as u32).collect();
+    let per_user = match cfg.protocol {
+        Protocol::Full => n_items,
+        Protocol::Sampled => 1 + cfg.negatives,
+    };
+    let mut scores = vec![0f32; batch_size * per_user];
+    let mut candidates: Vec<ItemIdx> = Vec::with_capacity(batch_size * per_user);
     let mut masked = vec![false; n_items];
+    let no_mask = vec![false; per_user];
     let (mut all, mut cold, mut warm) = (Segment::default(), Segment::default(), Segment::default());
-    for chunk in users.chunks(batch_size) {
-        let out = &mut scores[..chunk.len() * n_items];
-        ranker.score(&ScoreBatch { users: chunk, items: &items, shared: true }, out)?;
-        for (row, &u) in chunk.iter().enumerate() {
-            let s = &out[row * n_items..(row + 1) * n_items];
+    let mut neg_scores: Vec<f32> = Vec::new();
+    for (chunk_no, chunk) in users.chunks(batch_size).enumerate() {
+        let negs = &negatives[chunk_no * batch_size..chunk_no * batch_size + chunk.len()];
+        let out = &mut scores[..chunk.len() * per_user];
+        match cfg.protocol {
+            Protocol::Full => ranker.score(&ScoreBatch { users: chunk, items: &all_items, shared: true }, out)?,
+            Protocol::Sampled => {
+                candidates.clear();
+                for (&u, neg) in chunk.iter().zip(negs) {
+                    if neg.len() != cfg.negatives {
+                        bail!("user {u}: only {} items left to sample {} negatives from", neg.len(), cfg.negatives);
+                    }
+                    candidates.push(split.targets[u as usize].test);
+                    candidates.extend_from_slice(neg);
+                }
+                ranker.score(&ScoreBatch { users: chunk, items: &candidates, shared: false }, out)?;
+            }
+        }
+        for (row, (&u, neg)) in chunk.iter().zip(negs).enumerate() {
+            let s = &out[row * per_user..(row + 1) * per_user];
             if let Some(bad) = s.iter().position(|x| x.is_nan()) {
-                bail!("ranker `{}` returned NaN for user {} item {}", ranker.provenance.name, u, bad);
+                bail!("ranker `{label}` returned NaN for user {u} (candidate {bad})");
             }
             let t = split.targets[u as usize];
             let history = split.train.view().history(u);
-            for e in history.iter().filter(|e| e.item != NONE) {
-                masked[e.item as usize] = true;
-            }
-            masked[t.valid as usize] = t.valid != t.test;
-            let rank = rank_of(s, t.test as usize, &masked);
-            for e in history.iter().filter(|e| e.item != NONE) {
-                masked[e.item as usize] = false;
-            }
-            masked[t.valid as usize] = false;
-            all.add(rank, &cfg.ks);
-            if history.len() <= cfg.cold_start_max {
-                cold.add(rank, &cfg.ks);
-            } else {
-                warm.add(rank, &cfg.ks);
+            let (rank, positive) = match cfg.protocol {
+                Protocol::Full => {
+                    for e in history.iter().filter(|e| e.item != NONE) {
+                        masked[e.item as usize] = true;
+                    }
+                    masked[t.valid as usize] = t.valid != t.test;
+                    let rank = rank_of(s, t.test as usize, &masked);
+                    for e in history.iter().filter(|e| e.item != NONE) {
+                        masked[e.item as usize] = false;
+                    }
+                    masked[t.valid as usize] = false;
+                    neg_scores.clear();
+                    neg_scores.extend(neg.iter().map(|&i| s[i as usize]));
+                    (rank, s[t.test as usize])
+                }
+                Protocol::Sampled => {
+                    neg_scores.clear();
+                    neg_scores.extend_from_slice(&s[1..]);
+                    (rank_of(s, 0, &no_mask), s[0])
+                }
+            };
+            let segment = if history.len() <= cfg.cold_start_max { &mut cold } else { &mut warm };
+            for seg in [&mut all, segment] {
+                seg.add(rank, &cfg.ks);
+                seg.add_pairs(positive, &neg_scores);
             }
         }
         on_batch(chunk.len())?;
@@ -145,9 +316,13 @@ pub fn evaluate(
     segments.insert("all".to_string(), all.finish());
     segments.insert("cold".to_string(), cold.finish());
     segments.insert("warm".to_string(), warm.finish());
+    let protocol = match cfg.protocol {
+        Protocol::Full => "leave-one-out, full ranking (train and validation items masked)".to_string(),
+        Protocol::Sampled => format!("leave-one-out, {} {:?}-sampled negatives", cfg.negatives, cfg.sampling).to_lowercase(),
+    };
     Ok(Report {
-        model: ranker.provenance.name.clone(),
-        protocol: "leave-one-out, full ranking (train and validation items masked)".into(),
+        model: label.to_string(),
+        protocol,
         items: n_items,
         cold_start_max: cfg.cold_start_max,
         segments,
@@ -167,6 +342,21 @@ mod tests {
         assert_eq!(rank_of(&scores, 2, &masked), 1);
         // target 1 at 0.5: 0.9, 0.7 above; two ties (3, 4) -> +1
         assert_eq!(rank_of(&scores, 1, &masked), 3);
+    }
+
+    #[test]
+    fn auc_matches_hand_computed_values() {
+        // positives 0.9, 0.4; negatives 0.8, 0.4, 0.1: pairs won 3 + 1.5 = 4.5 of 6
+        let mut pairs = vec![(0.9, true), (0.4, true), (0.8, false), (0.4, false), (0.1, false)];
+        assert!((pooled_auc(&mut pairs) - 0.75).abs() < 1e-12);
+        let mut s = Segment::default();
+        s.add(0, &[1]);
+        s.add_pairs(0.9, &[0.8, 0.4, 0.1]); // 1.0
+        s.add(1, &[1]);
+        s.add_pairs(0.4, &[0.8, 0.4, 0.1]); // (0 + 0.5 + 1) / 3 = 0.5
+        let s = s.finish();
+        assert!((s.metrics["UAUC"] - 0.75).abs() < 1e-12);
+        assert!((s.metrics["AUC"] - 0.75).abs() < 1e-12);
     }
 
     #[test]

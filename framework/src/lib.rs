@@ -14,6 +14,7 @@ pub mod eval;
 pub mod handles;
 pub mod host;
 pub mod pipeline;
+pub mod plot;
 pub mod registry;
 pub mod runstore;
 pub mod split;
@@ -26,5 +27,6 @@ mod builtins {
     use recfuse_plugin_identity_tuner as _;
     use recfuse_plugin_jsonl_source as _;
     use recfuse_plugin_popularity_ranker as _;
+    use recfuse_plugin_table_source as _;
     use recfuse_plugin_template_fuser as _;
 }

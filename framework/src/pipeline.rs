@@ -4,7 +4,7 @@
 //! skipped; an interrupted stage resumes from its journal.
 
 use crate::config::{locate, ComponentSpec, ConfigErrors, LoadedConfig, PipelineConfig};
-use crate::eval::{self, Report};
+use crate::eval::{self, Report, SplitMix};
 use crate::handles::*;
 use crate::host::{HostServices, Progress};
 use crate::registry::Registry;
@@ -40,12 +40,17 @@ impl Default for RunOptions {
 #[derive(Debug)]
 pub struct RunOutcome {
     pub run_dir: PathBuf,
-    pub report: Option<Report>,
+    /// One report per ranker, in config order.
+    pub reports: Vec<Report>,
     /// Each stage and whether it ran afresh, resumed or was skipped.
     pub stages: Vec<(String, StageStart)>,
 }
 
 impl RunOutcome {
+    /// The report of the ranker labelled `label`.
+    pub fn report(&self, label: &str) -> Option<&Report> {
+        self.reports.iter().find(|r| r.model == label)
+    }
     pub fn stage(&self, name: &str) -> Option<StageStart> {
         self.stages.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
     }
@@ -97,7 +102,7 @@ pub struct Components {
     pub fusers: Vec<FuserHandle>,
     pub instructions: Option<InstructionsHandle>,
     pub tuner: Option<TunerHandle>,
-    pub ranker: Option<RankerHandle>,
+    pub rankers: Vec<RankerHandle>,
 }
 
 impl Components {
@@ -106,7 +111,7 @@ impl Components {
         v.extend(self.fusers.iter().map(|f| f.provenance.clone()));
         v.extend(self.instructions.iter().map(|f| f.provenance.clone()));
         v.extend(self.tuner.iter().map(|f| f.provenance.clone()));
-        v.extend(self.ranker.iter().map(|f| f.provenance.clone()));
+        v.extend(self.rankers.iter().map(|f| f.provenance.clone()));
         v
     }
 }
@@ -141,7 +146,7 @@ pub fn build_components(
     let fusers: Vec<Option<FuserHandle>> = p.fusers.iter().map(|f| make!(f, ComponentKind::Fuser, fuser)).collect();
     let instructions = p.instructions.as_ref().map(|s| make!(s, ComponentKind::Instructions, instructions));
     let tuner = p.tuner.as_ref().map(|s| make!(s, ComponentKind::Tuner, tuner));
-    let ranker = p.ranker.as_ref().map(|s| make!(s, ComponentKind::Ranker, ranker));
+    let rankers: Vec<Option<RankerHandle>> = p.rankers.iter().map(|r| make!(r, ComponentKind::Ranker, ranker)).collect();
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -150,7 +155,7 @@ pub fn build_components(
         fusers: fusers.into_iter().map(|f| f.expect("checked")).collect(),
         instructions: instructions.map(|i| i.expect("checked")),
         tuner: tuner.map(|i| i.expect("checked")),
-        ranker: ranker.map(|i| i.expect("checked")),
+        rankers: rankers.into_iter().map(|r| r.expect("checked")).collect(),
     })
 }
 
@@ -182,21 +187,6 @@ fn tempfile_dir() -> Result<PathBuf> {
 fn derive_seed(seed: u64, what: &str) -> u64 {
     let h = hash_parts(&[&seed.to_le_bytes(), what.as_bytes()]);
     u64::from_str_radix(&h[..16], 16).expect("hex")
-}
-
-/// SplitMix64: small, seedable and good enough for sampling negatives.
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn hash_dataset(d: &Dataset) -> String {
@@ -354,6 +344,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     // Source: always read (cheap next to the stages after it); its content hash keys the rest.
     let t = Instant::now();
     let dataset = c.source.load()?;
+    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "source returned");
     if dataset.events.is_empty() {
         bail!("source `{}` yielded no events", p.source.kind);
     }
@@ -363,7 +354,9 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             r.manifest.inputs.push(FileHash { path: input.clone(), sha256: hash_file(path)? });
         }
     }
+    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "inputs hashed");
     let split = leave_one_out(&dataset, &p.split);
+    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "split");
     r.manifest.dataset = DatasetSummary {
         users: dataset.catalog.users.len(),
         items: dataset.catalog.items.len(),
@@ -422,44 +415,62 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         artifact = Some(serde_json::from_str(&text).context("artifact.json")?);
     }
 
-    // Rank and evaluate.
-    let mut report = None;
-    if let (Some(spec), Some(ranker)) = (&p.ranker, c.ranker.as_mut()) {
+    // Rank and evaluate, one stage per ranker, on the same users and negatives.
+    let mut reports = Vec::new();
+    if !c.rankers.is_empty() {
         let eval_json = serde_json::to_string(&p.eval)?;
-        key = hash_parts(&[key.as_bytes(), b"evaluate", spec_json(spec).as_bytes(), version_of(&ranker.provenance).as_bytes(), eval_json.as_bytes()]);
+        let users = eval::pick_users(&split, p.eval.max_users);
+        let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
         let has_knowledge = !c.fusers.is_empty();
-        r.stage("evaluate", &key, &["report.json", "report.md"], |r, _| {
-            let knowledge: Vec<Knowledge> = if has_knowledge {
-                read_journal::<KnowledgeRecord>(&r.run.path("knowledge.jsonl"))?
-                    .into_iter()
-                    .map(|k| Knowledge { user: k.user, text: k.text, vectors: k.vectors })
-                    .collect()
-            } else {
-                vec![]
-            };
-            let t = Instant::now();
-            ranker.fit(&split.train, &knowledge, artifact.as_ref())?;
-            tracing::info!(seconds = t.elapsed().as_secs_f64(), "ranker fitted");
-            let users = eval::pick_users(&split, p.eval.max_users);
-            let bar = r.progress.bar("evaluate", users.len() as u64);
-            let cancel = r.opts.cancel.clone();
-            let rep = eval::evaluate(ranker, &split, &p.eval, &users, p.run.batch_size, |n| {
-                bar.inc(n as u64);
-                if cancel.load(Ordering::Relaxed) {
-                    bail!("cancelled");
-                }
-                Ok(())
+        std::fs::create_dir_all(r.run.path("reports"))?;
+        for (spec, ranker) in p.rankers.iter().zip(c.rankers.iter_mut()) {
+            let stage = format!("evaluate.{}", spec.label);
+            let json_name = format!("reports/{}.json", spec.label);
+            let stage_key = hash_parts(&[
+                key.as_bytes(),
+                b"evaluate",
+                spec_json(spec).as_bytes(),
+                version_of(&ranker.provenance).as_bytes(),
+                eval_json.as_bytes(),
+            ]);
+            r.stage(&stage, &stage_key, &[&json_name], |r, _| {
+                let knowledge: Vec<Knowledge> = if has_knowledge {
+                    read_journal::<KnowledgeRecord>(&r.run.path("knowledge.jsonl"))?
+                        .into_iter()
+                        .map(|k| Knowledge { user: k.user, text: k.text, vectors: k.vectors })
+                        .collect()
+                } else {
+                    vec![]
+                };
+                let t = Instant::now();
+                ranker.fit(&split.train, &knowledge, artifact.as_ref())?;
+                tracing::info!(ranker = spec.label.as_str(), seconds = t.elapsed().as_secs_f64(), "ranker fitted");
+                let bar = r.progress.bar(&spec.label, users.len() as u64);
+                let cancel = r.opts.cancel.clone();
+                let t = Instant::now();
+                let rep = eval::evaluate(ranker, &spec.label, &split, &p.eval, &users, &negatives, p.run.batch_size, |n| {
+                    bar.inc(n as u64);
+                    if cancel.load(Ordering::Relaxed) {
+                        bail!("cancelled");
+                    }
+                    Ok(())
+                })?;
+                bar.finish_and_clear();
+                tracing::info!(ranker = spec.label.as_str(), seconds = t.elapsed().as_secs_f64(), "evaluated");
+                write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&rep)?.as_bytes())
             })?;
-            bar.finish_and_clear();
-            write_atomic(&r.run.path("report.json"), serde_json::to_string_pretty(&rep)?.as_bytes())?;
-            write_atomic(&r.run.path("report.md"), rep.markdown().as_bytes())
-        })?;
-        let text = std::fs::read_to_string(r.run.path("report.json")).context("reading report.json")?;
-        report = Some(serde_json::from_str(&text).context("report.json")?);
+            let text = std::fs::read_to_string(r.run.path(&json_name)).with_context(|| format!("reading {json_name}"))?;
+            reports.push(serde_json::from_str::<Report>(&text).with_context(|| json_name.clone())?);
+        }
+        write_atomic(&r.run.path("report.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
+        write_atomic(&r.run.path("report.md"), eval::markdown(&reports).as_bytes())?;
+        if let Err(e) = crate::plot::comparison_chart(&reports, &r.run.path("report.png")) {
+            tracing::warn!("no chart: {e:#}");
+        }
     }
 
     r.save_manifest()?;
-    Ok(RunOutcome { run_dir: r.run.root.clone(), report, stages: r.stages })
+    Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages })
 }
 
 fn fuse_stage(r: &mut Runner, fusers: &mut [FuserHandle], split: &SplitData, batch: usize) -> Result<()> {
@@ -537,7 +548,7 @@ fn instructions_stage(
             let t = split.targets[u as usize];
             let text = knowledge.get(&u).cloned().unwrap_or_default();
             for (which, item) in [(Split::Train, t.train), (Split::Valid, t.valid), (Split::Test, t.test)] {
-                let mut rng = SplitMix(seed ^ ((u as u64) << 8) ^ which as u64);
+                let mut rng = SplitMix::new(seed ^ ((u as u64) << 8) ^ which as u64);
                 let mut targets = vec![LabeledItem { item, label: 1.0 }];
                 let mut tries = 0;
                 while targets.len() <= p.split.negatives && tries < 100 * (p.split.negatives + 1) {

@@ -59,37 +59,40 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let target_kinds: Vec<u32> = cfg.target_kinds.iter().filter_map(|k| catalog.kind(k)).collect();
     let is_target = |e: &Event| e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind));
 
-    // Stable sort by (user, timestamp): ties keep source order.
+    // Sort by (user, timestamp, position in the source): ties keep source order.
     let mut order: Vec<u32> = (0..dataset.events.len() as u32).collect();
-    order.sort_by_key(|&i| {
+    order.sort_unstable_by_key(|&i| {
         let e = &dataset.events[i as usize];
-        (e.user, e.timestamp)
+        (e.user, e.timestamp, i)
     });
-    let mut per_user: Vec<Vec<Event>> = vec![Vec::new(); n_users];
-    for i in order {
-        let e = dataset.events[i as usize];
-        per_user[e.user as usize].push(e);
-    }
-
     let none = Targets { train: NONE, valid: NONE, test: NONE };
     let mut targets = vec![none; n_users];
-    let mut train = Vec::with_capacity(n_users);
-    let mut history = Vec::with_capacity(n_users);
-    for (u, evs) in per_user.into_iter().enumerate() {
-        let positions: Vec<usize> = evs.iter().enumerate().filter(|(_, e)| is_target(e)).map(|(i, _)| i).collect();
+    let mut train: Vec<Vec<Event>> = vec![Vec::new(); n_users];
+    let mut history: Vec<Vec<Event>> = vec![Vec::new(); n_users];
+    let mut start = 0;
+    let mut positions = Vec::new();
+    while start < order.len() {
+        let user = dataset.events[order[start] as usize].user as usize;
+        let mut end = start;
+        while end < order.len() && dataset.events[order[end] as usize].user as usize == user {
+            end += 1;
+        }
+        let evs: Vec<Event> = order[start..end].iter().map(|&i| dataset.events[i as usize]).collect();
+        start = end;
+        positions.clear();
+        positions.extend(evs.iter().enumerate().filter(|(_, e)| is_target(e)).map(|(i, _)| i));
         if positions.len() < cfg.min_events.max(3) {
-            history.push(evs.clone());
-            train.push(evs);
+            history[user] = evs.clone();
+            train[user] = evs;
             continue;
         }
         let n = positions.len();
         let (train_pos, valid_pos, test_pos) = (positions[n - 3], positions[n - 2], positions[n - 1]);
-        targets[u] = Targets { train: evs[train_pos].item, valid: evs[valid_pos].item, test: evs[test_pos].item };
-        let train_events: Vec<Event> = evs[..valid_pos].to_vec();
-        let mut hist = train_events.clone();
+        targets[user] = Targets { train: evs[train_pos].item, valid: evs[valid_pos].item, test: evs[test_pos].item };
+        let mut hist = evs[..valid_pos].to_vec();
         hist.remove(train_pos);
-        history.push(hist);
-        train.push(train_events);
+        history[user] = hist;
+        train[user] = evs[..valid_pos].to_vec();
     }
     let (te, to) = group(n_users, &train);
     let (he, ho) = group(n_users, &history);

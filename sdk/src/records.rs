@@ -86,18 +86,42 @@ pub struct Dataset {
     pub skipped: u64,
 }
 
+/// FxHash (as in rustc): interning ids is the hot loop of loading a dataset, and SipHash's
+/// DoS resistance buys nothing for ids read from the user's own files.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(K);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Interner = HashMap<String, u32, std::hash::BuildHasherDefault<FxHasher>>;
+
 /// Builds a [`Dataset`] while interning identifiers; what most sources want.
 #[derive(Default)]
 pub struct DatasetBuilder {
     data: Dataset,
-    items: HashMap<String, u32>,
-    users: HashMap<String, u32>,
-    kinds: HashMap<String, u32>,
-    scenarios: HashMap<String, u32>,
-    subjects: HashMap<String, u32>,
+    items: Interner,
+    users: Interner,
+    kinds: Interner,
+    scenarios: Interner,
+    subjects: Interner,
 }
 
-fn intern(map: &mut HashMap<String, u32>, table: &mut Vec<String>, key: &str) -> u32 {
+fn intern(map: &mut Interner, table: &mut Vec<String>, key: &str) -> u32 {
     if let Some(&i) = map.get(key) {
         return i;
     }
@@ -160,6 +184,10 @@ impl DatasetBuilder {
     }
     pub fn skipped(&mut self, n: u64) {
         self.data.skipped += n;
+    }
+    /// The catalog built so far, for attributes added after the fact.
+    pub fn catalog_mut(&mut self) -> &mut Catalog {
+        &mut self.data.catalog
     }
     pub fn events_len(&self) -> usize {
         self.data.events.len()

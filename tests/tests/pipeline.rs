@@ -82,7 +82,7 @@ fn overlay_swaps_a_component() {
         &RunOptions::default(),
     )
     .unwrap();
-    let (b, s) = (base.report.unwrap(), swapped.report.unwrap());
+    let (b, s) = (&base.reports[0], &swapped.reports[0]);
     assert_eq!(b.model, "popularity");
     assert_eq!(s.model, "recency");
     assert_ne!(b.segments["all"].metrics, s.segments["all"].metrics, "a different ranker gives different figures");
@@ -99,14 +99,14 @@ fn unchanged_stages_are_skipped_and_a_changed_one_reruns() {
 
     let again = run(&load(&cfg, &[], &[]).unwrap(), &RunOptions::default()).unwrap();
     assert!(again.stages.iter().all(|(_, s)| *s == StageStart::Skip), "{:?}", again.stages);
-    assert_eq!(first.report, again.report);
+    assert_eq!(first.reports, again.reports);
 
     // Only the ranker changes: upstream stages are reused.
     let changed = run(&load(&cfg, &[], &["ranker.half_life_days=20"]).unwrap(), &RunOptions::default()).unwrap();
     assert_eq!(changed.stage("fuse"), Some(StageStart::Skip));
     assert_eq!(changed.stage("instructions"), Some(StageStart::Skip));
     assert_eq!(changed.stage("tune"), Some(StageStart::Skip));
-    assert_eq!(changed.stage("evaluate"), Some(StageStart::Fresh));
+    assert_eq!(changed.stage("evaluate.popularity"), Some(StageStart::Fresh));
 
     // A fuser change invalidates everything downstream of it.
     let refused = run(&load(&cfg, &[], &["fusers[0].max_per_kind=2"]).unwrap(), &RunOptions::default()).unwrap();
@@ -136,7 +136,7 @@ fn an_interrupted_stage_resumes_from_its_journal() {
     let resumed = run(&loaded, &RunOptions::default()).unwrap();
     assert_eq!(resumed.stage("fuse"), Some(StageStart::Resume));
     assert_eq!(std::fs::read_to_string(&knowledge).unwrap(), complete, "resumed knowledge equals a clean run's");
-    assert_eq!(resumed.report, full.report);
+    assert_eq!(resumed.reports, full.reports);
 }
 
 #[test]
@@ -148,9 +148,9 @@ fn cli_run_and_validate() {
     assert!(out.contains("ranker") && out.contains("popularity-ranker"), "{out}");
     let (code, out) = cli(&["run", cfg.to_str().unwrap(), "--quiet"]);
     assert_eq!(code, Ok(0), "{out}");
-    assert!(out.contains("| all | 943 |"), "{out}");
+    assert!(out.contains("## all (943 users)") && out.contains("| popularity | "), "{out}");
     let run_dir = d.path().join("runs/cli");
-    for f in ["config.resolved.toml", "manifest.json", "knowledge.jsonl", "instructions.jsonl", "artifact.json", "report.json", "report.md"] {
+    for f in ["config.resolved.toml", "manifest.json", "knowledge.jsonl", "instructions.jsonl", "artifact.json", "report.json", "report.md", "report.png", "reports/popularity.json"] {
         assert!(run_dir.join(f).exists(), "{f} missing");
     }
     let (code, out) = cli(&["frobnicate"]);

@@ -22,7 +22,7 @@ fn third_party_plugin_loads_and_runs_in_a_pipeline() {
         &format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 30\n", lib.display()),
     );
     let outcome = run(&load(&cfg), &RunOptions::default()).expect("pipeline with a dynamic ranker runs");
-    let report = outcome.report.expect("evaluated");
+    let report = outcome.reports.into_iter().next().expect("evaluated");
     assert_eq!(report.model, "recency");
     let all = &report.segments["all"];
     assert_eq!(all.users, 943);
@@ -113,7 +113,7 @@ fn a_panicking_plugin_gives_an_error_and_the_host_goes_on() {
     // The same process goes on and runs a healthy pipeline.
     let cfg = ml100k_config(d.path(), "healthy", "[ranker]\nkind = \"popularity\"\n");
     let outcome = run(&load(&cfg), &RunOptions::default()).expect("host still works");
-    assert!(outcome.report.unwrap().segments["all"].metrics["HR@10"] > 0.0);
+    assert!(outcome.reports[0].segments["all"].metrics["HR@10"] > 0.0);
 }
 
 #[test]
@@ -154,5 +154,5 @@ fn host_services_reach_the_plugin_logging_and_cancellation() {
     assert!(err.contains("cancelled"), "{err}");
     cancel.store(false, Ordering::Relaxed);
     let outcome = run(&cfg, &opts).expect("resumes");
-    assert!(outcome.report.is_some());
+    assert_eq!(outcome.reports.len(), 1);
 }

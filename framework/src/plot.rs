@@ -1,0 +1,112 @@
+//! The comparison chart of a run (`report.png`): one panel per segment (all users, cold-start
+//! users), grouped bars per metric, one colour per model.
+//!
+//! Text needs a TrueType font. It is looked up in `RECFUSE_FONT`, then in common system
+//! locations (DejaVu Sans, Liberation Sans); without one the chart is skipped with a warning,
+//! and the JSON and Markdown reports are unaffected.
+
+use crate::eval::Report;
+use anyhow::{anyhow, bail, Context, Result};
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const FONT_CANDIDATES: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+/// Registers a font with plotters once per process; the error says where we looked.
+fn ensure_font() -> Result<()> {
+    static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let mut candidates: Vec<PathBuf> = std::env::var_os("RECFUSE_FONT").map(PathBuf::from).into_iter().collect();
+        candidates.extend(FONT_CANDIDATES.iter().map(PathBuf::from));
+        let path = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
+            format!("no TrueType font found (set RECFUSE_FONT; looked in {})", FONT_CANDIDATES.join(", "))
+        })?;
+        let bytes: &'static [u8] = Box::leak(std::fs::read(path).map_err(|e| e.to_string())?.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{} is not a usable font", path.display()))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// Draws the models of a run side by side into a PNG at `path`.
+pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
+    if reports.is_empty() {
+        bail!("no reports to draw");
+    }
+    ensure_font()?;
+    // Ranking metrics only: AUC lives on another scale (0.5 = chance).
+    let metrics: Vec<String> = reports[0].metric_names().into_iter().filter(|m| m.contains('@')).collect();
+    let n = metrics.len();
+    // Panels for segments that have users.
+    let segments: Vec<&str> =
+        ["all", "cold"].into_iter().filter(|s| reports[0].segments.get(*s).is_some_and(|x| x.users > 0)).collect();
+    if segments.is_empty() {
+        bail!("no evaluated users");
+    }
+    let root = BitMapBackend::new(path, (1100, 420 * segments.len() as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    for (area, &segment) in root.split_evenly((segments.len(), 1)).iter().zip(&segments) {
+        let value = |r: &Report, m: &str| r.segments.get(segment).and_then(|s| s.metrics.get(m)).copied().unwrap_or(0.0);
+        let top = reports.iter().flat_map(|r| metrics.iter().map(move |m| value(r, m))).fold(0.0, f64::max).max(1e-3) * 1.15;
+        let users = reports[0].segments.get(segment).map(|s| s.users).unwrap_or(0);
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{segment} users ({users})"), ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(56)
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..top)
+            .map_err(|e| anyhow!("{e}"))?;
+        let names = metrics.clone();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&move |x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 { names.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+            })
+            .y_label_formatter(&|y| format!("{y:.2}"))
+            .label_style(("sans-serif", 15))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        let width = 0.8 / reports.len() as f64;
+        for (k, r) in reports.iter().enumerate() {
+            let color = PALETTE[k % PALETTE.len()];
+            let bars = metrics.iter().enumerate().map(|(i, m)| {
+                let x0 = i as f64 - 0.4 + k as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width * 0.92, value(r, m))], color.filled())
+            });
+            chart
+                .draw_series(bars)
+                .map_err(|e| anyhow!("{e}"))?
+                .label(r.model.clone())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
