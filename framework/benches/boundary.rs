@@ -10,7 +10,7 @@
 use recfuse::config::SplitSection;
 use recfuse::host::{HostServices, Progress};
 use recfuse::registry::Registry;
-use recfuse::split::leave_one_out;
+use recfuse::split::split_dataset;
 use recfuse_plugin_popularity_ranker::{Popularity, PopularityConfig};
 use recfuse_sdk::prelude::*;
 use std::path::{Path, PathBuf};
@@ -64,7 +64,7 @@ fn main() {
     let builtins = Registry::with_builtins().unwrap();
     let src_cfg = serde_json::json!({"dir": data, "name": "ml-100k"});
     let dataset = builtins.source("recbole-atomic", &src_cfg, host().into_ffi()).unwrap().load().unwrap();
-    let split = leave_one_out(&dataset, &SplitSection::default());
+    let split = split_dataset(&dataset, &SplitSection::default());
     let n_items = dataset.catalog.items.len() as u64;
 
     // Per-user candidate lists (sampled-ranking layout), deterministic.

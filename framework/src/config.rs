@@ -61,7 +61,16 @@ pub struct PluginsSection {
 #[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct SplitSection {
-    /// Users need at least this many target events to get a validation and a test item.
+    #[serde(default)]
+    pub method: SplitMethod,
+    /// Temporal split: the last `test_fraction` of the time span (by event count) is the test
+    /// period, the `valid_fraction` before it the validation period.
+    #[serde(default = "d_fraction")]
+    pub valid_fraction: f64,
+    #[serde(default = "d_fraction")]
+    pub test_fraction: f64,
+    /// Leave-one-out: users need at least this many target events to get a validation and a
+    /// test item.
     #[serde(default = "d_min_events")]
     pub min_events: usize,
     /// Behaviour kinds that can be a target (all item events when empty).
@@ -71,6 +80,20 @@ pub struct SplitSection {
     #[serde(default = "d_negatives")]
     pub negatives: usize,
 }
+/// How events are divided into train, validation and test.
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitMethod {
+    /// Per user by time: last target event is test, the one before validation (default).
+    #[default]
+    LeaveOneOut,
+    /// One global time line: train before the validation period, then validation, then test.
+    Temporal,
+}
+
+fn d_fraction() -> f64 {
+    0.1
+}
 fn d_min_events() -> usize {
     3
 }
@@ -79,7 +102,14 @@ fn d_negatives() -> usize {
 }
 impl Default for SplitSection {
     fn default() -> Self {
-        Self { min_events: d_min_events(), target_kinds: vec![], negatives: d_negatives() }
+        Self {
+            method: SplitMethod::LeaveOneOut,
+            valid_fraction: d_fraction(),
+            test_fraction: d_fraction(),
+            min_events: d_min_events(),
+            target_kinds: vec![],
+            negatives: d_negatives(),
+        }
     }
 }
 
@@ -411,6 +441,10 @@ impl LoadedConfig {
         }
         if eval.ks.is_empty() || eval.ks.contains(&0) {
             errors.push(self.key_error("eval.ks", "needs at least one cut-off, each at least 1"));
+        }
+        let fractions_ok = |f: f64| f > 0.0 && f < 1.0;
+        if !fractions_ok(split.valid_fraction) || !fractions_ok(split.test_fraction) || split.valid_fraction + split.test_fraction >= 1.0 {
+            errors.push(self.key_error("split", "valid_fraction and test_fraction must be in (0, 1) and sum to less than 1"));
         }
         if split.min_events < 3 {
             errors.push(self.key_error("split.min_events", "leave-one-out needs at least 3 (train, validation, test)"));

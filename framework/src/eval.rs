@@ -288,12 +288,16 @@ pub fn evaluate(
                     for e in history.iter().filter(|e| e.item != NONE) {
                         masked[e.item as usize] = true;
                     }
-                    masked[t.valid as usize] = t.valid != t.test;
+                    if t.valid != NONE {
+                        masked[t.valid as usize] = t.valid != t.test;
+                    }
                     let rank = rank_of(s, t.test as usize, &masked);
                     for e in history.iter().filter(|e| e.item != NONE) {
                         masked[e.item as usize] = false;
                     }
-                    masked[t.valid as usize] = false;
+                    if t.valid != NONE {
+                        masked[t.valid as usize] = false;
+                    }
                     neg_scores.clear();
                     neg_scores.extend(neg.iter().map(|&i| s[i as usize]));
                     (rank, s[t.test as usize])

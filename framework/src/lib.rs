@@ -23,6 +23,7 @@ pub mod split;
 #[cfg(feature = "builtin-plugins")]
 mod builtins {
     use recfuse_plugin_atomic_source as _;
+    use recfuse_plugin_bpr_ranker as _;
     use recfuse_plugin_ctr_instructions as _;
     use recfuse_plugin_identity_tuner as _;
     use recfuse_plugin_jsonl_source as _;

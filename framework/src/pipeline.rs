@@ -9,7 +9,7 @@ use crate::handles::*;
 use crate::host::{HostServices, Progress};
 use crate::registry::Registry;
 use crate::runstore::*;
-use crate::split::{leave_one_out, SplitData};
+use crate::split::{split_dataset, SplitData};
 use anyhow::{bail, Context, Result};
 use recfuse_sdk::ffi::{ComponentKind, HostFfiBox};
 use recfuse_sdk::records::*;
@@ -355,7 +355,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         }
     }
     tracing::debug!(seconds = t.elapsed().as_secs_f64(), "inputs hashed");
-    let split = leave_one_out(&dataset, &p.split);
+    let split = split_dataset(&dataset, &p.split);
     tracing::debug!(seconds = t.elapsed().as_secs_f64(), "split");
     r.manifest.dataset = DatasetSummary {
         users: dataset.catalog.users.len(),
@@ -548,6 +548,9 @@ fn instructions_stage(
             let t = split.targets[u as usize];
             let text = knowledge.get(&u).cloned().unwrap_or_default();
             for (which, item) in [(Split::Train, t.train), (Split::Valid, t.valid), (Split::Test, t.test)] {
+                if item == NONE {
+                    continue; // e.g. no validation event in the temporal split's window
+                }
                 let mut rng = SplitMix::new(seed ^ ((u as u64) << 8) ^ which as u64);
                 let mut targets = vec![LabeledItem { item, label: 1.0 }];
                 let mut tries = 0;

@@ -1,5 +1,6 @@
-//! Leave-one-out split by time, and the views each stage is allowed to see.
+//! Splits by time, and the views each stage is allowed to see.
 //!
+//! **Leave-one-out** (default):
 //! Per user, events are ordered by `(timestamp, position in the source)`: same-second events
 //! keep the order the source gave them, which makes the split deterministic and documented.
 //! Among the user's *target* events (events with an item, of a target kind), the last is the
@@ -10,8 +11,17 @@
 //!
 //! Users with fewer than `min_events` target events keep all their events in train and are not
 //! evaluated.
+//!
+//! **Temporal**: one global time line. Event timestamps are cut at the quantiles
+//! `1 - test_fraction - valid_fraction` and `1 - test_fraction` (ties at a cut go to the later
+//! period). A user's test item is their first target event in the test period, the validation
+//! item their first in the validation period (absent if none); train is everything before the
+//! validation period. Users without a train target or a test item are not evaluated.
+//!
+//! Both: the train target is the user's last target event in train, and *history* is train
+//! minus that event.
 
-use crate::config::SplitSection;
+use crate::config::{SplitMethod, SplitSection};
 use crate::handles::ViewData;
 use recfuse_sdk::records::*;
 
@@ -53,32 +63,79 @@ fn group(n_users: usize, per_user: &[Vec<Event>]) -> (Vec<Event>, Vec<u32>) {
     (events, offsets)
 }
 
+/// Splits by the configured method.
+pub fn split_dataset(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
+    match cfg.method {
+        SplitMethod::LeaveOneOut => leave_one_out(dataset, cfg),
+        SplitMethod::Temporal => temporal(dataset, cfg),
+    }
+}
+
+/// Events grouped by user, each user's sorted by (timestamp, position in the source).
+fn per_user_sorted(dataset: &Dataset) -> Vec<Vec<Event>> {
+    let mut order: Vec<u32> = (0..dataset.events.len() as u32).collect();
+    order.sort_unstable_by_key(|&i| {
+        let e = &dataset.events[i as usize];
+        (e.user, e.timestamp, i)
+    });
+    let mut per_user: Vec<Vec<Event>> = vec![Vec::new(); dataset.catalog.users.len()];
+    for i in order {
+        let e = dataset.events[i as usize];
+        per_user[e.user as usize].push(e);
+    }
+    per_user
+}
+
+fn finish(catalog: &Catalog, train: Vec<Vec<Event>>, history: Vec<Vec<Event>>, targets: Vec<Targets>) -> SplitData {
+    let n_users = catalog.users.len();
+    let (te, to) = group(n_users, &train);
+    let (he, ho) = group(n_users, &history);
+    SplitData { train: ViewData::new(catalog.clone(), te, to), history: ViewData::new(catalog.clone(), he, ho), targets }
+}
+
+pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
+    let catalog = &dataset.catalog;
+    let target_kinds: Vec<u32> = cfg.target_kinds.iter().filter_map(|k| catalog.kind(k)).collect();
+    let is_target = |e: &Event| e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind));
+    let mut times: Vec<i64> = dataset.events.iter().map(|e| e.timestamp).collect();
+    times.sort_unstable();
+    let cut = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    let (t_valid, t_test) = (cut(1.0 - cfg.test_fraction - cfg.valid_fraction), cut(1.0 - cfg.test_fraction));
+    let none = Targets { train: NONE, valid: NONE, test: NONE };
+    let n_users = catalog.users.len();
+    let (mut train, mut history, mut targets) = (vec![Vec::new(); n_users], vec![Vec::new(); n_users], vec![none; n_users]);
+    for (u, evs) in per_user_sorted(dataset).into_iter().enumerate() {
+        let train_end = evs.partition_point(|e| e.timestamp < t_valid);
+        let valid = evs[train_end..].iter().find(|e| e.timestamp < t_test && is_target(e)).map(|e| e.item).unwrap_or(NONE);
+        let test = evs[train_end..].iter().find(|e| e.timestamp >= t_test && is_target(e)).map(|e| e.item).unwrap_or(NONE);
+        let tr: Vec<Event> = evs[..train_end].to_vec();
+        let train_pos = tr.iter().rposition(|e| is_target(e));
+        let mut hist = tr.clone();
+        match (train_pos, test) {
+            (Some(p), t) if t != NONE => {
+                targets[u] = Targets { train: tr[p].item, valid, test };
+                hist.remove(p);
+            }
+            _ => {}
+        }
+        train[u] = tr;
+        history[u] = hist;
+    }
+    finish(catalog, train, history, targets)
+}
+
 pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let catalog = &dataset.catalog;
     let n_users = catalog.users.len();
     let target_kinds: Vec<u32> = cfg.target_kinds.iter().filter_map(|k| catalog.kind(k)).collect();
     let is_target = |e: &Event| e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind));
 
-    // Sort by (user, timestamp, position in the source): ties keep source order.
-    let mut order: Vec<u32> = (0..dataset.events.len() as u32).collect();
-    order.sort_unstable_by_key(|&i| {
-        let e = &dataset.events[i as usize];
-        (e.user, e.timestamp, i)
-    });
     let none = Targets { train: NONE, valid: NONE, test: NONE };
     let mut targets = vec![none; n_users];
     let mut train: Vec<Vec<Event>> = vec![Vec::new(); n_users];
     let mut history: Vec<Vec<Event>> = vec![Vec::new(); n_users];
-    let mut start = 0;
     let mut positions = Vec::new();
-    while start < order.len() {
-        let user = dataset.events[order[start] as usize].user as usize;
-        let mut end = start;
-        while end < order.len() && dataset.events[order[end] as usize].user as usize == user {
-            end += 1;
-        }
-        let evs: Vec<Event> = order[start..end].iter().map(|&i| dataset.events[i as usize]).collect();
-        start = end;
+    for (user, evs) in per_user_sorted(dataset).into_iter().enumerate() {
         positions.clear();
         positions.extend(evs.iter().enumerate().filter(|(_, e)| is_target(e)).map(|(i, _)| i));
         if positions.len() < cfg.min_events.max(3) {
@@ -94,13 +151,7 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
         history[user] = hist;
         train[user] = evs[..valid_pos].to_vec();
     }
-    let (te, to) = group(n_users, &train);
-    let (he, ho) = group(n_users, &history);
-    SplitData {
-        train: ViewData::new(catalog.clone(), te, to),
-        history: ViewData::new(catalog.clone(), he, ho),
-        targets,
-    }
+    finish(catalog, train, history, targets)
 }
 
 #[cfg(test)]
@@ -141,6 +192,23 @@ mod tests {
         assert_eq!(hist, vec![1, 2]);
         assert_eq!(s.targets[1].test, NONE);
         assert_eq!(s.train.view().history(1).len(), 1);
+        assert_eq!(s.evaluable_users(), vec![0]);
+    }
+
+    #[test]
+    fn temporal_split_cuts_one_global_time_line() {
+        // times 1..=10 for user 0, 2 and 3 for user 1: 12 timestamps [1,2,2,3,3,4,5,6,7,8,9,10];
+        // cut(0.7) = times[8] = 7 starts validation, cut(0.8) = times[9] = 8 starts test.
+        let mut events: Vec<Event> = (1..=10).map(|t| ev(0, t as u32 % 10, 0, t)).collect();
+        events.push(ev(1, 5, 0, 2));
+        events.push(ev(1, 6, 0, 3));
+        let cfg = SplitSection { method: SplitMethod::Temporal, valid_fraction: 0.1, test_fraction: 0.2, ..Default::default() };
+        let s = split_dataset(&dataset(events), &cfg);
+        assert_eq!(s.targets[0], Targets { train: 6, valid: 7, test: 8 });
+        let train: Vec<i64> = s.train.view().history(0).iter().map(|e| e.timestamp).collect();
+        assert_eq!(train, vec![1, 2, 3, 4, 5, 6]);
+        assert!(s.history.view().history(0).iter().all(|e| e.timestamp != 6));
+        assert_eq!(s.targets[1].test, NONE, "no event in the test period: not evaluated");
         assert_eq!(s.evaluable_users(), vec![0]);
     }
 

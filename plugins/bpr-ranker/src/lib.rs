@@ -1,0 +1,194 @@
+//! `kind = "bpr"`: BPR-MF (Rendle et al. 2009), the classic implicit-feedback baseline.
+//! Each train interaction (user, item) is a positive; every SGD step samples an item the user
+//! never interacted with as the negative and pushes the positive's score above it.
+//! Deterministic for a given seed (the host's per-component seed unless `seed` is set).
+
+use recfuse_sdk::prelude::*;
+use std::collections::HashSet;
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BprConfig {
+    #[serde(default = "d_dim")]
+    pub dim: usize,
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f32,
+    /// L2 regularisation of the factors touched by a step.
+    #[serde(default = "d_reg")]
+    pub reg: f32,
+    /// Behaviour kinds counted as positives (all item events when empty).
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+fn d_dim() -> usize {
+    64
+}
+fn d_epochs() -> usize {
+    30
+}
+fn d_lr() -> f32 {
+    0.05
+}
+fn d_reg() -> f32 {
+    1e-4
+}
+
+/// xorshift64*: tiny and fast; enough for shuffling and negative sampling.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() >> 32) * n as u64 >> 32) as usize
+    }
+    /// Approximately normal (sum of uniforms), scaled.
+    fn normal(&mut self, std: f32) -> f32 {
+        let s: f32 = (0..4).map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32).sum();
+        (s - 2.0) * std * 1.732
+    }
+}
+
+pub struct Bpr {
+    cfg: BprConfig,
+    host: Host,
+    users: Vec<f32>,
+    items: Vec<f32>,
+}
+
+impl Bpr {
+    fn dot(&self, u: u32, i: u32) -> f32 {
+        let d = self.cfg.dim;
+        let (a, b) = (&self.users[u as usize * d..][..d], &self.items[i as usize * d..][..d]);
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Ranker for Bpr {
+    type Config = BprConfig;
+    const DESCRIPTION: &'static str = "BPR-MF: matrix factorisation with Bayesian personalised ranking";
+
+    fn new(cfg: BprConfig, host: Host) -> Result<Self> {
+        ensure!(cfg.dim > 0 && cfg.epochs > 0, "dim and epochs must be positive");
+        ensure!(cfg.learning_rate > 0.0, "learning_rate must be positive");
+        Ok(Self { cfg, host, users: vec![], items: vec![] })
+    }
+
+    fn fit(&mut self, view: &TrainView, _inputs: &FitInputs) -> Result<()> {
+        let (n_users, n_items, d) = (view.n_users(), view.n_items(), self.cfg.dim);
+        let kinds: Vec<u32> = self.cfg.kinds.iter().filter_map(|k| view.catalog.kind(k)).collect();
+        let mut seen: Vec<HashSet<u32>> = vec![HashSet::new(); n_users];
+        let mut positives: Vec<(u32, u32)> = Vec::new();
+        for e in view.events {
+            if e.item != NONE && (self.cfg.kinds.is_empty() || kinds.contains(&e.kind)) && seen[e.user as usize].insert(e.item) {
+                positives.push((e.user, e.item));
+            }
+        }
+        ensure!(!positives.is_empty(), "no train interactions to learn from");
+        let mut rng = Rng::new(self.cfg.seed.unwrap_or_else(|| self.host.seed()));
+        self.users = (0..n_users * d).map(|_| rng.normal(0.1)).collect();
+        self.items = (0..n_items * d).map(|_| rng.normal(0.1)).collect();
+        let (lr, reg) = (self.cfg.learning_rate, self.cfg.reg);
+        let progress = self.host.progress("bpr epochs", self.cfg.epochs as u64);
+        let mut grad_u = vec![0f32; d];
+        for epoch in 0..self.cfg.epochs {
+            self.host.check_cancelled()?;
+            // Fisher-Yates shuffle of the positives.
+            for k in (1..positives.len()).rev() {
+                positives.swap(k, rng.below(k + 1));
+            }
+            let mut loss = 0f64;
+            for &(u, i) in &positives {
+                let j = loop {
+                    let j = rng.below(n_items) as u32;
+                    if !seen[u as usize].contains(&j) {
+                        break j;
+                    }
+                };
+                let x = self.dot(u, i) - self.dot(u, j);
+                let g = sigmoid(-x); // d(-ln σ(x))/dx = -σ(-x)
+                loss += -(sigmoid(x).max(1e-12) as f64).ln();
+                let (ub, ib, jb) = (u as usize * d, i as usize * d, j as usize * d);
+                for k in 0..d {
+                    let (pu, qi, qj) = (self.users[ub + k], self.items[ib + k], self.items[jb + k]);
+                    grad_u[k] = g * (qi - qj) - reg * pu;
+                    self.items[ib + k] += lr * (g * pu - reg * qi);
+                    self.items[jb + k] += lr * (-g * pu - reg * qj);
+                }
+                for k in 0..d {
+                    self.users[ub + k] += lr * grad_u[k];
+                }
+            }
+            self.host.debug(format!("bpr epoch {}: mean loss {:.4}", epoch + 1, loss / positives.len() as f64));
+            progress.inc(1);
+        }
+        self.host.info(format!("bpr trained {} epochs on {} positives", self.cfg.epochs, positives.len()));
+        Ok(())
+    }
+
+    fn score(&self, batch: &ScoreBatch, out: &mut [f32]) -> Result<()> {
+        ensure!(!self.users.is_empty(), "bpr scored before fit");
+        let n = batch.per_user();
+        for (row, &u) in batch.users.iter().enumerate() {
+            for (slot, &item) in out[row * n..(row + 1) * n].iter_mut().zip(batch.candidates(row)) {
+                *slot = self.dot(u, item);
+            }
+        }
+        Ok(())
+    }
+}
+
+export_plugin! {
+    name: "bpr-ranker",
+    rankers: { "bpr" => Bpr },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two user groups with disjoint tastes: BPR must rank each group's items first.
+    #[test]
+    fn learns_disjoint_tastes() {
+        let catalog = Catalog {
+            items: (0..20).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
+            users: (0..20).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
+            kinds: vec!["click".into()],
+            ..Default::default()
+        };
+        let mut events = Vec::new();
+        let mut offsets = vec![0u32];
+        for u in 0..20u32 {
+            let base = if u < 10 { 0 } else { 10 };
+            for k in 0..6u32 {
+                let item = base + (u + k) % 10;
+                events.push(Event { user: u, item, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: k as i64 });
+            }
+            offsets.push(events.len() as u32);
+        }
+        let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
+        let cfg: BprConfig = serde_json::from_value(serde_json::json!({"dim": 8, "epochs": 200, "seed": 3})).unwrap();
+        let mut bpr = Bpr::new(cfg, Host::standalone(std::env::temp_dir(), 0)).unwrap();
+        bpr.fit(&view, &FitInputs::default()).unwrap();
+        let items: Vec<u32> = (0..20).collect();
+        let mut out = vec![0.0; 40];
+        bpr.score(&ScoreBatch { users: &[0, 15], items: &items, shared: true }, &mut out).unwrap();
+        let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len() as f32;
+        assert!(mean(&out[0..10]) > mean(&out[10..20]) + 0.5, "user 0: {:?}", &out[..20]);
+        assert!(mean(&out[30..40]) > mean(&out[20..30]) + 0.5, "user 15: {:?}", &out[20..]);
+    }
+}
