@@ -83,11 +83,11 @@ fn main() {
     let mut direct = Popularity::new(PopularityConfig::default(), Host::standalone(std::env::temp_dir(), 1)).unwrap();
     direct.fit(&split.train.view(), &FitInputs::default()).unwrap();
     let mut builtin = builtins.ranker("popularity", &serde_json::json!({}), host().into_ffi()).unwrap();
-    builtin.fit(&split.train, &[], None).unwrap();
+    builtin.fit(&split.train, &split.context, &[], None).unwrap();
     let mut dynamic_reg = Registry::empty();
     dynamic_reg.load_library(&lib).unwrap();
     let mut dynamic = dynamic_reg.ranker("popularity", &serde_json::json!({}), host().into_ffi()).unwrap();
-    dynamic.fit(&split.train, &[], None).unwrap();
+    dynamic.fit(&split.train, &split.context, &[], None).unwrap();
 
     // All paths must agree; then all are timed writing into one buffer, so that where a buffer
     // landed in memory (huge pages or not) cannot favour one path.

@@ -56,7 +56,7 @@ fn main() {
     let users = eval::pick_users(&split, 0);
     let negatives = eval::sample_negatives(&split, &ds, &users, &eval_cfg, 1);
     let mut pop = reg.ranker("popularity", &serde_json::json!({}), host("ranker")).unwrap();
-    pop.fit(&split.train, &[], None).unwrap();
+    pop.fit(&split.train, &split.context, &[], None).unwrap();
     let (eval_s, rep) = median(|| eval::evaluate(&pop, "popularity", &split, &eval_cfg, &users, &negatives, 512, |_| Ok(())).unwrap());
     println!(
         "{{\"what\": \"full-ranking evaluation ({} users x {} items, popularity scores)\", \"seconds\": {eval_s:.4}, \"hr10\": {:.4}}}",
@@ -69,7 +69,7 @@ fn main() {
     let bpr_cfg = serde_json::json!({"dim": 64, "epochs": epochs, "seed": 1});
     let mut bpr = reg.ranker("bpr", &bpr_cfg, host("bpr")).unwrap();
     let t = Instant::now();
-    bpr.fit(&split.train, &[], None).unwrap();
+    bpr.fit(&split.train, &split.context, &[], None).unwrap();
     let per_epoch = t.elapsed().as_secs_f64() / epochs as f64;
     println!("{{\"what\": \"bpr epoch (dim 64, {} positives)\", \"seconds\": {per_epoch:.4}}}", split.train.events.len());
 

@@ -110,13 +110,14 @@ impl TunerHandle {
 }
 
 impl RankerHandle {
-    pub fn fit(&mut self, data: &ViewData, knowledge: &[Knowledge], artifact: Option<&Artifact>) -> Result<()> {
+    /// Fits on `data` (train); `context` is what is known at prediction time (see `FitInputs`).
+    pub fn fit(&mut self, data: &ViewData, context: &ViewData, knowledge: &[Knowledge], artifact: Option<&Artifact>) -> Result<()> {
         let k: Vec<KnowledgeFfi> = knowledge.iter().map(KnowledgeFfi::from_knowledge).collect();
         let a = match artifact {
             Some(a) => ROption::RSome(ArtifactFfi::from_artifact(a)),
             None => ROption::RNone,
         };
-        ok(self.inner.fit(data.ffi(), RSlice::from_slice(&k), a), &self.provenance, "fit")
+        ok(self.inner.fit(data.ffi(), context.ffi(), RSlice::from_slice(&k), a), &self.provenance, "fit")
     }
     /// Scores a batch (see [`ScoreBatch`]); `out` must hold `batch.out_len()` values.
     pub fn score(&self, batch: &ScoreBatch<'_>, out: &mut [f32]) -> Result<()> {

@@ -443,7 +443,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
                     vec![]
                 };
                 let t = Instant::now();
-                ranker.fit(&split.train, &knowledge, artifact.as_ref())?;
+                ranker.fit(&split.train, &split.context, &knowledge, artifact.as_ref())?;
                 tracing::info!(ranker = spec.label.as_str(), seconds = t.elapsed().as_secs_f64(), "ranker fitted");
                 let bar = r.progress.bar(&spec.label, users.len() as u64);
                 let cancel = r.opts.cancel.clone();

@@ -38,6 +38,9 @@ pub struct SplitData {
     pub train: ViewData,
     /// Train minus each user's train target: what knowledge is built from.
     pub history: ViewData,
+    /// Each user's events before the test event (train plus validation): what a sequence
+    /// model conditions on when it predicts the test item. Never trained on.
+    pub context: ViewData,
     pub targets: Vec<Targets>,
 }
 
@@ -86,11 +89,19 @@ fn per_user_sorted(dataset: &Dataset) -> Vec<Vec<Event>> {
     per_user
 }
 
-fn finish(catalog: &Catalog, train: Vec<Vec<Event>>, history: Vec<Vec<Event>>, targets: Vec<Targets>) -> SplitData {
+fn finish(
+    catalog: &Catalog,
+    train: Vec<Vec<Event>>,
+    history: Vec<Vec<Event>>,
+    context: Vec<Vec<Event>>,
+    targets: Vec<Targets>,
+) -> SplitData {
     let n_users = catalog.users.len();
-    let (te, to) = group(n_users, &train);
-    let (he, ho) = group(n_users, &history);
-    SplitData { train: ViewData::new(catalog.clone(), te, to), history: ViewData::new(catalog.clone(), he, ho), targets }
+    let view = |per_user: &[Vec<Event>]| {
+        let (events, offsets) = group(n_users, per_user);
+        ViewData::new(catalog.clone(), events, offsets)
+    };
+    SplitData { train: view(&train), history: view(&history), context: view(&context), targets }
 }
 
 pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
@@ -104,8 +115,10 @@ pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let none = Targets { train: NONE, valid: NONE, test: NONE };
     let n_users = catalog.users.len();
     let (mut train, mut history, mut targets) = (vec![Vec::new(); n_users], vec![Vec::new(); n_users], vec![none; n_users]);
+    let mut context = vec![Vec::new(); n_users];
     for (u, evs) in per_user_sorted(dataset).into_iter().enumerate() {
         let train_end = evs.partition_point(|e| e.timestamp < t_valid);
+        context[u] = evs[..evs.partition_point(|e| e.timestamp < t_test)].to_vec();
         let valid = evs[train_end..].iter().find(|e| e.timestamp < t_test && is_target(e)).map(|e| e.item).unwrap_or(NONE);
         let test = evs[train_end..].iter().find(|e| e.timestamp >= t_test && is_target(e)).map(|e| e.item).unwrap_or(NONE);
         let tr: Vec<Event> = evs[..train_end].to_vec();
@@ -121,7 +134,7 @@ pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
         train[u] = tr;
         history[u] = hist;
     }
-    finish(catalog, train, history, targets)
+    finish(catalog, train, history, context, targets)
 }
 
 pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
@@ -134,12 +147,14 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let mut targets = vec![none; n_users];
     let mut train: Vec<Vec<Event>> = vec![Vec::new(); n_users];
     let mut history: Vec<Vec<Event>> = vec![Vec::new(); n_users];
+    let mut context: Vec<Vec<Event>> = vec![Vec::new(); n_users];
     let mut positions = Vec::new();
     for (user, evs) in per_user_sorted(dataset).into_iter().enumerate() {
         positions.clear();
         positions.extend(evs.iter().enumerate().filter(|(_, e)| is_target(e)).map(|(i, _)| i));
         if positions.len() < cfg.min_events.max(3) {
             history[user] = evs.clone();
+            context[user] = evs.clone();
             train[user] = evs;
             continue;
         }
@@ -150,8 +165,9 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
         hist.remove(train_pos);
         history[user] = hist;
         train[user] = evs[..valid_pos].to_vec();
+        context[user] = evs[..test_pos].to_vec();
     }
-    finish(catalog, train, history, targets)
+    finish(catalog, train, history, context, targets)
 }
 
 #[cfg(test)]
@@ -190,6 +206,8 @@ mod tests {
         assert_eq!(train, vec![1, 2, 3]);
         let hist: Vec<u32> = s.history.view().history(0).iter().map(|e| e.item).collect();
         assert_eq!(hist, vec![1, 2]);
+        let ctx: Vec<u32> = s.context.view().history(0).iter().map(|e| e.item).collect();
+        assert_eq!(ctx, vec![1, 2, 3, 4], "context ends before the test event");
         assert_eq!(s.targets[1].test, NONE);
         assert_eq!(s.train.view().history(1).len(), 1);
         assert_eq!(s.evaluable_users(), vec![0]);

@@ -369,7 +369,13 @@ pub trait TunerFfi: Send + Sync {
 
 #[sabi_trait]
 pub trait RankerFfi: Send + Sync {
-    fn fit(&mut self, view: TrainViewFfi<'_>, knowledge: RSlice<'_, KnowledgeFfi>, artifact: ROption<ArtifactFfi>) -> FfiResult<()>;
+    fn fit(
+        &mut self,
+        view: TrainViewFfi<'_>,
+        context: TrainViewFfi<'_>,
+        knowledge: RSlice<'_, KnowledgeFfi>,
+        artifact: ROption<ArtifactFfi>,
+    ) -> FfiResult<()>;
     #[sabi(last_prefix_field)]
     fn score(&self, users: RSlice<'_, u32>, items: RSlice<'_, u32>, shared: bool, out: RSliceMut<'_, f32>) -> FfiResult<()>;
 }
@@ -574,12 +580,22 @@ impl<T: Tuner> TunerFfi for TunerShim<T> {
 
 struct RankerShim<T>(T);
 impl<T: Ranker> RankerFfi for RankerShim<T> {
-    fn fit(&mut self, view: TrainViewFfi<'_>, knowledge: RSlice<'_, KnowledgeFfi>, artifact: ROption<ArtifactFfi>) -> FfiResult<()> {
+    fn fit(
+        &mut self,
+        view: TrainViewFfi<'_>,
+        context: TrainViewFfi<'_>,
+        knowledge: RSlice<'_, KnowledgeFfi>,
+        artifact: ROption<ArtifactFfi>,
+    ) -> FfiResult<()> {
         guard(|| {
             let catalog = view.catalog.to_catalog();
             let knowledge: Vec<Knowledge> = knowledge.iter().map(KnowledgeFfi::to_knowledge).collect();
             let artifact = artifact.as_ref().into_option().map(ArtifactFfi::to_artifact);
-            let inputs = FitInputs { knowledge: &knowledge, artifact: artifact.as_ref() };
+            let inputs = FitInputs {
+                knowledge: &knowledge,
+                artifact: artifact.as_ref(),
+                context: Some(view_from_ffi(&context, &catalog)),
+            };
             self.0.fit(&view_from_ffi(&view, &catalog), &inputs)
         })
     }

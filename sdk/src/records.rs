@@ -301,6 +301,10 @@ pub struct FitInputs<'a> {
     /// Fused knowledge per user (possibly empty when the pipeline has no fuser).
     pub knowledge: &'a [Knowledge],
     pub artifact: Option<&'a Artifact>,
+    /// What is known when a prediction is asked for: each user's events before the item to
+    /// predict (train plus the validation event). Sequence models condition on it when
+    /// scoring; nobody may train on it. `None` means: score from the train view.
+    pub context: Option<TrainView<'a>>,
 }
 
 /// A batch of users to score in one call.

@@ -41,6 +41,10 @@ fn check_split(ds: &Dataset, split: &SplitData) -> usize {
         let test_time = ds.events.iter().find(|e| e.user == u && e.item == t.test).unwrap().timestamp;
         assert!(train.iter().all(|e| e.timestamp <= test_time), "user {u}: train event after the test event");
         assert_eq!(train.len(), hist.len() + 1);
+        // The prediction-time context holds the validation event but never the test event.
+        let context = split.context.view().history(u);
+        assert!(!context.iter().any(|e| e.item == t.test), "user {u}: test item in context");
+        assert!(t.valid == NONE || context.iter().any(|e| e.item == t.valid), "user {u}: validation item missing from context");
         checked += 1;
     }
     checked
