@@ -31,3 +31,5 @@ mod builtins {
     use recfuse_plugin_table_source as _;
     use recfuse_plugin_template_fuser as _;
 }
+#[cfg(feature = "sasrec")]
+use recfuse_plugin_sasrec_ranker as _;

@@ -463,7 +463,11 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             reports.push(serde_json::from_str::<Report>(&text).with_context(|| json_name.clone())?);
         }
         write_atomic(&r.run.path("report.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
-        write_atomic(&r.run.path("report.md"), eval::markdown(&reports).as_bytes())?;
+        let mut md = eval::markdown(&reports);
+        if dataset.skipped > 0 {
+            md.push_str(&format!("\nThe source skipped {} malformed line(s) (lenient mode); see the log.\n", dataset.skipped));
+        }
+        write_atomic(&r.run.path("report.md"), md.as_bytes())?;
         if let Err(e) = crate::plot::comparison_chart(&reports, &r.run.path("report.png")) {
             tracing::warn!("no chart: {e:#}");
         }
