@@ -17,6 +17,7 @@ use crate::handles::RankerHandle;
 use crate::split::SplitData;
 use anyhow::{bail, Result};
 use recfuse_sdk::records::*;
+use recfuse_sdk::SeededRng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
@@ -191,7 +192,7 @@ pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx],
             let seen = &touched[u as usize];
             let available = n_items.saturating_sub(seen.len());
             let want = cfg.negatives.min(available);
-            let mut rng = SplitMix::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9));
+            let mut rng = SeededRng::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9));
             let mut out: Vec<ItemIdx> = Vec::with_capacity(want);
             let mut chosen: HashSet<ItemIdx> = HashSet::with_capacity(want);
             let mut tries = 0usize;
@@ -201,7 +202,7 @@ pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx],
                     let x = rng.unit() * total;
                     cumulative.partition_point(|&c| c <= x).min(n_items - 1) as ItemIdx
                 } else {
-                    rng.below(n_items as u64) as ItemIdx
+                    rng.below(n_items) as ItemIdx
                 };
                 if !seen.contains(&item) && chosen.insert(item) {
                     out.push(item);
@@ -210,29 +211,6 @@ pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx],
             out
         })
         .collect()
-}
-
-/// SplitMix64: small, seedable, and good enough for sampling.
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        SplitMix(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// Scores `users` in batches under the configured protocol and accumulates the metrics.

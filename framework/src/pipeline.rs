@@ -4,7 +4,8 @@
 //! skipped; an interrupted stage resumes from its journal.
 
 use crate::config::{locate, ComponentSpec, ConfigErrors, LoadedConfig, PipelineConfig};
-use crate::eval::{self, Report, SplitMix};
+use crate::eval::{self, Report};
+use recfuse_sdk::SeededRng;
 use crate::handles::*;
 use crate::host::{HostServices, Progress};
 use crate::registry::Registry;
@@ -541,7 +542,7 @@ fn instructions_stage(
     for e in dataset.events.iter().filter(|e| e.item != NONE) {
         seen[e.user as usize].insert(e.item);
     }
-    let n_items = dataset.catalog.items.len() as u64;
+    let n_items = dataset.catalog.items.len();
     let seed = derive_seed(p.run.seed, "negatives");
     let bar = r.progress.bar("instructions", (users.len() + done.len()) as u64);
     bar.inc(done.len() as u64);
@@ -555,7 +556,7 @@ fn instructions_stage(
                 if item == NONE {
                     continue; // e.g. no validation event in the temporal split's window
                 }
-                let mut rng = SplitMix::new(seed ^ ((u as u64) << 8) ^ which as u64);
+                let mut rng = SeededRng::new(seed ^ ((u as u64) << 8) ^ which as u64);
                 let mut targets = vec![LabeledItem { item, label: 1.0 }];
                 let mut tries = 0;
                 while targets.len() <= p.split.negatives && tries < 100 * (p.split.negatives + 1) {

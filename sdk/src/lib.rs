@@ -37,11 +37,13 @@ mod export;
 pub mod ffi;
 pub mod host;
 pub mod records;
+pub mod rng;
 
 pub use abi::{SdkAbiVersion, SDK_ABI_VERSION};
 pub use component::{BehaviorSource, InstructionBuilder, KnowledgeFuser, Ranker, Tuner};
 pub use host::{Cancelled, Host, Progress};
 pub use records::*;
+pub use rng::SeededRng;
 
 /// Everything a plugin usually needs.
 pub mod prelude {
@@ -49,6 +51,7 @@ pub mod prelude {
     pub use crate::export_plugin;
     pub use crate::host::{Host, Progress};
     pub use crate::records::*;
+    pub use crate::rng::SeededRng;
     pub use anyhow::{anyhow, bail, ensure, Context, Error, Result};
     pub use serde::{Deserialize, Serialize};
 }

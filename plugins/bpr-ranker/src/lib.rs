@@ -37,28 +37,6 @@ fn d_reg() -> f32 {
     1e-4
 }
 
-/// xorshift64*: tiny and fast; enough for shuffling and negative sampling.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) * n as u64 >> 32) as usize
-    }
-    /// Approximately normal (sum of uniforms), scaled.
-    fn normal(&mut self, std: f32) -> f32 {
-        let s: f32 = (0..4).map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32).sum();
-        (s - 2.0) * std * 1.732
-    }
-}
-
 pub struct Bpr {
     cfg: BprConfig,
     host: Host,
@@ -99,18 +77,15 @@ impl Ranker for Bpr {
             }
         }
         ensure!(!positives.is_empty(), "no train interactions to learn from");
-        let mut rng = Rng::new(self.cfg.seed.unwrap_or_else(|| self.host.seed()));
-        self.users = (0..n_users * d).map(|_| rng.normal(0.1)).collect();
-        self.items = (0..n_items * d).map(|_| rng.normal(0.1)).collect();
+        let mut rng = SeededRng::new(self.cfg.seed.unwrap_or_else(|| self.host.seed()));
+        self.users = (0..n_users * d).map(|_| (rng.normal() * 0.1) as f32).collect();
+        self.items = (0..n_items * d).map(|_| (rng.normal() * 0.1) as f32).collect();
         let (lr, reg) = (self.cfg.learning_rate, self.cfg.reg);
         let progress = self.host.progress("bpr epochs", self.cfg.epochs as u64);
         let mut grad_u = vec![0f32; d];
         for epoch in 0..self.cfg.epochs {
             self.host.check_cancelled()?;
-            // Fisher-Yates shuffle of the positives.
-            for k in (1..positives.len()).rev() {
-                positives.swap(k, rng.below(k + 1));
-            }
+            rng.shuffle(&mut positives);
             let mut loss = 0f64;
             for &(u, i) in &positives {
                 let j = loop {

@@ -75,29 +75,6 @@ fn d_lr() -> f64 {
     1e-3
 }
 
-/// xorshift64* with Box-Muller normals: our seeded source of randomness.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        (-2.0 * self.unit().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.unit()).cos()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.unit() * n as f64) as usize % n.max(1)
-    }
-}
-
 struct Block {
     wq: Var,
     wk: Var,
@@ -153,7 +130,7 @@ fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Model {
-    fn new(cfg: &SasRecConfig, n_items: usize, rng: &mut Rng, dtype: DType) -> Result<Self> {
+    fn new(cfg: &SasRecConfig, n_items: usize, rng: &mut SeededRng, dtype: DType) -> Result<Self> {
         let dev = Device::Cpu;
         let d = cfg.dim;
         let mut normal = |rows: usize, cols: usize, std: f64| -> Result<Var> {
@@ -204,7 +181,7 @@ impl Model {
     }
 
     /// Dropout with a mask from our seeded generator (identity when `rng` is None).
-    fn dropout(&self, x: &Tensor, rng: &mut Option<&mut Rng>) -> Result<Tensor> {
+    fn dropout(&self, x: &Tensor, rng: &mut Option<&mut SeededRng>) -> Result<Tensor> {
         let p = self.cfg.dropout as f64;
         match rng {
             Some(r) if p > 0.0 => {
@@ -218,7 +195,7 @@ impl Model {
     }
 
     /// Hidden states (B, L, d) of left-padded item sequences `tokens` (B, L; 0 = padding).
-    fn forward(&self, tokens: &[u32], batch: usize, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    fn forward(&self, tokens: &[u32], batch: usize, mut rng: Option<&mut SeededRng>) -> Result<Tensor> {
         let (l, d, h) = (self.cfg.max_len, self.cfg.dim, self.cfg.heads);
         let dev = Device::Cpu;
         let ids = Tensor::from_slice(tokens, batch * l, &dev)?;
@@ -262,7 +239,7 @@ impl Model {
     }
 
     /// Mean cross-entropy over all items at every non-padding target position.
-    fn loss(&self, tokens: &[u32], targets: &[u32], batch: usize, rng: Option<&mut Rng>) -> Result<Tensor> {
+    fn loss(&self, tokens: &[u32], targets: &[u32], batch: usize, rng: Option<&mut SeededRng>) -> Result<Tensor> {
         let (l, d) = (self.cfg.max_len, self.cfg.dim);
         let hidden = self.forward(tokens, batch, rng)?.reshape((batch * l, d))?;
         let logits = hidden.matmul(&self.item_emb.as_tensor().t()?)?; // (B·L, n_items + 1)
@@ -320,7 +297,7 @@ impl Ranker for SasRec {
 
     fn fit(&mut self, view: &TrainView, inputs: &FitInputs) -> Result<()> {
         let l = self.cfg.max_len;
-        let mut rng = Rng::new(self.cfg.seed.unwrap_or_else(|| self.host.seed()));
+        let mut rng = SeededRng::new(self.cfg.seed.unwrap_or_else(|| self.host.seed()));
         let model = Model::new(&self.cfg, view.n_items(), &mut rng, DType::F32)?;
         // Training windows: every item of every user's train sequence is a target once.
         let mut windows: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
@@ -342,9 +319,7 @@ impl Ranker for SasRec {
         let progress = self.host.progress("sasrec epochs", self.cfg.epochs as u64);
         let mut order: Vec<usize> = (0..windows.len()).collect();
         for epoch in 0..self.cfg.epochs {
-            for k in (1..order.len()).rev() {
-                order.swap(k, rng.below(k + 1));
-            }
+            rng.shuffle(&mut order);
             let (mut total, mut batches) = (0f64, 0usize);
             for chunk in order.chunks(self.cfg.batch_size) {
                 self.host.check_cancelled()?;
@@ -412,7 +387,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let cfg = tiny_cfg();
-        let mut rng = Rng::new(11);
+        let mut rng = SeededRng::new(11);
         let model = Model::new(&cfg, 5, &mut rng, DType::F64).unwrap();
         let tokens = [0u32, 1, 2, 3, 4, 5];
         let targets = [0u32, 2, 3, 4, 5, 1];
