@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-data.sh ml-100k
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"
