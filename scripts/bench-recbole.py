@@ -4,16 +4,20 @@ layers, 1 head, inner 256, max length 50, dropout 0.2, cross-entropy over all it
 Usage: .cache/venv-recbole/bin/python scripts/bench-recbole.py MODEL EPOCHS
 Prints RecBole's per-epoch training times and test metrics; run it under /usr/bin/time -v for
 peak memory. scripts/bench-train.sh runs it next to recfuse."""
-import logging, sys, time
+import logging, os, sys, time
 import torch
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed, get_model, get_trainer
 
 model, epochs = sys.argv[1], int(sys.argv[2])
+# RecBole writes log/, log_tensorboard/ and saved/ into the working directory: keep them in .cache.
+data_path = os.path.abspath(".cache/data")
+os.makedirs(".cache/recbole-work", exist_ok=True)
+os.chdir(".cache/recbole-work")
 torch.set_num_threads(2)
 common = {
-    "data_path": ".cache/data", "dataset": "ml-1m", "epochs": epochs, "seed": 42,
+    "data_path": data_path, "dataset": "ml-1m", "epochs": epochs, "seed": 42,
     "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
     "val_interval": {"rating": "[3,inf)"},
     "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
