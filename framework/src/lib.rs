@@ -24,6 +24,7 @@ pub mod split;
 mod builtins {
     use recfuse_plugin_atomic_source as _;
     use recfuse_plugin_bpr_ranker as _;
+    use recfuse_plugin_chatgpt_fuser as _;
     use recfuse_plugin_ctr_instructions as _;
     use recfuse_plugin_identity_tuner as _;
     use recfuse_plugin_jsonl_source as _;

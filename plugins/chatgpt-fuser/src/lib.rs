@@ -1,0 +1,363 @@
+//! `kind = "chatgpt"`: HKFR's knowledge fusion by an LLM. A user's train-period behaviour is
+//! written out through per-kind templates (`recfuse-behaviour-text`), and an OpenAI-compatible Chat
+//! Completions server (OpenAI itself, or any compatible server) fuses it into one text of
+//! heterogeneous knowledge.
+//!
+//! Built for paid APIs on flaky networks:
+//! * `concurrency` requests in flight, under `requests_per_minute` and `tokens_per_minute`;
+//! * retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
+//!   malformed JSON, honouring `Retry-After`; a per-request `timeout_secs`;
+//! * a persistent cache (`cache.jsonl` in the component's run directory) keyed by
+//!   (model, messages, parameters) and written as each answer arrives, so a rerun, or a restart
+//!   after `kill -9`, repeats no completed call;
+//! * token usage and estimated cost in `usage.json` next to the cache;
+//! * the API key is read from the environment variable named by `api_key_env` and is only ever
+//!   put in the `Authorization` header, never logged or written.
+//!
+//! A user whose request still fails after the retries gets no knowledge; the host records the
+//! user as failed (and the fuse stage, resumed later, asks again).
+
+use minijinja::{context, Environment};
+use recfuse_behaviour_text::{BehaviourConfig, BehaviourWriter};
+use recfuse_sdk::prelude::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const SYSTEM: &str = "You are a recommendation assistant. You fuse a user's heterogeneous behaviour \
+(ratings, clicks, orders, searches, tags, across items, shops and scenarios) into one concise \
+description of the user's interests and preferences.";
+const USER: &str = "Behaviour of user {{ user }}:\n{{ behaviour }}\n\nDescribe this user's preferences in \
+at most five sentences: what they like, what they avoid, and how their behaviour differs across scenarios.";
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ChatGptConfig {
+    /// e.g. "https://api.openai.com/v1" or "http://127.0.0.1:8080/v1".
+    pub base_url: String,
+    pub model: String,
+    /// Name of the environment variable holding the API key (none for local servers).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// minijinja templates; the user prompt sees `user` (id) and `behaviour` (text).
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub user_prompt: Option<String>,
+    /// How behaviour is written out before fusion (the template fuser's settings).
+    #[serde(default)]
+    pub behaviour: Option<BehaviourConfig>,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "d_max_tokens")]
+    pub max_tokens: u32,
+    #[serde(default = "d_concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "d_rpm")]
+    pub requests_per_minute: u32,
+    #[serde(default = "d_tpm")]
+    pub tokens_per_minute: u32,
+    #[serde(default = "d_retries")]
+    pub max_retries: u32,
+    #[serde(default = "d_timeout")]
+    pub timeout_secs: f64,
+    /// First backoff delay; doubles per attempt, with ±50% jitter, capped at 60 s.
+    #[serde(default = "d_backoff")]
+    pub backoff_ms: u64,
+    /// Prices for the cost estimate, per 1000 tokens.
+    #[serde(default)]
+    pub price_per_1k_input: f64,
+    #[serde(default)]
+    pub price_per_1k_output: f64,
+}
+fn d_max_tokens() -> u32 {
+    256
+}
+fn d_concurrency() -> usize {
+    4
+}
+fn d_rpm() -> u32 {
+    500
+}
+fn d_tpm() -> u32 {
+    200_000
+}
+fn d_retries() -> u32 {
+    5
+}
+fn d_timeout() -> f64 {
+    60.0
+}
+fn d_backoff() -> u64 {
+    500
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct CacheEntry {
+    key: String,
+    text: String,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+#[derive(Serialize, Default, Clone, Debug)]
+struct Usage {
+    requests: u64,
+    retries: u64,
+    cache_hits: u64,
+    failures: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    estimated_cost: f64,
+}
+
+/// Sliding one-minute window of requests and tokens.
+struct Limiter {
+    rpm: u32,
+    tpm: u32,
+    sent: Vec<(Instant, u32)>,
+}
+
+impl Limiter {
+    /// Blocks until a request of `tokens` fits in the last minute's budget, then books it.
+    fn acquire(limiter: &Mutex<Limiter>, tokens: u32) {
+        loop {
+            let wait = {
+                let mut l = limiter.lock().expect("limiter lock");
+                let now = Instant::now();
+                l.sent.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(60));
+                let used: u32 = l.sent.iter().map(|(_, n)| n).sum();
+                let fits = (l.sent.len() as u32) < l.rpm && (used + tokens <= l.tpm || l.sent.is_empty());
+                if fits {
+                    l.sent.push((now, tokens));
+                    return;
+                }
+                let oldest = l.sent.first().map(|(t, _)| *t).unwrap_or(now);
+                Duration::from_secs(60).saturating_sub(now.duration_since(oldest)) + Duration::from_millis(5)
+            };
+            std::thread::sleep(wait.min(Duration::from_millis(500)));
+        }
+    }
+}
+
+pub struct ChatGptFuser {
+    cfg: ChatGptConfig,
+    host: Host,
+    behaviour: BehaviourWriter,
+    env: Environment<'static>,
+    api_key: Option<String>,
+    agent: ureq::Agent,
+    cache_path: PathBuf,
+    cache: HashMap<String, CacheEntry>,
+    usage: Usage,
+}
+
+/// One failed attempt: whether to retry and after how long the server asked us to wait.
+struct Failure {
+    retry: bool,
+    retry_after: Option<Duration>,
+    message: String,
+}
+
+impl ChatGptFuser {
+    fn messages(&self, view: &TrainView, user: UserIdx) -> Result<Vec<Value>> {
+        let behaviour = self.behaviour.render(view, user)?;
+        let id = &view.catalog.users[user as usize].id;
+        let system = self.env.get_template("system")?.render(context! { user => id })?;
+        let prompt = self.env.get_template("user")?.render(context! { user => id, behaviour })?;
+        Ok(vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": prompt})])
+    }
+
+    fn request_body(&self, messages: &[Value]) -> Value {
+        json!({
+            "model": self.cfg.model,
+            "messages": messages,
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        })
+    }
+
+    /// One HTTP attempt.
+    fn attempt(&self, body: &str) -> std::result::Result<CacheEntry, Failure> {
+        let url = format!("{}/chat/completions", self.cfg.base_url.trim_end_matches('/'));
+        let mut req = self.agent.post(&url).set("Content-Type", "application/json");
+        if let Some(key) = &self.api_key {
+            req = req.set("Authorization", &format!("Bearer {key}"));
+        }
+        let resp = match req.send_string(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => {
+                let retry_after = r.header("Retry-After").and_then(|v| v.trim().parse::<f64>().ok()).map(Duration::from_secs_f64);
+                let retry = code == 429 || code >= 500;
+                let text = r.into_string().unwrap_or_default();
+                return Err(Failure { retry, retry_after, message: format!("HTTP {code}: {}", text.chars().take(200).collect::<String>()) });
+            }
+            Err(ureq::Error::Transport(t)) => {
+                return Err(Failure { retry: true, retry_after: None, message: format!("transport: {t}") });
+            }
+        };
+        let text = resp
+            .into_string()
+            .map_err(|e| Failure { retry: true, retry_after: None, message: format!("reading the response: {e}") })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Failure { retry: true, retry_after: None, message: format!("malformed JSON: {e}") })?;
+        let content = v["choices"][0]["message"]["content"].as_str().ok_or_else(|| Failure {
+            retry: true,
+            retry_after: None,
+            message: "response without choices[0].message.content".into(),
+        })?;
+        Ok(CacheEntry {
+            key: String::new(),
+            text: content.trim().to_string(),
+            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// A request with retries; returns the answer and the number of retries.
+    fn call(&self, body: &str, tokens: u32, limiter: &Mutex<Limiter>, seed: u64) -> (std::result::Result<CacheEntry, String>, u64) {
+        let mut rng = SeededRng::new(seed);
+        let mut last = String::new();
+        for attempt in 0..=self.cfg.max_retries {
+            if self.host.is_cancelled() {
+                return (Err("cancelled".into()), attempt as u64);
+            }
+            Limiter::acquire(limiter, tokens);
+            match self.attempt(body) {
+                Ok(e) => return (Ok(e), attempt as u64),
+                Err(f) => {
+                    last = f.message;
+                    if !f.retry || attempt == self.cfg.max_retries {
+                        break;
+                    }
+                    let backoff = (self.cfg.backoff_ms as f64 * 2f64.powi(attempt as i32) * (0.5 + rng.unit())).min(60_000.0);
+                    let wait = f.retry_after.unwrap_or(Duration::from_millis(backoff as u64));
+                    self.host.debug(format!("retrying in {:.1} s after: {last}", wait.as_secs_f64()));
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        (Err(last), self.cfg.max_retries as u64)
+    }
+
+    fn remember(&mut self, entry: &CacheEntry) -> Result<()> {
+        let mut f = OpenOptions::new().create(true).append(true).open(&self.cache_path)?;
+        let mut line = serde_json::to_vec(entry)?;
+        line.push(b'\n');
+        f.write_all(&line)?;
+        f.sync_data()?;
+        self.cache.insert(entry.key.clone(), entry.clone());
+        Ok(())
+    }
+
+    fn save_usage(&self) -> Result<()> {
+        let path = self.host.run_dir().join("usage.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&self.usage)?).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Reads the cache; a torn last line (a kill mid-write) is ignored.
+fn read_cache(path: &PathBuf) -> Result<HashMap<String, CacheEntry>> {
+    let mut map = HashMap::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        for line in BufReader::new(f).lines() {
+            let line = line?;
+            if let Ok(e) = serde_json::from_str::<CacheEntry>(&line) {
+                map.insert(e.key.clone(), e);
+            }
+        }
+    }
+    Ok(map)
+}
+
+impl KnowledgeFuser for ChatGptFuser {
+    type Config = ChatGptConfig;
+    const DESCRIPTION: &'static str = "LLM knowledge fusion over an OpenAI-compatible Chat Completions API";
+
+    fn new(cfg: ChatGptConfig, host: Host) -> Result<Self> {
+        ensure!(cfg.concurrency > 0 && cfg.requests_per_minute > 0 && cfg.tokens_per_minute > 0, "concurrency and rate limits must be positive");
+        ensure!(cfg.timeout_secs > 0.0, "timeout_secs must be positive");
+        let api_key = match &cfg.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| anyhow!("api_key_env: environment variable `{var}` is not set"))?),
+            None => None,
+        };
+        let behaviour_cfg = match &cfg.behaviour {
+            Some(b) => b.clone(),
+            None => serde_json::from_value(json!({}))?,
+        };
+        let behaviour = BehaviourWriter::new(behaviour_cfg)?;
+        let mut env = Environment::new();
+        env.add_template_owned("system", cfg.system_prompt.clone().unwrap_or_else(|| SYSTEM.into())).context("system_prompt does not parse")?;
+        env.add_template_owned("user", cfg.user_prompt.clone().unwrap_or_else(|| USER.into())).context("user_prompt does not parse")?;
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs_f64(cfg.timeout_secs)).build();
+        let cache_path = host.run_dir().join("cache.jsonl");
+        let cache = read_cache(&cache_path)?;
+        Ok(Self { cfg, host, behaviour, env, api_key, agent, cache_path, cache, usage: Usage::default() })
+    }
+
+    fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
+        let mut out = Vec::new();
+        let mut jobs: Vec<(UserIdx, String, String, u32)> = Vec::new(); // user, key, body, est. tokens
+        for &u in users {
+            let messages = self.messages(view, u)?;
+            let body = self.request_body(&messages);
+            let key = hex::encode(Sha256::digest(serde_json::to_vec(&body)?));
+            if let Some(hit) = self.cache.get(&key) {
+                self.usage.cache_hits += 1;
+                out.push(Knowledge { user: u, text: hit.text.clone(), vectors: vec![] });
+            } else {
+                let body = body.to_string();
+                let tokens = (body.len() / 4) as u32 + self.cfg.max_tokens;
+                jobs.push((u, key, body, tokens));
+            }
+        }
+        let limiter = Mutex::new(Limiter { rpm: self.cfg.requests_per_minute, tpm: self.cfg.tokens_per_minute, sent: vec![] });
+        let queue = Mutex::new(jobs.into_iter().enumerate());
+        let results = Mutex::new(Vec::new());
+        let seed = self.host.seed();
+        let this = &*self;
+        std::thread::scope(|s| {
+            for _ in 0..this.cfg.concurrency {
+                s.spawn(|| loop {
+                    let next = queue.lock().expect("queue lock").next();
+                    let Some((i, (user, key, body, tokens))) = next else { break };
+                    let (r, retries) = this.call(&body, tokens, &limiter, seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+                    results.lock().expect("results lock").push((user, key, r, retries));
+                });
+            }
+        });
+        for (user, key, r, retries) in results.into_inner().expect("results") {
+            self.usage.retries += retries;
+            self.usage.requests += retries + 1;
+            match r {
+                Ok(mut entry) => {
+                    entry.key = key;
+                    self.usage.prompt_tokens += entry.prompt_tokens;
+                    self.usage.completion_tokens += entry.completion_tokens;
+                    self.remember(&entry)?;
+                    out.push(Knowledge { user, text: entry.text, vectors: vec![] });
+                }
+                Err(e) => {
+                    self.usage.failures += 1;
+                    let id = &view.catalog.users[user as usize].id;
+                    self.host.warn(format!("user {id}: no knowledge after {} attempts: {e}", retries + 1));
+                }
+            }
+        }
+        self.usage.estimated_cost = self.usage.prompt_tokens as f64 / 1000.0 * self.cfg.price_per_1k_input
+            + self.usage.completion_tokens as f64 / 1000.0 * self.cfg.price_per_1k_output;
+        self.save_usage()?;
+        out.sort_by_key(|k| k.user);
+        Ok(out)
+    }
+}
+
+export_plugin! {
+    name: "chatgpt-fuser",
+    fusers: { "chatgpt" => ChatGptFuser },
+}
