@@ -165,51 +165,68 @@ pub fn pick_users(split: &SplitData, max_users: usize) -> Vec<UserIdx> {
     (0..max_users).map(|i| all[i * all.len() / max_users]).collect()
 }
 
-/// Evaluation negatives for each of `users`: items the user never interacted with (in any
-/// event of the dataset), drawn with the run's seed so every model sees the same ones.
+/// Draws negatives for a user: items the user never interacted with (in any event of the
+/// dataset), uniformly or by train popularity. Used for instruction examples and evaluation.
+pub struct NegativeSampler {
+    touched: Vec<HashSet<ItemIdx>>,
+    /// Cumulative train popularity (empty for uniform sampling).
+    cumulative: Vec<f64>,
+    n_items: usize,
+}
+
+impl NegativeSampler {
+    pub fn new(split: &SplitData, dataset: &Dataset, sampling: Sampling) -> Self {
+        let n_items = dataset.catalog.items.len();
+        let mut touched: Vec<HashSet<ItemIdx>> = vec![HashSet::new(); dataset.catalog.users.len()];
+        for e in dataset.events.iter().filter(|e| e.item != NONE) {
+            touched[e.user as usize].insert(e.item);
+        }
+        let mut cumulative = Vec::new();
+        if sampling == Sampling::Popularity {
+            cumulative = vec![0f64; n_items];
+            for e in split.train.events.iter().filter(|e| e.item != NONE) {
+                cumulative[e.item as usize] += 1.0;
+            }
+            let mut acc = 0.0;
+            for c in cumulative.iter_mut() {
+                acc += *c;
+                *c = acc;
+            }
+        }
+        Self { touched, cumulative, n_items }
+    }
+
+    /// Up to `want` distinct negatives for `user` (fewer only when the catalog runs out).
+    pub fn sample(&self, user: UserIdx, want: usize, rng: &mut SeededRng) -> Vec<ItemIdx> {
+        let seen = &self.touched[user as usize];
+        let want = want.min(self.n_items.saturating_sub(seen.len()));
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        let mut out: Vec<ItemIdx> = Vec::with_capacity(want);
+        let mut chosen: HashSet<ItemIdx> = HashSet::with_capacity(want);
+        let mut tries = 0usize;
+        while out.len() < want && tries < 1000 * (want + 1) {
+            tries += 1;
+            let item = if total > 0.0 {
+                let x = rng.unit() * total;
+                self.cumulative.partition_point(|&c| c <= x).min(self.n_items - 1) as ItemIdx
+            } else {
+                rng.below(self.n_items) as ItemIdx
+            };
+            if !seen.contains(&item) && chosen.insert(item) {
+                out.push(item);
+            }
+        }
+        out
+    }
+}
+
+/// Evaluation negatives for each of `users`, drawn with the run's seed so every model sees the
+/// same ones.
 pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx], cfg: &EvalSection, seed: u64) -> Vec<Vec<ItemIdx>> {
-    let n_items = dataset.catalog.items.len();
-    let mut touched: Vec<HashSet<ItemIdx>> = vec![HashSet::new(); dataset.catalog.users.len()];
-    for e in dataset.events.iter().filter(|e| e.item != NONE) {
-        touched[e.user as usize].insert(e.item);
-    }
-    // Cumulative train popularity, for popularity sampling.
-    let mut cumulative = vec![0f64; n_items];
-    if cfg.sampling == Sampling::Popularity {
-        for e in split.train.events.iter().filter(|e| e.item != NONE) {
-            cumulative[e.item as usize] += 1.0;
-        }
-        let mut acc = 0.0;
-        for c in cumulative.iter_mut() {
-            acc += *c;
-            *c = acc;
-        }
-    }
-    let total = cumulative.last().copied().unwrap_or(0.0);
+    let sampler = NegativeSampler::new(split, dataset, cfg.sampling);
     users
         .iter()
-        .map(|&u| {
-            let seen = &touched[u as usize];
-            let available = n_items.saturating_sub(seen.len());
-            let want = cfg.negatives.min(available);
-            let mut rng = SeededRng::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9));
-            let mut out: Vec<ItemIdx> = Vec::with_capacity(want);
-            let mut chosen: HashSet<ItemIdx> = HashSet::with_capacity(want);
-            let mut tries = 0usize;
-            while out.len() < want && tries < 1000 * (want + 1) {
-                tries += 1;
-                let item = if cfg.sampling == Sampling::Popularity && total > 0.0 {
-                    let x = rng.unit() * total;
-                    cumulative.partition_point(|&c| c <= x).min(n_items - 1) as ItemIdx
-                } else {
-                    rng.below(n_items) as ItemIdx
-                };
-                if !seen.contains(&item) && chosen.insert(item) {
-                    out.push(item);
-                }
-            }
-            out
-        })
+        .map(|&u| sampler.sample(u, cfg.negatives, &mut SeededRng::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9))))
         .collect()
 }
 
@@ -261,21 +278,20 @@ pub fn evaluate(
             }
             let t = split.targets[u as usize];
             let history = split.train.view().history(u);
+            // Train items and the validation item are not candidates (set, rank, then reset).
+            let mark = |masked: &mut [bool], on: bool| {
+                for e in history.iter().filter(|e| e.item != NONE) {
+                    masked[e.item as usize] = on;
+                }
+                if t.valid != NONE && t.valid != t.test {
+                    masked[t.valid as usize] = on;
+                }
+            };
             let (rank, positive) = match cfg.protocol {
                 Protocol::Full => {
-                    for e in history.iter().filter(|e| e.item != NONE) {
-                        masked[e.item as usize] = true;
-                    }
-                    if t.valid != NONE {
-                        masked[t.valid as usize] = t.valid != t.test;
-                    }
+                    mark(&mut masked, true);
                     let rank = rank_of(s, t.test as usize, &masked);
-                    for e in history.iter().filter(|e| e.item != NONE) {
-                        masked[e.item as usize] = false;
-                    }
-                    if t.valid != NONE {
-                        masked[t.valid as usize] = false;
-                    }
+                    mark(&mut masked, false);
                     neg_scores.clear();
                     neg_scores.extend(neg.iter().map(|&i| s[i as usize]));
                     (rank, s[t.test as usize])

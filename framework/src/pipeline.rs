@@ -3,7 +3,7 @@
 //! writing one artifact per stage into the run directory. A stage whose inputs are unchanged is
 //! skipped; an interrupted stage resumes from its journal.
 
-use crate::config::{locate, ComponentSpec, ConfigErrors, LoadedConfig, PipelineConfig};
+use crate::config::{locate, ComponentSpec, ConfigErrors, LoadedConfig, PipelineConfig, Sampling};
 use crate::eval::{self, Report};
 use recfuse_sdk::SeededRng;
 use crate::handles::*;
@@ -423,6 +423,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         let users = eval::pick_users(&split, p.eval.max_users);
         let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
         let has_knowledge = !c.fusers.is_empty();
+        let mut knowledge: Option<Vec<Knowledge>> = None;
         std::fs::create_dir_all(r.run.path("reports"))?;
         for (spec, ranker) in p.rankers.iter().zip(c.rankers.iter_mut()) {
             let stage = format!("evaluate.{}", spec.label);
@@ -435,26 +436,19 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
                 eval_json.as_bytes(),
             ]);
             r.stage(&stage, &stage_key, &[&json_name], |r, _| {
-                let knowledge: Vec<Knowledge> = if has_knowledge {
-                    read_journal::<KnowledgeRecord>(&r.run.path("knowledge.jsonl"))?
-                        .into_iter()
-                        .map(|k| Knowledge { user: k.user, text: k.text, vectors: k.vectors })
-                        .collect()
-                } else {
-                    vec![]
-                };
+                // Read once for all rankers, and only if one of them runs.
+                if has_knowledge && knowledge.is_none() {
+                    let records = read_journal::<KnowledgeRecord>(&r.run.path("knowledge.jsonl"))?;
+                    knowledge = Some(records.into_iter().map(|k| Knowledge { user: k.user, text: k.text, vectors: k.vectors }).collect());
+                }
                 let t = Instant::now();
-                ranker.fit(&split.train, &split.context, &knowledge, artifact.as_ref())?;
+                ranker.fit(&split.train, &split.context, knowledge.as_deref().unwrap_or(&[]), artifact.as_ref())?;
                 tracing::info!(ranker = spec.label.as_str(), seconds = t.elapsed().as_secs_f64(), "ranker fitted");
                 let bar = r.progress.bar(&spec.label, users.len() as u64);
-                let cancel = r.opts.cancel.clone();
                 let t = Instant::now();
                 let rep = eval::evaluate(ranker, &spec.label, &split, &p.eval, &users, &negatives, p.run.batch_size, |n| {
                     bar.inc(n as u64);
-                    if cancel.load(Ordering::Relaxed) {
-                        bail!("cancelled");
-                    }
-                    Ok(())
+                    r.check_cancel()
                 })?;
                 bar.finish_and_clear();
                 tracing::info!(ranker = spec.label.as_str(), seconds = t.elapsed().as_secs_f64(), "evaluated");
@@ -537,12 +531,7 @@ fn instructions_stage(
     let done: HashSet<UserIdx> = done.iter().map(|k| k.user).collect();
     let users: Vec<UserIdx> = split.evaluable_users().into_iter().filter(|u| !done.contains(u)).collect();
 
-    // Items each user ever touched: never sampled as negatives.
-    let mut seen: Vec<HashSet<ItemIdx>> = vec![HashSet::new(); dataset.catalog.users.len()];
-    for e in dataset.events.iter().filter(|e| e.item != NONE) {
-        seen[e.user as usize].insert(e.item);
-    }
-    let n_items = dataset.catalog.items.len();
+    let sampler = eval::NegativeSampler::new(split, dataset, Sampling::Uniform);
     let seed = derive_seed(p.run.seed, "negatives");
     let bar = r.progress.bar("instructions", (users.len() + done.len()) as u64);
     bar.inc(done.len() as u64);
@@ -558,14 +547,8 @@ fn instructions_stage(
                 }
                 let mut rng = SeededRng::new(seed ^ ((u as u64) << 8) ^ which as u64);
                 let mut targets = vec![LabeledItem { item, label: 1.0 }];
-                let mut tries = 0;
-                while targets.len() <= p.split.negatives && tries < 100 * (p.split.negatives + 1) {
-                    tries += 1;
-                    let cand = rng.below(n_items) as ItemIdx;
-                    if !seen[u as usize].contains(&cand) && !targets.iter().any(|t| t.item == cand) {
-                        targets.push(LabeledItem { item: cand, label: 0.0 });
-                    }
-                }
+                let negatives = sampler.sample(u, p.split.negatives, &mut rng);
+                targets.extend(negatives.into_iter().map(|item| LabeledItem { item, label: 0.0 }));
                 requests.push(InstructionRequest { user: u, split: which, knowledge: text.clone(), targets });
             }
         }
