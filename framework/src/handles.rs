@@ -9,6 +9,7 @@ use recfuse_sdk::ffi::*;
 use recfuse_sdk::records::*;
 use recfuse_sdk::SdkAbiVersion;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Which plugin a handle came from, for manifests and error messages.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -21,17 +22,17 @@ pub struct Provenance {
     pub origin: String,
 }
 
-/// The host-owned data a train view borrows across the boundary.
+/// The host-owned data a train view borrows across the boundary. The catalog (and its FFI
+/// form) is shared by all views of a split.
 pub struct ViewData {
-    pub catalog: Catalog,
-    pub catalog_ffi: CatalogFfi,
+    pub catalog: Arc<Catalog>,
+    pub catalog_ffi: Arc<CatalogFfi>,
     pub events: Vec<Event>,
     pub offsets: Vec<u32>,
 }
 
 impl ViewData {
-    pub fn new(catalog: Catalog, events: Vec<Event>, offsets: Vec<u32>) -> Self {
-        let catalog_ffi = CatalogFfi::from_catalog(&catalog);
+    pub fn new(catalog: Arc<Catalog>, catalog_ffi: Arc<CatalogFfi>, events: Vec<Event>, offsets: Vec<u32>) -> Self {
         Self { catalog, catalog_ffi, events, offsets }
     }
     pub fn view(&self) -> TrainView<'_> {

@@ -23,7 +23,9 @@
 
 use crate::config::{SplitMethod, SplitSection};
 use crate::handles::ViewData;
+use recfuse_sdk::ffi::CatalogFfi;
 use recfuse_sdk::records::*;
+use std::sync::Arc;
 
 /// The targets of one user (all `NONE` for users too short to evaluate).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,9 +99,11 @@ fn finish(
     targets: Vec<Targets>,
 ) -> SplitData {
     let n_users = catalog.users.len();
+    let shared = Arc::new(catalog.clone());
+    let shared_ffi = Arc::new(CatalogFfi::from_catalog(catalog));
     let view = |per_user: &[Vec<Event>]| {
         let (events, offsets) = group(n_users, per_user);
-        ViewData::new(catalog.clone(), events, offsets)
+        ViewData::new(shared.clone(), shared_ffi.clone(), events, offsets)
     };
     SplitData { train: view(&train), history: view(&history), context: view(&context), targets }
 }
