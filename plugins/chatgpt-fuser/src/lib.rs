@@ -219,17 +219,19 @@ impl ChatGptFuser {
         })
     }
 
-    /// A request with retries; returns the answer and the number of retries.
+    /// A request with retries; returns the answer and how many HTTP requests it took.
     fn call(&self, body: &str, tokens: u32, limiter: &Mutex<Limiter>, seed: u64) -> (std::result::Result<CacheEntry, String>, u64) {
         let mut rng = SeededRng::new(seed);
         let mut last = String::new();
+        let mut sent = 0;
         for attempt in 0..=self.cfg.max_retries {
             if self.host.is_cancelled() {
-                return (Err("cancelled".into()), attempt as u64);
+                return (Err("cancelled".into()), sent);
             }
             Limiter::acquire(limiter, tokens);
+            sent += 1;
             match self.attempt(body) {
-                Ok(e) => return (Ok(e), attempt as u64),
+                Ok(e) => return (Ok(e), sent),
                 Err(f) => {
                     last = f.message;
                     if !f.retry || attempt == self.cfg.max_retries {
@@ -242,7 +244,7 @@ impl ChatGptFuser {
                 }
             }
         }
-        (Err(last), self.cfg.max_retries as u64)
+        (Err(last), sent)
     }
 
     fn remember(&mut self, entry: &CacheEntry) -> Result<()> {
@@ -326,14 +328,14 @@ impl KnowledgeFuser for ChatGptFuser {
                 s.spawn(|| loop {
                     let next = queue.lock().expect("queue lock").next();
                     let Some((i, (user, key, body, tokens))) = next else { break };
-                    let (r, retries) = this.call(&body, tokens, &limiter, seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-                    results.lock().expect("results lock").push((user, key, r, retries));
+                    let (r, sent) = this.call(&body, tokens, &limiter, seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+                    results.lock().expect("results lock").push((user, key, r, sent));
                 });
             }
         });
-        for (user, key, r, retries) in results.into_inner().expect("results") {
-            self.usage.retries += retries;
-            self.usage.requests += retries + 1;
+        for (user, key, r, sent) in results.into_inner().expect("results") {
+            self.usage.requests += sent;
+            self.usage.retries += sent.saturating_sub(1);
             match r {
                 Ok(mut entry) => {
                     entry.key = key;
@@ -345,7 +347,7 @@ impl KnowledgeFuser for ChatGptFuser {
                 Err(e) => {
                     self.usage.failures += 1;
                     let id = &view.catalog.users[user as usize].id;
-                    self.host.warn(format!("user {id}: no knowledge after {} attempts: {e}", retries + 1));
+                    self.host.warn(format!("user {id}: no knowledge after {sent} request(s): {e}"));
                 }
             }
         }

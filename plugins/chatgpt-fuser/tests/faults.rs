@@ -134,6 +134,8 @@ fn every_user_ends_with_knowledge_or_a_failure_and_no_call_is_repeated() {
     }
     let usage: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("usage.json")).unwrap()).unwrap();
     assert_eq!(usage["failures"], 1);
+    let served: usize = log.lock().unwrap().requests.values().sum();
+    assert_eq!(usage["requests"], served as u64, "usage counts every HTTP request the server saw");
     assert_eq!(usage["prompt_tokens"], 700);
     assert!((usage["estimated_cost"].as_f64().unwrap() - (0.7 * 0.5 + 0.07 * 1.5)).abs() < 1e-9);
 
