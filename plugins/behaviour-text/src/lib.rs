@@ -6,6 +6,10 @@
 //! Each group template sees `kind`, `scenario`, `count` (events in the group), and the most
 //! recent `max_per_kind` events as `items` (titles), `subjects` (free texts) and `values`.
 //! The `profile` template sees `user` (id) and `attrs` (profile attributes).
+//!
+//! [`fusion`] holds what the LLM fusers share: the prompt and the persistent completion cache.
+
+pub mod fusion;
 
 use minijinja::{context, Environment};
 use recfuse_sdk::prelude::*;
@@ -34,9 +38,26 @@ pub struct BehaviourConfig {
     /// Order of kinds in the text; kinds not listed follow in catalog order.
     #[serde(default)]
     pub kind_order: Vec<String>,
+    /// Only events at most this many days older than the user's latest event (recency limit;
+    /// timestamps in seconds). `count` still counts the whole group.
+    #[serde(default)]
+    pub max_age_days: Option<f64>,
 }
 fn d_max() -> usize {
     10
+}
+
+impl Default for BehaviourConfig {
+    fn default() -> Self {
+        Self {
+            max_per_kind: d_max(),
+            templates: BTreeMap::new(),
+            template_files: BTreeMap::new(),
+            profile: None,
+            kind_order: Vec::new(),
+            max_age_days: None,
+        }
+    }
 }
 
 /// Renders users' behaviour with the configured templates.
@@ -61,6 +82,7 @@ impl BehaviourWriter {
             env.add_template_owned(name.clone(), text).with_context(|| format!("template for `{name}` does not parse"))?;
         }
         ensure!(cfg.max_per_kind > 0, "max_per_kind must be at least 1");
+        ensure!(cfg.max_age_days.is_none_or(|d| d >= 0.0), "max_age_days must not be negative");
         Ok(Self { cfg, env })
     }
 
@@ -83,8 +105,11 @@ impl BehaviourWriter {
             }
         }
         // Group by (kind, scenario), newest first.
+        let history = view.history(user);
+        let newest = history.iter().map(|e| e.timestamp).max().unwrap_or(0);
+        let oldest_kept = self.cfg.max_age_days.map_or(i64::MIN, |d| newest - (d * 86_400.0) as i64);
         let mut groups: HashMap<(u32, u32), Vec<&Event>> = HashMap::new();
-        for e in view.history(user).iter().rev() {
+        for e in history.iter().rev() {
             groups.entry((e.kind, e.scenario)).or_default().push(e);
         }
         let rank = |k: u32| {
@@ -95,7 +120,11 @@ impl BehaviourWriter {
         keys.sort_by_key(|&(k, s)| (rank(k), s));
         for key in keys {
             let events = &groups[&key];
-            let recent = &events[..events.len().min(self.cfg.max_per_kind)];
+            let recent: Vec<&Event> =
+                events.iter().copied().filter(|e| e.timestamp >= oldest_kept).take(self.cfg.max_per_kind).collect();
+            if recent.is_empty() {
+                continue;
+            }
             let items: Vec<&str> = recent
                 .iter()
                 .filter(|e| e.item != NONE)

@@ -17,23 +17,12 @@
 //! A user whose request still fails after the retries gets no knowledge; the host records the
 //! user as failed (and the fuse stage, resumed later, asks again).
 
-use minijinja::{context, Environment};
-use recfuse_behaviour_text::{BehaviourConfig, BehaviourWriter};
+use recfuse_behaviour_text::fusion::{ChatMessage, Completion, CompletionCache, FusionPrompt, Usage};
+use recfuse_behaviour_text::BehaviourConfig;
 use recfuse_sdk::prelude::*;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-const SYSTEM: &str = "You are a recommendation assistant. You fuse a user's heterogeneous behaviour \
-(ratings, clicks, orders, searches, tags, across items, shops and scenarios) into one concise \
-description of the user's interests and preferences.";
-const USER: &str = "Behaviour of user {{ user }}:\n{{ behaviour }}\n\nDescribe this user's preferences in \
-at most five sentences: what they like, what they avoid, and how their behaviour differs across scenarios.";
 
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -97,25 +86,6 @@ fn d_backoff() -> u64 {
     500
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug)]
-struct CacheEntry {
-    key: String,
-    text: String,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-}
-
-#[derive(Serialize, Default, Clone, Debug)]
-struct Usage {
-    requests: u64,
-    retries: u64,
-    cache_hits: u64,
-    failures: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    estimated_cost: f64,
-}
-
 /// Sliding one-minute window of requests and tokens.
 struct Limiter {
     rpm: u32,
@@ -148,12 +118,10 @@ impl Limiter {
 pub struct ChatGptFuser {
     cfg: ChatGptConfig,
     host: Host,
-    behaviour: BehaviourWriter,
-    env: Environment<'static>,
+    prompt: FusionPrompt,
     api_key: Option<String>,
     agent: ureq::Agent,
-    cache_path: PathBuf,
-    cache: HashMap<String, CacheEntry>,
+    cache: CompletionCache,
     usage: Usage,
 }
 
@@ -165,15 +133,7 @@ struct Failure {
 }
 
 impl ChatGptFuser {
-    fn messages(&self, view: &TrainView, user: UserIdx) -> Result<Vec<Value>> {
-        let behaviour = self.behaviour.render(view, user)?;
-        let id = &view.catalog.users[user as usize].id;
-        let system = self.env.get_template("system")?.render(context! { user => id })?;
-        let prompt = self.env.get_template("user")?.render(context! { user => id, behaviour })?;
-        Ok(vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": prompt})])
-    }
-
-    fn request_body(&self, messages: &[Value]) -> Value {
+    fn request_body(&self, messages: &[ChatMessage]) -> Value {
         json!({
             "model": self.cfg.model,
             "messages": messages,
@@ -183,7 +143,7 @@ impl ChatGptFuser {
     }
 
     /// One HTTP attempt.
-    fn attempt(&self, body: &str) -> std::result::Result<CacheEntry, Failure> {
+    fn attempt(&self, body: &str) -> std::result::Result<Completion, Failure> {
         let url = format!("{}/chat/completions", self.cfg.base_url.trim_end_matches('/'));
         let mut req = self.agent.post(&url).set("Content-Type", "application/json");
         if let Some(key) = &self.api_key {
@@ -211,7 +171,7 @@ impl ChatGptFuser {
             retry_after: None,
             message: "response without choices[0].message.content".into(),
         })?;
-        Ok(CacheEntry {
+        Ok(Completion {
             key: String::new(),
             text: content.trim().to_string(),
             prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
@@ -220,7 +180,7 @@ impl ChatGptFuser {
     }
 
     /// A request with retries; returns the answer and how many HTTP requests it took.
-    fn call(&self, body: &str, tokens: u32, limiter: &Mutex<Limiter>, seed: u64) -> (std::result::Result<CacheEntry, String>, u64) {
+    fn call(&self, body: &str, tokens: u32, limiter: &Mutex<Limiter>, seed: u64) -> (std::result::Result<Completion, String>, u64) {
         let mut rng = SeededRng::new(seed);
         let mut last = String::new();
         let mut sent = 0;
@@ -246,35 +206,6 @@ impl ChatGptFuser {
         }
         (Err(last), sent)
     }
-
-    fn remember(&mut self, entry: &CacheEntry) -> Result<()> {
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.cache_path)?;
-        let mut line = serde_json::to_vec(entry)?;
-        line.push(b'\n');
-        f.write_all(&line)?;
-        f.sync_data()?;
-        self.cache.insert(entry.key.clone(), entry.clone());
-        Ok(())
-    }
-
-    fn save_usage(&self) -> Result<()> {
-        let path = self.host.run_dir().join("usage.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&self.usage)?).with_context(|| format!("writing {}", path.display()))
-    }
-}
-
-/// Reads the cache; a torn last line (a kill mid-write) is ignored.
-fn read_cache(path: &PathBuf) -> Result<HashMap<String, CacheEntry>> {
-    let mut map = HashMap::new();
-    if let Ok(f) = std::fs::File::open(path) {
-        for line in BufReader::new(f).lines() {
-            let line = line?;
-            if let Ok(e) = serde_json::from_str::<CacheEntry>(&line) {
-                map.insert(e.key.clone(), e);
-            }
-        }
-    }
-    Ok(map)
 }
 
 impl KnowledgeFuser for ChatGptFuser {
@@ -288,27 +219,19 @@ impl KnowledgeFuser for ChatGptFuser {
             Some(var) => Some(std::env::var(var).map_err(|_| anyhow!("api_key_env: environment variable `{var}` is not set"))?),
             None => None,
         };
-        let behaviour_cfg = match &cfg.behaviour {
-            Some(b) => b.clone(),
-            None => serde_json::from_value(json!({}))?,
-        };
-        let behaviour = BehaviourWriter::new(behaviour_cfg)?;
-        let mut env = Environment::new();
-        env.add_template_owned("system", cfg.system_prompt.clone().unwrap_or_else(|| SYSTEM.into())).context("system_prompt does not parse")?;
-        env.add_template_owned("user", cfg.user_prompt.clone().unwrap_or_else(|| USER.into())).context("user_prompt does not parse")?;
+        let prompt = FusionPrompt::new(cfg.system_prompt.clone(), cfg.user_prompt.clone(), cfg.behaviour.clone())?;
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs_f64(cfg.timeout_secs)).build();
-        let cache_path = host.run_dir().join("cache.jsonl");
-        let cache = read_cache(&cache_path)?;
-        Ok(Self { cfg, host, behaviour, env, api_key, agent, cache_path, cache, usage: Usage::default() })
+        let cache = CompletionCache::open(&host.run_dir().join("cache.jsonl"))?;
+        Ok(Self { cfg, host, prompt, api_key, agent, cache, usage: Usage::default() })
     }
 
     fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
         let mut out = Vec::new();
         let mut jobs: Vec<(UserIdx, String, String, u32)> = Vec::new(); // user, key, body, est. tokens
         for &u in users {
-            let messages = self.messages(view, u)?;
+            let messages = self.prompt.messages(view, u)?;
             let body = self.request_body(&messages);
-            let key = hex::encode(Sha256::digest(serde_json::to_vec(&body)?));
+            let key = CompletionCache::key(&body)?;
             if let Some(hit) = self.cache.get(&key) {
                 self.usage.cache_hits += 1;
                 out.push(Knowledge { user: u, text: hit.text.clone(), vectors: vec![] });
@@ -341,8 +264,8 @@ impl KnowledgeFuser for ChatGptFuser {
                     entry.key = key;
                     self.usage.prompt_tokens += entry.prompt_tokens;
                     self.usage.completion_tokens += entry.completion_tokens;
-                    self.remember(&entry)?;
-                    out.push(Knowledge { user, text: entry.text, vectors: vec![] });
+                    out.push(Knowledge { user, text: entry.text.clone(), vectors: vec![] });
+                    self.cache.put(entry)?;
                 }
                 Err(e) => {
                     self.usage.failures += 1;
@@ -353,7 +276,7 @@ impl KnowledgeFuser for ChatGptFuser {
         }
         self.usage.estimated_cost = self.usage.prompt_tokens as f64 / 1000.0 * self.cfg.price_per_1k_input
             + self.usage.completion_tokens as f64 / 1000.0 * self.cfg.price_per_1k_output;
-        self.save_usage()?;
+        self.usage.save(&self.host)?;
         out.sort_by_key(|k| k.user);
         Ok(out)
     }

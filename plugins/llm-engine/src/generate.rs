@@ -1,0 +1,208 @@
+use anyhow::{Context, Result};
+use candle_core::quantized::gguf_file::Content;
+use recfuse_sdk::SeededRng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::model::Model;
+use crate::tokenizer::{meta, GgufTokenizer};
+
+/// One chat message, as in the OpenAI Chat Completions protocol.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    pub max_new_tokens: usize,
+    /// 0 = greedy (deterministic).
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self { max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-turn token.
+    Stop,
+    /// `max_new_tokens` or the model context.
+    Length,
+}
+
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub finish: FinishReason,
+}
+
+pub struct Llm {
+    model: Model,
+    pub tokenizer: GgufTokenizer,
+    chat_template: String,
+    pub path: PathBuf,
+    pub name: String,
+}
+
+impl Llm {
+    /// Loads a GGUF model; `dense` keeps f32 copies of the weights for fast prefill and batches.
+    pub fn load(path: &Path, dense: bool) -> Result<Self> {
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+        let content = Content::read(&mut file).with_context(|| format!("{} is not a GGUF file", path.display()))?;
+        let mut load = || -> Result<Self> {
+            let tokenizer = GgufTokenizer::from_gguf(&content)?;
+            let chat_template = meta(&content, "tokenizer.chat_template")?.to_string()?.clone();
+            let model = Model::from_gguf(&content, &mut file, dense)?;
+            let name = content
+                .metadata
+                .get("general.name")
+                .and_then(|v| v.to_string().ok().cloned())
+                .unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned());
+            Ok(Self { model, tokenizer, chat_template, path: path.to_path_buf(), name })
+        };
+        load().with_context(|| format!("loading model {}", path.display()))
+    }
+
+    pub fn hyper(&self) -> &crate::Hyper {
+        &self.model.hyper
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes()
+    }
+
+    /// The model's own chat template (from the GGUF), rendered with a generation prompt.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", &self.chat_template).context("the GGUF chat template does not parse")?;
+        let out = env
+            .get_template("chat")?
+            .render(minijinja::context! { messages => messages, add_generation_prompt => true })
+            .context("rendering the GGUF chat template")?;
+        Ok(out)
+    }
+
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.tokenizer.encode(&self.render_chat(messages)?)
+    }
+
+    /// Generates for every prompt, `batch` rows at a time. Prompts are grouped by length so that
+    /// little padding is computed; `done(i, completion)` is called as each finishes (in any order),
+    /// and generation stops early (remaining prompts untouched) if it returns an error.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &[GenParams],
+        batch: usize,
+        mut done: impl FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| prompts[i].len());
+        for chunk in order.chunks(batch.max(1)) {
+            self.generate_batch(chunk, prompts, params, &mut done)?;
+        }
+        Ok(())
+    }
+
+    fn generate_batch(
+        &self,
+        ids: &[usize],
+        prompts: &[Vec<u32>],
+        params: &[GenParams],
+        done: &mut impl FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
+        let context = self.model.hyper.context;
+        let longest = ids.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+        anyhow::ensure!(longest > 0, "empty prompt");
+        anyhow::ensure!(longest < context, "prompt of {longest} tokens does not fit the model context of {context}");
+        let pad_token = self.tokenizer.eos;
+        let mut rows: Vec<Vec<u32>> = ids
+            .iter()
+            .map(|&i| {
+                let p = &prompts[i];
+                let mut r = vec![pad_token; longest - p.len()];
+                r.extend_from_slice(p);
+                r
+            })
+            .collect();
+        let mut cache = self.model.new_cache(ids.iter().map(|&i| longest - prompts[i].len()).collect());
+        let mut live: Vec<usize> = ids.to_vec();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
+        let mut rngs: Vec<SeededRng> = ids.iter().map(|&i| SeededRng::new(params[i].seed)).collect();
+        let mut slot: Vec<usize> = (0..ids.len()).collect(); // live row -> index into ids/out/rngs
+        loop {
+            let logits = self.model.forward(&rows, &mut cache)?;
+            let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+            let mut keep = Vec::with_capacity(live.len());
+            let mut next_rows = Vec::with_capacity(live.len());
+            for (r, row_logits) in logits.iter().enumerate() {
+                let (i, s) = (live[r], slot[r]);
+                let token = sample(row_logits, &params[i], &mut rngs[s]);
+                let stopped = self.tokenizer.stop.contains(&token);
+                if !stopped {
+                    out[s].push(token);
+                }
+                let full = out[s].len() >= params[i].max_new_tokens || cache.len() + 1 >= context;
+                if stopped || full {
+                    let text = self.tokenizer.decode(&out[s])?;
+                    done(i, Completion {
+                        text,
+                        prompt_tokens: prompts[i].len(),
+                        completion_tokens: out[s].len() + stopped as usize,
+                        finish: if stopped { FinishReason::Stop } else { FinishReason::Length },
+                    })?;
+                } else {
+                    keep.push(r);
+                    next_rows.push(vec![token]);
+                }
+            }
+            if keep.is_empty() {
+                return Ok(());
+            }
+            if keep.len() < live.len() {
+                cache.retain(&keep)?;
+                live = keep.iter().map(|&r| live[r]).collect();
+                slot = keep.iter().map(|&r| slot[r]).collect();
+            }
+            rows = next_rows;
+        }
+    }
+}
+
+/// Greedy when temperature is 0, else nucleus sampling with the row's own seeded generator.
+fn sample(logits: &[f32], p: &GenParams, rng: &mut SeededRng) -> u32 {
+    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    if p.temperature <= 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp())).collect();
+    let total: f32 = probs.iter().map(|x| x.1).sum();
+    probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = 0.0;
+    let cut = probs.iter().position(|x| {
+        kept += x.1 / total;
+        kept >= p.top_p
+    });
+    probs.truncate(cut.map_or(probs.len(), |c| c + 1));
+    let mass: f32 = probs.iter().map(|x| x.1).sum();
+    let mut u = rng.unit() as f32 * mass;
+    for (t, w) in &probs {
+        u -= w;
+        if u <= 0.0 {
+            return *t;
+        }
+    }
+    probs.last().map_or_else(argmax, |x| x.0)
+}

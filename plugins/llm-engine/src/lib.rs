@@ -1,0 +1,12 @@
+//! In-process LLM for recfuse: a llama-architecture GGUF model (SmolLM2-135M-Instruct by
+//! default) run with candle, with its tokenizer and chat template taken from the GGUF metadata,
+//! and batched greedy or sampled generation across many prompts. Used by the `local-llm` fuser
+//! and by `recfuse serve-llm`.
+
+mod generate;
+mod model;
+mod tokenizer;
+
+pub use generate::{Completion, FinishReason, GenParams, Llm, Message};
+pub use model::Hyper;
+pub use tokenizer::GgufTokenizer;

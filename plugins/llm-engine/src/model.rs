@@ -1,0 +1,269 @@
+//! A llama-architecture decoder (SmolLM2, Llama, ...) over quantized GGUF weights, written for
+//! batched generation: prompts of different lengths are left-padded into one batch, padding is
+//! masked out of attention, and finished rows leave the batch and its KV cache.
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+use crate::tokenizer::meta;
+
+pub struct Hyper {
+    pub layers: usize,
+    pub dim: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub context: usize,
+    pub eps: f64,
+    pub rope_base: f32,
+}
+
+/// A projection kept twice: quantized for decoding a few rows (memory-bound: fewer bytes win)
+/// and, when `dense`, as f32 for prefill and wide batches (compute-bound: candle's quantized
+/// kernels do one dot product per row, its f32 GEMM is ~2-3× faster there; measured in
+/// docs/benchmarks.md). Costs 4 bytes per weight of extra memory.
+struct Linear {
+    quantized: QMatMul,
+    dense: Option<Tensor>,
+}
+
+/// Rows (batch × positions) above which the dense copy is used.
+const DENSE_ROWS: usize = 8;
+
+impl Linear {
+    fn new(t: QTensor, dense: bool) -> Result<Self> {
+        let t = fast_format(t)?;
+        let dense = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
+        Ok(Self { quantized: QMatMul::from_qtensor(t)?, dense })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        Ok(match &self.dense {
+            Some(w) if rows > DENSE_ROWS => x.broadcast_matmul(&w.t()?)?,
+            _ => self.quantized.forward(x)?,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        match &self.quantized {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Model {
+    pub hyper: Hyper,
+    embedding: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// Per-layer keys and values of the rows in the batch: `[rows, kv_heads, len, head_dim]`.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Left padding of each row; keys before it are masked.
+    pads: Vec<usize>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Keeps only the given rows (in that order).
+    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        let index = Tensor::new(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+        for layer in self.layers.iter_mut().flatten() {
+            layer.0 = layer.0.index_select(&index, 0)?;
+            layer.1 = layer.1.index_select(&index, 0)?;
+        }
+        self.pads = keep.iter().map(|&r| self.pads[r]).collect();
+        // Columns that are padding for every remaining row are dead weight: drop them.
+        let common = self.pads.iter().copied().min().unwrap_or(0);
+        if common > 0 {
+            for layer in self.layers.iter_mut().flatten() {
+                layer.0 = layer.0.narrow(2, common, self.len - common)?.contiguous()?;
+                layer.1 = layer.1.narrow(2, common, self.len - common)?.contiguous()?;
+            }
+            self.pads.iter_mut().for_each(|p| *p -= common);
+            self.len -= common;
+        }
+        Ok(())
+    }
+}
+
+/// candle has SIMD kernels for Q4_0, Q8_0 and the K-quants only; Q4_1/Q5_0/Q5_1 fall back to
+/// scalar code that is ~20× slower (and Q4_1 gave wrong text here). Re-quantizing those to Q8_0
+/// at load keeps more precision than the file has and runs on the SIMD path.
+fn fast_format(t: QTensor) -> Result<QTensor> {
+    use candle_core::quantized::GgmlDType::*;
+    match t.dtype() {
+        Q4_1 | Q5_0 | Q5_1 => Ok(QTensor::quantize(&t.dequantize(&Device::Cpu)?, Q8_0)?),
+        _ => Ok(t),
+    }
+}
+
+impl Model {
+    /// `dense`: also keep f32 copies of the projections for prefill and wide batches.
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, dense: bool) -> Result<Self> {
+        let arch = meta(content, "general.architecture")?.to_string()?.clone();
+        if arch != "llama" {
+            bail!("general.architecture = {arch:?}: only llama-architecture models are supported");
+        }
+        let u = |key: &str| -> Result<usize> {
+            Ok(meta(content, &format!("llama.{key}"))?.to_u32().with_context(|| key.to_string())? as usize)
+        };
+        let dim = u("embedding_length")?;
+        let heads = u("attention.head_count")?;
+        let hyper = Hyper {
+            layers: u("block_count")?,
+            dim,
+            heads,
+            kv_heads: u("attention.head_count_kv")?,
+            head_dim: dim / heads,
+            context: u("context_length")?,
+            eps: meta(content, "llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            rope_base: content
+                .metadata
+                .get("llama.rope.freq_base")
+                .map(|v| v.to_f32())
+                .transpose()?
+                .unwrap_or(10_000.0),
+        };
+        let device = Device::Cpu;
+        let mut qt = |name: &str| -> Result<QTensor> {
+            content.tensor(reader, name, &device).with_context(|| format!("GGUF tensor `{name}`"))
+        };
+        let embedding = Arc::new(qt("token_embd.weight")?);
+        let norm = qt("output_norm.weight")?.dequantize(&device)?;
+        // Models with tied embeddings (SmolLM2) have no output.weight.
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => Linear::new(qt("output.weight")?, dense)?,
+            false => Linear::new(qt("token_embd.weight")?, dense)?,
+        };
+        let mut layers = Vec::with_capacity(hyper.layers);
+        for i in 0..hyper.layers {
+            let mut m = |w: &str| Linear::new(qt(&format!("blk.{i}.{w}.weight"))?, dense);
+            layers.push(Layer {
+                q: m("attn_q")?,
+                k: m("attn_k")?,
+                v: m("attn_v")?,
+                o: m("attn_output")?,
+                gate: m("ffn_gate")?,
+                up: m("ffn_up")?,
+                down: m("ffn_down")?,
+                attn_norm: qt(&format!("blk.{i}.attn_norm.weight"))?.dequantize(&device)?,
+                ffn_norm: qt(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(&device)?,
+            });
+        }
+        let half = hyper.head_dim / 2;
+        let inv: Vec<f32> =
+            (0..half).map(|i| 1.0 / hyper.rope_base.powf(2.0 * i as f32 / hyper.head_dim as f32)).collect();
+        let inv = Tensor::from_vec(inv, (1, half), &device)?;
+        let pos = Tensor::arange(0u32, hyper.context as u32, &device)?.to_dtype(DType::F32)?.reshape((hyper.context, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, hyper, embedding, layers, norm, output, device })
+    }
+
+    pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {
+        KvCache { layers: (0..self.hyper.layers).map(|_| None).collect(), pads, len: 0 }
+    }
+
+    /// Runs `tokens` (`rows × t`, the same `t` for every row) after what the cache holds and
+    /// returns the logits of each row's last position (`rows × vocab`).
+    ///
+    /// Positions are batch columns: a row left-padded by `p` sees its tokens at `p, p+1, ...`,
+    /// which rotary embeddings make equivalent to `0, 1, ...` (only differences matter).
+    pub fn forward(&self, tokens: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+        let rows = tokens.len();
+        let t = tokens[0].len();
+        let start = cache.len;
+        if start + t > self.hyper.context {
+            bail!("sequence of {} tokens exceeds the model context of {}", start + t, self.hyper.context);
+        }
+        let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, rows * t, &self.device)?;
+        let mut x = self.embedding.embedding(&ids)?.reshape((rows, t, self.hyper.dim))?;
+        let mask = self.mask(&cache.pads, start, t)?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let (h, kvh, hd) = (self.hyper.heads, self.hyper.kv_heads, self.hyper.head_dim);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let residual = &x;
+            let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.hyper.eps as f32)?;
+            let heads = |w: &Linear, count: usize| -> Result<Tensor> {
+                Ok(w.forward(&n)?.reshape((rows, t, count, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = candle_nn::rotary_emb::rope_i(&heads(&layer.q, h)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&heads(&layer.k, kvh)?, &cos, &sin)?;
+            let v = heads(&layer.v, kvh)?;
+            let (k, v) = match slot.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            *slot = Some((k.clone(), v.clone()));
+            // Grouped-query attention: each kv head serves h / kvh query heads, so fold the
+            // query groups into the row axis instead of copying keys and values.
+            let group = h / kvh;
+            let q = q.reshape((rows, kvh, group * t, hd))?;
+            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            let scores = scores.reshape((rows, kvh, group, t, start + t))?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((rows, kvh, group * t, start + t))?)?;
+            let attn = probs.matmul(&v)?.reshape((rows, h, t, hd))?.transpose(1, 2)?.reshape((rows, t, h * hd))?;
+            x = (residual + layer.o.forward(&attn)?)?;
+            let n = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.hyper.eps as f32)?;
+            let mlp = layer.down.forward(&(layer.gate.forward(&n)?.silu()? * layer.up.forward(&n)?)?)?;
+            x = (x + mlp)?;
+        }
+        cache.len += t;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.hyper.eps as f32)?;
+        Ok(self.output.forward(&last)?)
+    }
+
+    /// Additive mask `rows × 1 × 1 × t × (start+t)`: a query sees earlier-or-same columns that are
+    /// not its row's padding. A padding query also sees itself, so that no softmax row is empty.
+    fn mask(&self, pads: &[usize], start: usize, t: usize) -> Result<Tensor> {
+        let total = start + t;
+        let mut m = vec![0f32; pads.len() * t * total];
+        for (r, &pad) in pads.iter().enumerate() {
+            for i in 0..t {
+                let col = start + i;
+                for j in 0..total {
+                    if j > col || (j < pad && j != col) {
+                        m[(r * t + i) * total + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (pads.len(), 1, 1, t, total), &self.device)?)
+    }
+
+    /// Bytes of quantized weights one decoding step reads.
+    pub fn weight_bytes(&self) -> usize {
+        let layer = |l: &Layer| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|w| w.bytes()).sum::<usize>();
+        self.layers.iter().map(layer).sum::<usize>() + self.output.bytes()
+    }
+}
