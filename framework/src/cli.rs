@@ -53,6 +53,24 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Serve the local LLM over the OpenAI Chat Completions protocol (loopback by default).
+    #[cfg(feature = "local-llm")]
+    ServeLlm {
+        /// GGUF model file.
+        #[arg(long, default_value = recfuse_plugin_local_llm_fuser::DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Most requests generated together.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Milliseconds to wait for more requests to fill a batch.
+        #[arg(long, default_value_t = 5)]
+        gather_ms: u64,
+        /// Quantized weights only (less memory, slower prefill and batches).
+        #[arg(long)]
+        no_dense: bool,
+    },
     /// List available components: built-in and from plugin libraries.
     Plugins {
         /// Plugin directories or library files to load as well.
@@ -94,6 +112,21 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             for c in comps {
                 writeln!(out, "  {:<13} {:<16} {} {} ({})", c.kind, c.name, c.plugin, c.version, c.origin)?;
             }
+            Ok(0)
+        }
+        #[cfg(feature = "local-llm")]
+        Command::ServeLlm { model, addr, batch, gather_ms, no_dense } => {
+            let opts = crate::serve::ServeOptions {
+                model,
+                addr,
+                batch,
+                gather: std::time::Duration::from_millis(gather_ms),
+                dense: !no_dense,
+            };
+            let server = crate::serve::spawn(opts)?;
+            writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;
+            out.flush()?;
+            server.wait()?;
             Ok(0)
         }
         Command::Plugins { paths } => {

@@ -36,6 +36,10 @@ pub struct RunSection {
     /// Users per call to a fuser, instruction builder or ranker.
     #[serde(default = "d_batch")]
     pub batch_size: usize,
+    /// Keep only this many users (a seeded random sample, with all their events) before the
+    /// split: quick runs of costly pipelines (LLM fusion) on a known dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_users: Option<usize>,
 }
 fn d_runs() -> PathBuf {
     PathBuf::from("runs")
@@ -500,7 +504,7 @@ pub fn locate(section: &str, serde_path: &str, message: &str) -> (String, String
 
 fn placeholder() -> PipelineConfig {
     PipelineConfig {
-        run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch() },
+        run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch(), sample_users: None },
         plugins: PluginsSection::default(),
         source: ComponentSpec { key: "source".into(), kind: String::new(), label: String::new(), settings: Value::Null },
         fusers: vec![],

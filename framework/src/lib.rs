@@ -6,7 +6,8 @@
 //! * [`config`]: layered pipeline config with errors naming key and file;
 //! * [`split`], [`eval`]: leave-one-out split and full-ranking metrics;
 //! * [`runstore`]: run directory, stage keys, crash-safe journals;
-//! * [`pipeline`]: the stage runner; [`cli`]: the `recfuse` command.
+//! * [`pipeline`]: the stage runner; [`cli`]: the `recfuse` command;
+//! * `serve`: `recfuse serve-llm`, an OpenAI-compatible server over the local LLM.
 
 pub mod cli;
 pub mod config;
@@ -17,6 +18,8 @@ pub mod pipeline;
 pub mod plot;
 pub mod registry;
 pub mod runstore;
+#[cfg(feature = "local-llm")]
+pub mod serve;
 pub mod split;
 
 // Link the built-in plugins so their `inventory` registrations are part of the binary.
@@ -34,3 +37,5 @@ mod builtins {
 }
 #[cfg(feature = "sasrec")]
 use recfuse_plugin_sasrec_ranker as _;
+#[cfg(feature = "local-llm")]
+use recfuse_plugin_local_llm_fuser as _;

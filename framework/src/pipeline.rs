@@ -11,7 +11,7 @@ use crate::host::{HostServices, Progress};
 use crate::registry::Registry;
 use crate::runstore::*;
 use crate::split::{split_dataset, SplitData};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use recfuse_sdk::ffi::{ComponentKind, HostFfiBox};
 use recfuse_sdk::records::*;
 use serde::{Deserialize, Serialize};
@@ -249,6 +249,10 @@ struct Manifest {
     dataset: DatasetSummary,
     components: Vec<Provenance>,
     stages: BTreeMap<String, serde_json::Value>,
+    /// Token usage and cost of components that report it (`usage.json` in their run directory,
+    /// e.g. the LLM fusers), by component directory.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    usage: BTreeMap<String, serde_json::Value>,
 }
 
 struct Runner<'a> {
@@ -266,6 +270,19 @@ impl Runner<'_> {
             bail!("cancelled; rerun the same command to resume from {}", self.run.root.display());
         }
         Ok(())
+    }
+
+    /// Copies each component's `usage.json` into the manifest.
+    fn record_usage(&mut self) -> Result<()> {
+        let Ok(dirs) = std::fs::read_dir(self.run.path("components")) else { return Ok(()) };
+        for dir in dirs.flatten() {
+            let path = dir.path().join("usage.json");
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let v = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+                self.manifest.usage.insert(dir.file_name().to_string_lossy().into_owned(), v);
+            }
+        }
+        self.save_manifest()
     }
 
     fn save_manifest(&self) -> Result<()> {
@@ -339,13 +356,18 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         dataset: DatasetSummary::default(),
         components: c.provenance(),
         stages: BTreeMap::new(),
+        usage: BTreeMap::new(),
     };
     let mut r = Runner { cfg, run, opts, progress, manifest, stages: vec![] };
 
     // Source: always read (cheap next to the stages after it); its content hash keys the rest.
     let t = Instant::now();
-    let dataset = c.source.load()?;
+    let mut dataset = c.source.load()?;
     tracing::debug!(seconds = t.elapsed().as_secs_f64(), "source returned");
+    if let Some(n) = p.run.sample_users {
+        ensure!(n > 0, "run.sample_users must be at least 1");
+        dataset = sample_users(dataset, n, p.run.seed);
+    }
     if dataset.events.is_empty() {
         bail!("source `{}` yielded no events", p.source.kind);
     }
@@ -387,6 +409,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         key = hash_parts(&[key.as_bytes(), b"fuse", parts.join("\n").as_bytes()]);
         let batch = p.run.batch_size;
         r.stage("fuse", &key, &["knowledge.jsonl"], |r, _| fuse_stage(r, &mut c.fusers, &split, batch))?;
+        r.record_usage()?;
     }
 
     // Instructions.
@@ -470,6 +493,31 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
 
     r.save_manifest()?;
     Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages })
+}
+
+/// A seeded random sample of `n` users with all their events (users renumbered in their
+/// original order; items untouched).
+fn sample_users(mut d: Dataset, n: usize, seed: u64) -> Dataset {
+    let total = d.catalog.users.len();
+    if n >= total {
+        return d;
+    }
+    let mut order: Vec<usize> = (0..total).collect();
+    SeededRng::new(seed ^ 0x5A3F_11E5).shuffle(&mut order);
+    let mut keep = vec![false; total];
+    order[..n].iter().for_each(|&u| keep[u] = true);
+    let mut new_index = vec![u32::MAX; total];
+    let mut users = Vec::with_capacity(n);
+    for (u, info) in std::mem::take(&mut d.catalog.users).into_iter().enumerate() {
+        if keep[u] {
+            new_index[u] = users.len() as u32;
+            users.push(info);
+        }
+    }
+    d.catalog.users = users;
+    d.events.retain(|e| keep[e.user as usize]);
+    d.events.iter_mut().for_each(|e| e.user = new_index[e.user as usize]);
+    d
 }
 
 fn fuse_stage(r: &mut Runner, fusers: &mut [FuserHandle], split: &SplitData, batch: usize) -> Result<()> {

@@ -96,6 +96,20 @@ impl Llm {
         self.tokenizer.encode(&self.render_chat(messages)?)
     }
 
+    /// The next-token logits after each prompt, computed as one left-padded batch.
+    pub fn next_token_logits(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        anyhow::ensure!(longest > 0 && longest < self.model.hyper.context, "prompts must be 1..{} tokens", self.model.hyper.context);
+        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&pads)
+            .map(|(p, &pad)| std::iter::repeat_n(self.tokenizer.eos, pad).chain(p.iter().copied()).collect())
+            .collect();
+        let mut cache = self.model.new_cache(pads);
+        Ok(self.model.forward(&rows, &mut cache)?.to_vec2()?)
+    }
+
     /// Generates for every prompt, `batch` rows at a time. Prompts are grouped by length so that
     /// little padding is computed; `done(i, completion)` is called as each finishes (in any order),
     /// and generation stops early (remaining prompts untouched) if it returns an error.

@@ -1,0 +1,264 @@
+//! `recfuse serve-llm`: an OpenAI-compatible Chat Completions server on loopback, backed by the
+//! in-process LLM (`recfuse-llm-engine`). It lets the `chatgpt` fuser (and any other OpenAI
+//! client) run against a real server speaking the protocol, with no API key and no network.
+//!
+//! Requests are queued to one generation thread, which takes everything waiting (up to
+//! `batch`) and generates it as one batch: concurrent clients share decoding steps.
+//!
+//! Endpoints: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`
+//! (requests, tokens, batches, as JSON). Not supported (answered with a 400 naming the field):
+//! `stream: true`, `n > 1`, tools.
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use recfuse_llm_engine::{Completion, GenParams, Llm, Message};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub model: PathBuf,
+    pub addr: SocketAddr,
+    /// Most requests generated together.
+    pub batch: usize,
+    /// How long the generation thread waits for more requests to fill a batch.
+    pub gather: Duration,
+    /// Keep f32 weight copies for prefill and wide batches.
+    pub dense: bool,
+}
+
+#[derive(Default, Serialize)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub rejected: AtomicU64,
+    pub batches: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    params: GenParams,
+    reply: oneshot::Sender<Result<Completion, String>>,
+}
+
+struct AppState {
+    jobs: mpsc::Sender<Job>,
+    llm: Arc<Llm>,
+    model_id: String,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+}
+
+/// A running server; dropping it does not stop it, [`ServerHandle::shutdown`] does.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub model_id: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl ServerHandle {
+    pub fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => anyhow::bail!("server thread panicked"),
+            None => Ok(()),
+        }
+    }
+
+    /// Blocks until the server stops (Ctrl-C for the CLI).
+    pub fn wait(mut self) -> Result<()> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => anyhow::bail!("server thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Loads the model, binds `opts.addr` (port 0 picks a free port) and serves in the background.
+pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
+    anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
+    let llm = Arc::new(Llm::load(&opts.model, opts.dense)?);
+    let model_id = opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| llm.name.clone());
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = mpsc::channel::<Job>();
+    {
+        let (llm, metrics, opts) = (llm.clone(), metrics.clone(), opts.clone());
+        std::thread::Builder::new().name("llm-generate".into()).spawn(move || generation_loop(&llm, rx, &opts, &metrics))?;
+    }
+    let state = Arc::new(AppState { jobs: tx, llm, model_id: model_id.clone(), metrics: metrics.clone(), next_id: AtomicU64::new(1) });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_json))
+        .with_state(state);
+    let listener = std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new().name("llm-http".into()).spawn(move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await?;
+            Ok(())
+        })
+    })?;
+    Ok(ServerHandle { addr, metrics, model_id, stop: Some(stop_tx), thread: Some(thread) })
+}
+
+/// Takes every waiting request (up to `batch`, after waiting `gather` for more) and generates
+/// them together.
+fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metrics: &Metrics) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let deadline = std::time::Instant::now() + opts.gather;
+        while jobs.len() < opts.batch {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        metrics.batches.fetch_add(1, Ordering::Relaxed);
+        let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
+        let params: Vec<GenParams> = jobs.iter().map(|j| j.params.clone()).collect();
+        let mut replies: Vec<Option<oneshot::Sender<Result<Completion, String>>>> =
+            jobs.into_iter().map(|j| Some(j.reply)).collect();
+        let result = llm.generate(&prompts, &params, opts.batch, |i, c| {
+            if let Some(r) = replies[i].take() {
+                let _ = r.send(Ok(c));
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            for r in replies.iter_mut().filter_map(Option::take) {
+                let _ = r.send(Err(format!("generation failed: {e:#}")));
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: Option<String>,
+    messages: Vec<Message>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    tools: Option<Value>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response {
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    (status, Json(json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}}))).into_response()
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let reject = |r: Response| {
+        s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        r
+    };
+    let req: ChatRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return reject(error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"), None, None)),
+    };
+    if req.stream == Some(true) {
+        return reject(error(StatusCode::BAD_REQUEST, "stream: true is not supported by recfuse serve-llm", Some("stream"), None));
+    }
+    if req.n.unwrap_or(1) != 1 {
+        return reject(error(StatusCode::BAD_REQUEST, "only n = 1 is supported", Some("n"), None));
+    }
+    if req.tools.is_some() {
+        return reject(error(StatusCode::BAD_REQUEST, "tools are not supported", Some("tools"), None));
+    }
+    if req.messages.is_empty() {
+        return reject(error(StatusCode::BAD_REQUEST, "messages must not be empty", Some("messages"), None));
+    }
+    let temperature = req.temperature.unwrap_or(1.0);
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) || !(top_p > 0.0 && top_p <= 1.0) {
+        return reject(error(StatusCode::BAD_REQUEST, "temperature must be in [0, 2] and top_p in (0, 1]", Some("temperature"), None));
+    }
+    let prompt = match s.llm.encode_chat(&req.messages) {
+        Ok(p) => p,
+        Err(e) => return reject(error(StatusCode::BAD_REQUEST, format!("{e:#}"), Some("messages"), None)),
+    };
+    let context = s.llm.hyper().context;
+    let max_new = req.max_completion_tokens.or(req.max_tokens).unwrap_or(256).min(context.saturating_sub(prompt.len()));
+    if prompt.len() >= context || max_new == 0 {
+        return reject(error(
+            StatusCode::BAD_REQUEST,
+            format!("the prompt has {} tokens; this model's context is {context}", prompt.len()),
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ));
+    }
+    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let params = GenParams { max_new_tokens: max_new, temperature, top_p, seed: req.seed.unwrap_or(id) };
+    let (tx, rx) = oneshot::channel();
+    if s.jobs.send(Job { prompt, params, reply: tx }).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);
+    }
+    let c = match rx.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e, None, None),
+        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "generation was dropped", None, None),
+    };
+    s.metrics.prompt_tokens.fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+    s.metrics.completion_tokens.fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Json(json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": created,
+        "model": req.model.unwrap_or_else(|| s.model_id.clone()),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish}],
+        "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                  "total_tokens": c.prompt_tokens + c.completion_tokens},
+    }))
+    .into_response()
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{"id": s.model_id, "object": "model", "created": 0, "owned_by": "recfuse"}]}))
+}
+
+async fn metrics_json(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(serde_json::to_value(&*s.metrics).unwrap_or(Value::Null))
+}
