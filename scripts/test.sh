@@ -4,5 +4,5 @@
 # would, outside the workspace, and loads them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-data.sh ml-100k
+scripts/fetch-data.sh ml-100k smollm2
 cargo test --workspace --locked --no-fail-fast "$@"

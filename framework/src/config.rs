@@ -37,7 +37,7 @@ pub struct RunSection {
     #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// Keep only this many users (a seeded random sample, with all their events) before the
-    /// split: quick runs of costly pipelines (LLM fusion) on a known dataset.
+    /// split: quick runs of costly pipelines (LLM fusion) on a known dataset. 0 = every user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_users: Option<usize>,
 }

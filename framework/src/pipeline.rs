@@ -11,7 +11,7 @@ use crate::host::{HostServices, Progress};
 use crate::registry::Registry;
 use crate::runstore::*;
 use crate::split::{split_dataset, SplitData};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use recfuse_sdk::ffi::{ComponentKind, HostFfiBox};
 use recfuse_sdk::records::*;
 use serde::{Deserialize, Serialize};
@@ -364,8 +364,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     let t = Instant::now();
     let mut dataset = c.source.load()?;
     tracing::debug!(seconds = t.elapsed().as_secs_f64(), "source returned");
-    if let Some(n) = p.run.sample_users {
-        ensure!(n > 0, "run.sample_users must be at least 1");
+    if let Some(n) = p.run.sample_users.filter(|&n| n > 0) {
         dataset = sample_users(dataset, n, p.run.seed);
     }
     if dataset.events.is_empty() {

@@ -77,8 +77,10 @@ impl RunDir {
 
     /// Decides whether `stage` runs, and removes stale `artifacts` when it starts afresh.
     pub fn begin(&self, stage: &str, key: &str, artifacts: &[&str]) -> Result<StageStart> {
+        // A finished stage whose outputs have since gone (deleted, disk trouble) runs again.
+        let outputs_present = artifacts.iter().all(|a| self.path(a).exists());
         let start = match self.state(stage) {
-            Some(s) if s.key == key && s.done => return Ok(StageStart::Skip),
+            Some(s) if s.key == key && s.done && outputs_present => return Ok(StageStart::Skip),
             Some(s) if s.key == key => StageStart::Resume,
             _ => StageStart::Fresh,
         };

@@ -215,7 +215,8 @@ impl KnowledgeFuser for ChatGptFuser {
     fn new(cfg: ChatGptConfig, host: Host) -> Result<Self> {
         ensure!(cfg.concurrency > 0 && cfg.requests_per_minute > 0 && cfg.tokens_per_minute > 0, "concurrency and rate limits must be positive");
         ensure!(cfg.timeout_secs > 0.0, "timeout_secs must be positive");
-        let api_key = match &cfg.api_key_env {
+        // An empty name (e.g. `--set fusers[0].api_key_env=` to point at a local server) = no key.
+        let api_key = match cfg.api_key_env.as_ref().filter(|v| !v.is_empty()) {
             Some(var) => Some(std::env::var(var).map_err(|_| anyhow!("api_key_env: environment variable `{var}` is not set"))?),
             None => None,
         };

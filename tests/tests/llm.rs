@@ -1,0 +1,151 @@
+//! LLM knowledge fusion end to end: `recfuse serve-llm` on loopback speaking the OpenAI
+//! protocol, the `chatgpt` fuser against it over real HTTP, and the in-process `local-llm`
+//! fuser on the same model (SmolLM2-135M-Instruct, `scripts/fetch-data.sh smollm2`).
+
+use recfuse::serve::{spawn, ServeOptions};
+use recfuse_e2e::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn model() -> std::path::PathBuf {
+    let p = root().join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)");
+    p
+}
+
+/// Same prompt and decoding for both fusers: greedy, short answers, default behaviour text.
+const FUSION: &str = "max_tokens = 24\n[fusers.behaviour]\nmax_per_kind = 3\n";
+
+fn knowledge(run: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(run.join("knowledge.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v["text"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn manifest(run: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn run(cfg: &Path) {
+    let (r, out) = cli(&["run", cfg.to_str().unwrap(), "--quiet", "--set", "run.sample_users=4"]);
+    assert_eq!(r, Ok(0), "{out}");
+}
+
+#[test]
+fn chatgpt_fuser_against_serve_llm_and_local_llm_agree() {
+    // One request at a time, quantized weights: the server then computes exactly what the
+    // in-process fuser does with batch_size 1.
+    let server = spawn(ServeOptions {
+        model: model(),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        batch: 1,
+        gather: Duration::from_millis(1),
+        dense: false,
+    })
+    .expect("server starts");
+    let d = tempfile::tempdir().unwrap();
+    let chatgpt = ml100k_config(
+        d.path(),
+        "via-http",
+        &format!(
+            "[[fusers]]\nkind = \"chatgpt\"\nbase_url = \"http://{}/v1\"\nmodel = \"smollm2\"\nconcurrency = 2\ntimeout_secs = 120\n{FUSION}",
+            server.addr
+        ),
+    );
+    run(&chatgpt);
+    let run_dir = d.path().join("runs/via-http");
+    let via_http = knowledge(&run_dir);
+    assert_eq!(via_http.len(), 4, "{via_http:?}");
+    assert!(via_http.values().all(|t| t.split_whitespace().count() >= 3), "{via_http:?}");
+
+    // Usage in the manifest is what the server counted.
+    let m = &server.metrics;
+    assert_eq!(m.requests.load(Ordering::Relaxed), 4);
+    let usage = &manifest(&run_dir)["usage"]["fusers0"];
+    assert_eq!(usage["requests"], 4);
+    assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), m.prompt_tokens.load(Ordering::Relaxed));
+    assert_eq!(usage["completion_tokens"].as_u64().unwrap(), m.completion_tokens.load(Ordering::Relaxed));
+
+    // Losing the stage's output (a crash before it was complete) repeats no call: the
+    // completions come from the fuser's cache.
+    std::fs::remove_file(run_dir.join("knowledge.jsonl")).unwrap();
+    run(&chatgpt);
+    assert_eq!(knowledge(&run_dir), via_http);
+    assert_eq!(m.requests.load(Ordering::Relaxed), 4, "a completed call was repeated");
+    assert_eq!(manifest(&run_dir)["usage"]["fusers0"]["cache_hits"], 4);
+
+    // The in-process fuser on the same model gives the same knowledge.
+    let local = ml100k_config(
+        d.path(),
+        "in-process",
+        &format!("[[fusers]]\nkind = \"local-llm\"\nmodel = \"{}\"\nbatch_size = 1\ndense = false\n{FUSION}", model().display()),
+    );
+    run(&local);
+    assert_eq!(knowledge(&d.path().join("runs/in-process")), via_http);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
+    let server = spawn(ServeOptions {
+        model: model(),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        batch: 4,
+        gather: Duration::from_millis(200),
+        dense: true,
+    })
+    .expect("server starts");
+    let base = format!("http://{}", server.addr);
+    let models: Value = ureq::get(&format!("{base}/v1/models")).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
+
+    let ask = |content: &str| -> Value {
+        let body = serde_json::json!({
+            "model": "smollm2", "messages": [{"role": "user", "content": content}],
+            "max_tokens": 12, "temperature": 0,
+        });
+        ureq::post(&format!("{base}/v1/chat/completions")).send_json(body).unwrap().into_json().unwrap()
+    };
+    let answers: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = ["Name a colour.", "Name an animal.", "Name a city.", "Name a fruit."]
+            .into_iter()
+            .map(|q| s.spawn(move || ask(q)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for a in &answers {
+        assert_eq!(a["object"], "chat.completion");
+        assert_eq!(a["model"], "smollm2");
+        assert_eq!(a["choices"][0]["message"]["role"], "assistant");
+        assert!(!a["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{a}");
+        let u = &a["usage"];
+        assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+        assert!(["stop", "length"].contains(&a["choices"][0]["finish_reason"].as_str().unwrap()));
+    }
+    // Four concurrent requests within the gather window share fewer than four batches.
+    assert!(server.metrics.batches.load(Ordering::Relaxed) < 4);
+
+    // Unsupported or invalid requests get OpenAI-style 400s naming the parameter.
+    let bad = |body: Value| -> Value {
+        match ureq::post(&format!("{base}/v1/chat/completions")).send_json(body) {
+            Err(ureq::Error::Status(400, r)) => r.into_json().unwrap(),
+            other => panic!("expected 400, got {other:?}"),
+        }
+    };
+    let e = bad(serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}));
+    assert_eq!(e["error"]["param"], "stream");
+    let e = bad(serde_json::json!({"messages": []}));
+    assert_eq!(e["error"]["param"], "messages");
+    let e = bad(serde_json::json!({"messages": "hi"}));
+    assert!(e["error"]["message"].as_str().unwrap().contains("invalid request body"), "{e}");
+    let long = "word ".repeat(9000);
+    let e = bad(serde_json::json!({"messages": [{"role": "user", "content": long}]}));
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    server.shutdown().unwrap();
+}
