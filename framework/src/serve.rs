@@ -230,7 +230,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
         ));
     }
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let params = GenParams { max_new_tokens: max_new, temperature, top_p, seed: req.seed.unwrap_or(id) };
+    let params = GenParams { max_new_tokens: max_new, temperature, top_p, seed: req.seed.unwrap_or(id), ignore_stop: false };
     let (tx, rx) = oneshot::channel();
     if s.jobs.send(Job { prompt, params, reply: tx }).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub const SYSTEM: &str = "You are a recommendation assistant. You fuse a user's heterogeneous behaviour \
 (ratings, clicks, orders, searches, tags, across items, shops and scenarios) into one concise \
@@ -63,10 +64,12 @@ pub struct Completion {
 }
 
 /// `cache.jsonl`: one completion per line, appended and synced as each arrives, keyed by the
-/// sha256 of everything that determines the answer (model, messages, parameters).
+/// sha256 of everything that determines the answer (model, messages, parameters). Shared by
+/// concurrent workers, each of which stores its answer the moment it has it, so a kill loses
+/// at most the answers in flight.
 pub struct CompletionCache {
     path: PathBuf,
-    entries: HashMap<String, Completion>,
+    entries: Mutex<HashMap<String, Completion>>,
 }
 
 impl CompletionCache {
@@ -80,26 +83,31 @@ impl CompletionCache {
                 }
             }
         }
-        Ok(Self { path: path.to_path_buf(), entries })
+        Ok(Self { path: path.to_path_buf(), entries: Mutex::new(entries) })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Completion>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn key(request: &impl Serialize) -> Result<String> {
         Ok(hex::encode(Sha256::digest(serde_json::to_vec(request)?)))
     }
 
-    pub fn get(&self, key: &str) -> Option<&Completion> {
-        self.entries.get(key)
+    pub fn get(&self, key: &str) -> Option<Completion> {
+        self.entries().get(key).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries().is_empty()
     }
 
-    pub fn put(&mut self, entry: Completion) -> Result<()> {
+    pub fn put(&self, entry: Completion) -> Result<()> {
+        let mut entries = self.entries(); // also serializes the appends
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,7 +117,7 @@ impl CompletionCache {
         line.push(b'\n');
         f.write_all(&line)?;
         f.sync_data()?;
-        self.entries.insert(entry.key.clone(), entry);
+        entries.insert(entry.key.clone(), entry);
         Ok(())
     }
 }

@@ -247,26 +247,33 @@ impl KnowledgeFuser for ChatGptFuser {
         let results = Mutex::new(Vec::new());
         let seed = self.host.seed();
         let this = &*self;
+        let bar = Mutex::new(this.host.progress("chatgpt", queue.lock().expect("queue lock").len() as u64));
         std::thread::scope(|s| {
             for _ in 0..this.cfg.concurrency {
                 s.spawn(|| loop {
                     let next = queue.lock().expect("queue lock").next();
                     let Some((i, (user, key, body, tokens))) = next else { break };
-                    let (r, sent) = this.call(&body, tokens, &limiter, seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-                    results.lock().expect("results lock").push((user, key, r, sent));
+                    let (mut r, sent) = this.call(&body, tokens, &limiter, seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+                    // Stored the moment it arrives: a kill now loses only the calls in flight.
+                    if let Ok(entry) = &mut r {
+                        entry.key = key;
+                        if let Err(e) = this.cache.put(entry.clone()) {
+                            r = Err(format!("{e:#}"));
+                        }
+                    }
+                    results.lock().expect("results lock").push((user, r, sent));
+                    bar.lock().expect("progress lock").inc(1);
                 });
             }
         });
-        for (user, key, r, sent) in results.into_inner().expect("results") {
+        for (user, r, sent) in results.into_inner().expect("results") {
             self.usage.requests += sent;
             self.usage.retries += sent.saturating_sub(1);
             match r {
-                Ok(mut entry) => {
-                    entry.key = key;
+                Ok(entry) => {
                     self.usage.prompt_tokens += entry.prompt_tokens;
                     self.usage.completion_tokens += entry.completion_tokens;
-                    out.push(Knowledge { user, text: entry.text.clone(), vectors: vec![] });
-                    self.cache.put(entry)?;
+                    out.push(Knowledge { user, text: entry.text, vectors: vec![] });
                 }
                 Err(e) => {
                     self.usage.failures += 1;

@@ -6,8 +6,10 @@
 use recfuse_plugin_chatgpt_fuser::ChatGptFuser;
 use recfuse_sdk::prelude::*;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+
+mod support;
+use support::{completion, read_body, reply};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,24 +21,7 @@ struct Log {
 }
 
 fn handle(mut stream: TcpStream, log: Arc<Mutex<Log>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut length = 0usize;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).unwrap();
-    let body = String::from_utf8(body).unwrap();
+    let Some(body) = read_body(&stream) else { return };
     let user = body.split("Behaviour of user ").nth(1).and_then(|s| s.split(':').next()).unwrap_or("?").to_string();
     let n = {
         let mut l = log.lock().unwrap();
@@ -44,12 +29,7 @@ fn handle(mut stream: TcpStream, log: Arc<Mutex<Log>>) {
         *c += 1;
         *c
     };
-    let ok = format!(
-        "{{\"choices\":[{{\"message\":{{\"role\":\"assistant\",\"content\":\"{user} likes films\"}}}}],\"usage\":{{\"prompt_tokens\":100,\"completion_tokens\":10}}}}"
-    );
-    let reply = |stream: &mut TcpStream, status: &str, extra: &str, body: &str| {
-        let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}", body.len());
-    };
+    let ok = completion(&format!("{user} likes films"), 100, 10);
     match (user.as_str(), n) {
         ("u-429", 1) => reply(&mut stream, "429 Too Many Requests", "Retry-After: 1\r\n", "{}"),
         ("u-500", 1) => reply(&mut stream, "500 Internal Server Error", "", "{}"),

@@ -21,11 +21,13 @@ pub struct GenParams {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+    /// Generate exactly `max_new_tokens` (benchmarks).
+    pub ignore_stop: bool,
 }
 
 impl Default for GenParams {
     fn default() -> Self {
-        Self { max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0 }
+        Self { max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0, ignore_stop: false }
     }
 }
 
@@ -162,7 +164,7 @@ impl Llm {
             for (r, row_logits) in logits.iter().enumerate() {
                 let (i, s) = (live[r], slot[r]);
                 let token = sample(row_logits, &params[i], &mut rngs[s]);
-                let stopped = self.tokenizer.stop.contains(&token);
+                let stopped = !params[i].ignore_stop && self.tokenizer.stop.contains(&token);
                 if !stopped {
                     out[s].push(token);
                 }

@@ -104,7 +104,7 @@ fn sampling_is_seeded() {
     let prompt = llm.encode_chat(&user("Tell me a story about a cat.")).unwrap();
     let gen = |seed: u64| {
         let mut out = String::new();
-        let p = GenParams { max_new_tokens: 16, temperature: 1.0, top_p: 0.95, seed };
+        let p = GenParams { max_new_tokens: 16, temperature: 1.0, top_p: 0.95, seed, ignore_stop: false };
         llm.generate(&[prompt.clone()], &[p], 1, |_, c| {
             out = c.text;
             Ok(())

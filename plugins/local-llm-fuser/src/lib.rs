@@ -151,10 +151,11 @@ impl KnowledgeFuser for LocalLlmFuser {
                     temperature: self.cfg.temperature,
                     top_p: self.cfg.top_p,
                     seed: self.host.seed() ^ (*u as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    ignore_stop: false,
                 })
                 .collect();
             let bar = self.host.progress("generate", todo.len() as u64);
-            let (host, cache, usage) = (&self.host, &mut self.cache, &mut self.usage);
+            let (host, cache, usage) = (&self.host, &self.cache, &mut self.usage);
             self.llm.generate(&prompts, &params, self.cfg.batch_size, |i, c| {
                 host.check_cancelled()?;
                 let (user, key, _) = &todo[i];
