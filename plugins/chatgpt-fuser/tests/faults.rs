@@ -6,6 +6,7 @@
 use recfuse_plugin_chatgpt_fuser::ChatGptFuser;
 use recfuse_sdk::prelude::*;
 use std::collections::HashMap;
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 
 mod support;
@@ -144,8 +145,7 @@ fn the_api_key_is_sent_but_never_written() {
             let mut buf = [0u8; 8192];
             let n = stream.read(&mut buf).unwrap();
             *s.lock().unwrap() = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let body = "{\"choices\":[{\"message\":{\"content\":\"ok\"}}]}";
-            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            reply(&mut stream, "200 OK", "", &completion("ok", 1, 1));
         }
     });
     std::env::set_var("RECFUSE_TEST_KEY", "sk-secret-123");

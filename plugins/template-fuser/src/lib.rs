@@ -78,6 +78,21 @@ mod tests {
     }
 
     #[test]
+    fn recency_limit_keeps_only_recent_events() {
+        let (cat, mut events) = fixture();
+        // Days apart: Toy Story 30 days before the newest event, Heat 10, the search 1.
+        let day = 86_400;
+        for (e, ts) in events.iter_mut().zip([0, 20 * day, 29 * day, 30 * day]) {
+            e.timestamp = ts;
+        }
+        let view = TrainView { catalog: &cat, events: &events, offsets: &[0, 4] };
+        let f = fuser(serde_json::json!({"max_age_days": 10.5, "profile": ""}));
+        assert_eq!(f.render(&view, 0).unwrap(), "like, 3 in total, recently: Alien; Heat.\nsearch (app), 1 in total, recently: space horror.");
+        let f = fuser(serde_json::json!({"max_age_days": 0.5, "profile": ""}));
+        assert_eq!(f.render(&view, 0).unwrap(), "like, 3 in total, recently: Alien.");
+    }
+
+    #[test]
     fn per_kind_templates_and_order() {
         let (cat, events) = fixture();
         let view = TrainView { catalog: &cat, events: &events, offsets: &[0, 4] };
