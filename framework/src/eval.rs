@@ -12,7 +12,7 @@
 //! rank = #higher + #equal/2 (rounded down); in AUC a tie counts one half. A constant scorer
 //! therefore lands in the middle, not at the top.
 
-use crate::config::{EvalSection, Protocol, Sampling};
+use crate::config::{EvalSection, Protocol, Sampling, SplitMethod};
 use crate::handles::RankerHandle;
 use crate::split::SplitData;
 use anyhow::{bail, Result};
@@ -314,9 +314,13 @@ pub fn evaluate(
     segments.insert("all".to_string(), all.finish());
     segments.insert("cold".to_string(), cold.finish());
     segments.insert("warm".to_string(), warm.finish());
+    let split_name = match split.method {
+        SplitMethod::LeaveOneOut => "leave-one-out",
+        SplitMethod::Temporal => "temporal split",
+    };
     let protocol = match cfg.protocol {
-        Protocol::Full => "leave-one-out, full ranking (train and validation items masked)".to_string(),
-        Protocol::Sampled => format!("leave-one-out, {} {:?}-sampled negatives", cfg.negatives, cfg.sampling).to_lowercase(),
+        Protocol::Full => format!("{split_name}, full ranking (train and validation items masked)"),
+        Protocol::Sampled => format!("{split_name}, {} {:?}-sampled negatives", cfg.negatives, cfg.sampling).to_lowercase(),
     };
     Ok(Report {
         model: label.to_string(),

@@ -44,6 +44,7 @@ pub struct SplitData {
     /// model conditions on when it predicts the test item. Never trained on.
     pub context: ViewData,
     pub targets: Vec<Targets>,
+    pub method: SplitMethod,
 }
 
 impl SplitData {
@@ -70,10 +71,12 @@ fn group(n_users: usize, per_user: &[Vec<Event>]) -> (Vec<Event>, Vec<u32>) {
 
 /// Splits by the configured method.
 pub fn split_dataset(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
-    match cfg.method {
+    let mut split = match cfg.method {
         SplitMethod::LeaveOneOut => leave_one_out(dataset, cfg),
         SplitMethod::Temporal => temporal(dataset, cfg),
-    }
+    };
+    split.method = cfg.method;
+    split
 }
 
 /// Events grouped by user, each user's sorted by (timestamp, position in the source).
@@ -105,7 +108,7 @@ fn finish(
         let (events, offsets) = group(n_users, per_user);
         ViewData::new(shared.clone(), shared_ffi.clone(), events, offsets)
     };
-    SplitData { train: view(&train), history: view(&history), context: view(&context), targets }
+    SplitData { train: view(&train), history: view(&history), context: view(&context), targets, method: SplitMethod::default() }
 }
 
 pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {

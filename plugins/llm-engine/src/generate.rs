@@ -108,7 +108,7 @@ impl Llm {
             .zip(&pads)
             .map(|(p, &pad)| std::iter::repeat_n(self.tokenizer.eos, pad).chain(p.iter().copied()).collect())
             .collect();
-        let mut cache = self.model.new_cache(pads);
+        let mut cache = self.model.new_cache(pads, longest);
         Ok(self.model.forward(&rows, &mut cache)?.to_vec2()?)
     }
 
@@ -151,7 +151,8 @@ impl Llm {
                 r
             })
             .collect();
-        let mut cache = self.model.new_cache(ids.iter().map(|&i| longest - prompts[i].len()).collect());
+        let most_new = ids.iter().map(|&i| params[i].max_new_tokens).max().unwrap_or(0);
+        let mut cache = self.model.new_cache(ids.iter().map(|&i| longest - prompts[i].len()).collect(), longest + most_new);
         let mut live: Vec<usize> = ids.to_vec();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
         let mut rngs: Vec<SeededRng> = ids.iter().map(|&i| SeededRng::new(params[i].seed)).collect();

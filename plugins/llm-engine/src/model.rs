@@ -79,12 +79,15 @@ pub struct Model {
     device: Device,
 }
 
-/// Per-layer keys and values of the rows in the batch: `[rows, kv_heads, len, head_dim]`.
+/// Per-layer keys and values of the rows in the batch, in buffers `[rows, kv_heads, capacity,
+/// head_dim]` allocated once and written in place (appending by concatenation copied the whole
+/// cache every step).
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Left padding of each row; keys before it are masked.
     pads: Vec<usize>,
     len: usize,
+    capacity: usize,
 }
 
 impl KvCache {
@@ -100,12 +103,17 @@ impl KvCache {
             layer.1 = layer.1.index_select(&index, 0)?;
         }
         self.pads = keep.iter().map(|&r| self.pads[r]).collect();
-        // Columns that are padding for every remaining row are dead weight: drop them.
+        // Columns that are padding for every remaining row are dead weight: drop them (the
+        // buffers keep their capacity, so the freed columns are at the end).
         let common = self.pads.iter().copied().min().unwrap_or(0);
         if common > 0 {
             for layer in self.layers.iter_mut().flatten() {
-                layer.0 = layer.0.narrow(2, common, self.len - common)?.contiguous()?;
-                layer.1 = layer.1.narrow(2, common, self.len - common)?.contiguous()?;
+                for buf in [&mut layer.0, &mut layer.1] {
+                    let live = buf.narrow(2, common, self.len - common)?;
+                    let fresh = buf.zeros_like()?;
+                    fresh.slice_set(&live.contiguous()?, 2, 0)?;
+                    *buf = fresh;
+                }
             }
             self.pads.iter_mut().for_each(|p| *p -= common);
             self.len -= common;
@@ -187,8 +195,9 @@ impl Model {
         Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, hyper, embedding, layers, norm, output, device })
     }
 
-    pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {
-        KvCache { layers: (0..self.hyper.layers).map(|_| None).collect(), pads, len: 0 }
+    /// A cache for rows with these left paddings, for sequences of at most `capacity` tokens.
+    pub fn new_cache(&self, pads: Vec<usize>, capacity: usize) -> KvCache {
+        KvCache { layers: (0..self.hyper.layers).map(|_| None).collect(), pads, len: 0, capacity: capacity.min(self.hyper.context) }
     }
 
     /// Runs `tokens` (`rows × t`, the same `t` for every row) after what the cache holds and
@@ -200,8 +209,8 @@ impl Model {
         let rows = tokens.len();
         let t = tokens[0].len();
         let start = cache.len;
-        if start + t > self.hyper.context {
-            bail!("sequence of {} tokens exceeds the model context of {}", start + t, self.hyper.context);
+        if start + t > cache.capacity {
+            bail!("sequence of {} tokens exceeds the cache capacity of {} (model context {})", start + t, cache.capacity, self.hyper.context);
         }
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, rows * t, &self.device)?;
@@ -219,11 +228,14 @@ impl Model {
             let q = candle_nn::rotary_emb::rope_i(&heads(&layer.q, h)?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&heads(&layer.k, kvh)?, &cos, &sin)?;
             let v = heads(&layer.v, kvh)?;
-            let (k, v) = match slot.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
-            };
-            *slot = Some((k.clone(), v.clone()));
+            if slot.is_none() {
+                let buf = Tensor::zeros((rows, kvh, cache.capacity, hd), DType::F32, &self.device)?;
+                *slot = Some((buf.clone(), buf.zeros_like()?));
+            }
+            let (kb, vb) = slot.as_ref().expect("allocated");
+            kb.slice_set(&k, 2, start)?;
+            vb.slice_set(&v, 2, start)?;
+            let (k, v) = (kb.narrow(2, 0, start + t)?, vb.narrow(2, 0, start + t)?);
             // Grouped-query attention: each kv head serves h / kvh query heads, so fold the
             // query groups into the row axis instead of copying keys and values.
             let group = h / kvh;
