@@ -5,9 +5,10 @@
 //! Requests are queued to one generation thread, which takes everything waiting (up to
 //! `batch`) and generates it as one batch: concurrent clients share decoding steps.
 //!
-//! Endpoints: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`
-//! (requests, tokens, batches, as JSON). Not supported (answered with a 400 naming the field):
-//! `stream: true`, `n > 1`, tools.
+//! Endpoints: `POST /v1/chat/completions` (whole answers, or `stream: true` as server-sent
+//! `chat.completion.chunk` events ending in `data: [DONE]`, with a usage chunk if
+//! `stream_options.include_usage`), `GET /v1/models`, `GET /health`, `GET /metrics` (requests,
+//! tokens, batches, as JSON). Not supported (answered with a 400 naming the field): `n > 1`, tools.
 
 use anyhow::{Context, Result};
 use axum::extract::State;
@@ -49,7 +50,35 @@ pub struct Metrics {
 struct Job {
     prompt: Vec<u32>,
     params: GenParams,
-    reply: oneshot::Sender<Result<Completion, String>>,
+    sink: Sink,
+}
+
+/// Where a job's answer goes: whole, or piece by piece as it is generated.
+enum Sink {
+    Whole(oneshot::Sender<Result<Completion, String>>),
+    Stream(tokio::sync::mpsc::UnboundedSender<Piece>),
+}
+
+enum Piece {
+    Delta(String),
+    Done(Completion),
+    Failed(String),
+}
+
+impl Sink {
+    fn finish(self, r: Result<Completion, String>) {
+        match self {
+            Sink::Whole(tx) => {
+                let _ = tx.send(r);
+            }
+            Sink::Stream(tx) => {
+                let _ = tx.send(match r {
+                    Ok(c) => Piece::Done(c),
+                    Err(e) => Piece::Failed(e),
+                });
+            }
+        }
+    }
 }
 
 struct AppState {
@@ -144,17 +173,22 @@ fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metr
         metrics.batches.fetch_add(1, Ordering::Relaxed);
         let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
         let params: Vec<GenParams> = jobs.iter().map(|j| j.params.clone()).collect();
-        let mut replies: Vec<Option<oneshot::Sender<Result<Completion, String>>>> =
-            jobs.into_iter().map(|j| Some(j.reply)).collect();
-        let result = llm.generate(&prompts, &params, opts.batch, |i, c| {
-            if let Some(r) = replies[i].take() {
-                let _ = r.send(Ok(c));
+        let sinks = std::cell::RefCell::new(jobs.into_iter().map(|j| Some(j.sink)).collect::<Vec<_>>());
+        let mut delta = |i: usize, text: &str| {
+            if let Some(Sink::Stream(tx)) = &sinks.borrow()[i] {
+                let _ = tx.send(Piece::Delta(text.to_string()));
+            }
+        };
+        let mut done = |i: usize, c: Completion| {
+            if let Some(sink) = sinks.borrow_mut()[i].take() {
+                sink.finish(Ok(c));
             }
             Ok(())
-        });
+        };
+        let result = llm.generate_streaming(&prompts, &params, opts.batch, Some(&mut delta), &mut done);
         if let Err(e) = result {
-            for r in replies.iter_mut().filter_map(Option::take) {
-                let _ = r.send(Err(format!("generation failed: {e:#}")));
+            for sink in sinks.borrow_mut().iter_mut().filter_map(Option::take) {
+                sink.finish(Err(format!("generation failed: {e:#}")));
             }
         }
     }
@@ -180,7 +214,15 @@ struct ChatRequest {
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
     tools: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response {
@@ -198,9 +240,6 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
         Ok(r) => r,
         Err(e) => return reject(error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"), None, None)),
     };
-    if req.stream == Some(true) {
-        return reject(error(StatusCode::BAD_REQUEST, "stream: true is not supported by recfuse serve-llm", Some("stream"), None));
-    }
     if req.n.unwrap_or(1) != 1 {
         return reject(error(StatusCode::BAD_REQUEST, "only n = 1 is supported", Some("n"), None));
     }
@@ -231,8 +270,19 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
     }
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let params = GenParams { max_new_tokens: max_new, temperature, top_p, seed: req.seed.unwrap_or(id), ignore_stop: false };
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let model = req.model.clone().unwrap_or_else(|| s.model_id.clone());
+    if req.stream == Some(true) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if s.jobs.send(Job { prompt, params, sink: Sink::Stream(tx) }).is_err() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);
+        }
+        let chunk = ChunkHeader { id: format!("chatcmpl-{id}"), created, model };
+        let usage = req.stream_options.unwrap_or_default().include_usage;
+        return stream_response(s.clone(), chunk, usage, rx);
+    }
     let (tx, rx) = oneshot::channel();
-    if s.jobs.send(Job { prompt, params, reply: tx }).is_err() {
+    if s.jobs.send(Job { prompt, params, sink: Sink::Whole(tx) }).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);
     }
     let c = match rx.await {
@@ -240,19 +290,87 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e, None, None),
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "generation was dropped", None, None),
     };
-    s.metrics.prompt_tokens.fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
-    s.metrics.completion_tokens.fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    s.metrics.count(&c);
     Json(json!({
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
         "created": created,
-        "model": req.model.unwrap_or_else(|| s.model_id.clone()),
+        "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish}],
-        "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                  "total_tokens": c.prompt_tokens + c.completion_tokens},
+        "usage": usage_json(&c),
     }))
     .into_response()
+}
+
+impl Metrics {
+    fn count(&self, c: &Completion) {
+        self.prompt_tokens.fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+        self.completion_tokens.fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
+    }
+}
+
+fn usage_json(c: &Completion) -> Value {
+    json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+           "total_tokens": c.prompt_tokens + c.completion_tokens})
+}
+
+/// What every chunk of one streamed answer repeats.
+struct ChunkHeader {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl ChunkHeader {
+    fn event(&self, choices: Value, usage: Option<Value>) -> String {
+        let mut v = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": self.model, "choices": choices});
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        format!("data: {v}\n\n")
+    }
+}
+
+/// Server-sent events: a role chunk, one chunk per piece of text, a chunk with the finish
+/// reason, optionally a usage chunk, then `data: [DONE]`.
+fn stream_response(
+    s: Arc<AppState>,
+    head: ChunkHeader,
+    include_usage: bool,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Piece>,
+) -> Response {
+    use futures_util::StreamExt;
+    let first = head.event(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]), None);
+    let rest = futures_util::stream::unfold(Some((rx, head)), move |state| {
+        let s = s.clone();
+        async move {
+            let (mut rx, head) = state?;
+            let event = match rx.recv().await {
+                Some(Piece::Delta(text)) => {
+                    let e = head.event(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}]), None);
+                    return Some((e, Some((rx, head))));
+                }
+                Some(Piece::Done(c)) => {
+                    s.metrics.count(&c);
+                    let mut e = head.event(json!([{"index": 0, "delta": {}, "finish_reason": c.finish}]), None);
+                    if include_usage {
+                        e += &head.event(json!([]), Some(usage_json(&c)));
+                    }
+                    e
+                }
+                Some(Piece::Failed(msg)) => format!("data: {}\n\n", json!({"error": {"message": msg, "type": "server_error"}})),
+                None => format!("data: {}\n\n", json!({"error": {"message": "generation was dropped", "type": "server_error"}})),
+            };
+            Some((event + "data: [DONE]\n\n", None))
+        }
+    });
+    let body = futures_util::stream::once(async move { first }).chain(rest).map(Ok::<_, std::convert::Infallible>);
+    Response::builder()
+        .header("Content-Type", "text/event-stream")
+        .header("Cache-Control", "no-cache")
+        .body(axum::body::Body::from_stream(body))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "building the stream", None, None))
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {

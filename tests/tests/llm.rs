@@ -131,6 +131,31 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
     // Four concurrent requests within the gather window share fewer than four batches.
     assert!(server.metrics.batches.load(Ordering::Relaxed) < 4);
 
+    // Streaming: server-sent chunks whose deltas add up to the same greedy answer.
+    let whole = ask("Name a city.");
+    let body = serde_json::json!({
+        "model": "smollm2", "messages": [{"role": "user", "content": "Name a city."}],
+        "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
+    });
+    let resp = ureq::post(&format!("{base}/v1/chat/completions")).send_json(body).unwrap();
+    assert_eq!(resp.header("Content-Type"), Some("text/event-stream"));
+    let events: Vec<String> = resp
+        .into_string()
+        .unwrap()
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+        .collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(chunks.len() > 4, "streamed in pieces: {chunks:?}");
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
+    assert_eq!(finish, whole["choices"][0]["finish_reason"]);
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+
     // Unsupported or invalid requests get OpenAI-style 400s naming the parameter.
     let bad = |body: Value| -> Value {
         match ureq::post(&format!("{base}/v1/chat/completions")).send_json(body) {
@@ -138,8 +163,8 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
             other => panic!("expected 400, got {other:?}"),
         }
     };
-    let e = bad(serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}));
-    assert_eq!(e["error"]["param"], "stream");
+    let e = bad(serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}));
+    assert_eq!(e["error"]["param"], "n");
     let e = bad(serde_json::json!({"messages": []}));
     assert_eq!(e["error"]["param"], "messages");
     let e = bad(serde_json::json!({"messages": "hi"}));

@@ -122,10 +122,23 @@ impl Llm {
         batch: usize,
         mut done: impl FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
+        self.generate_streaming(prompts, params, batch, None, &mut done)
+    }
+
+    /// [`Llm::generate`] that also reports text as it is produced: `delta(i, text)` with the
+    /// new text of prompt `i` (only whole UTF-8 characters; the final text is in `done`).
+    pub fn generate_streaming(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &[GenParams],
+        batch: usize,
+        mut delta: Option<&mut dyn FnMut(usize, &str)>,
+        done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
         for chunk in order.chunks(batch.max(1)) {
-            self.generate_batch(chunk, prompts, params, &mut done)?;
+            self.generate_batch(chunk, prompts, params, &mut delta, done)?;
         }
         Ok(())
     }
@@ -135,7 +148,8 @@ impl Llm {
         ids: &[usize],
         prompts: &[Vec<u32>],
         params: &[GenParams],
-        done: &mut impl FnMut(usize, Completion) -> Result<()>,
+        delta: &mut Option<&mut dyn FnMut(usize, &str)>,
+        done: &mut dyn FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
         let context = self.model.hyper.context;
         let longest = ids.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
@@ -157,6 +171,7 @@ impl Llm {
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
         let mut rngs: Vec<SeededRng> = ids.iter().map(|&i| SeededRng::new(params[i].seed)).collect();
         let mut slot: Vec<usize> = (0..ids.len()).collect(); // live row -> index into ids/out/rngs
+        let mut emitted = vec![0usize; ids.len()]; // bytes of text already streamed
         loop {
             let logits = self.model.forward(&rows, &mut cache)?;
             let logits: Vec<Vec<f32>> = logits.to_vec2()?;
@@ -168,10 +183,23 @@ impl Llm {
                 let stopped = !params[i].ignore_stop && self.tokenizer.stop.contains(&token);
                 if !stopped {
                     out[s].push(token);
+                    if let Some(delta) = delta.as_mut() {
+                        // Decode the whole answer so far: tokens can split a character.
+                        let text = self.tokenizer.decode(&out[s])?;
+                        if text.len() > emitted[s] && !text.ends_with('\u{FFFD}') && text.is_char_boundary(emitted[s]) {
+                            delta(i, &text[emitted[s]..]);
+                            emitted[s] = text.len();
+                        }
+                    }
                 }
                 let full = out[s].len() >= params[i].max_new_tokens || cache.len() + 1 >= context;
                 if stopped || full {
                     let text = self.tokenizer.decode(&out[s])?;
+                    if let Some(delta) = delta.as_mut() {
+                        if text.len() > emitted[s] && text.is_char_boundary(emitted[s]) {
+                            delta(i, &text[emitted[s]..]);
+                        }
+                    }
                     done(i, Completion {
                         text,
                         prompt_tokens: prompts[i].len(),
