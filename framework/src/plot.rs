@@ -44,35 +44,32 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
-/// Draws the models of a run side by side into a PNG at `path`.
-pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
-    if reports.is_empty() {
-        bail!("no reports to draw");
-    }
+/// One panel of a grouped bar chart: categories along x, one bar per series in each.
+pub struct Panel {
+    pub title: String,
+    pub categories: Vec<String>,
+    /// (name, one value per category)
+    pub series: Vec<(String, Vec<f64>)>,
+    pub y_label: String,
+}
+
+/// Draws panels stacked vertically into a PNG at `path`.
+pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
     ensure_font()?;
-    // Ranking metrics only: AUC lives on another scale (0.5 = chance).
-    let metrics: Vec<String> = reports[0].metric_names().into_iter().filter(|m| m.contains('@')).collect();
-    let n = metrics.len();
-    // Panels for segments that have users.
-    let segments: Vec<&str> =
-        ["all", "cold"].into_iter().filter(|s| reports[0].segments.get(*s).is_some_and(|x| x.users > 0)).collect();
-    if segments.is_empty() {
-        bail!("no evaluated users");
-    }
-    let root = BitMapBackend::new(path, (1100, 420 * segments.len() as u32)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1100, 420 * panels.len() as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    for (area, &segment) in root.split_evenly((segments.len(), 1)).iter().zip(&segments) {
-        let value = |r: &Report, m: &str| r.segments.get(segment).and_then(|s| s.metrics.get(m)).copied().unwrap_or(0.0);
-        let top = reports.iter().flat_map(|r| metrics.iter().map(move |m| value(r, m))).fold(0.0, f64::max).max(1e-3) * 1.15;
-        let users = reports[0].segments.get(segment).map(|s| s.users).unwrap_or(0);
+    for (area, panel) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
+        let n = panel.categories.len();
+        let top = panel.series.iter().flat_map(|s| s.1.iter().copied()).fold(0.0, f64::max).max(1e-3) * 1.15;
         let mut chart = ChartBuilder::on(area)
-            .caption(format!("{segment} users ({users})"), ("sans-serif", 22))
+            .caption(&panel.title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(32)
-            .y_label_area_size(56)
+            .y_label_area_size(64)
             .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..top)
             .map_err(|e| anyhow!("{e}"))?;
-        let names = metrics.clone();
+        let names = panel.categories.clone();
+        let decimals = if top < 10.0 { 2 } else { 0 };
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -81,21 +78,22 @@ pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
                 let i = x.round();
                 if (x - i).abs() < 1e-6 && i >= 0.0 { names.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
             })
-            .y_label_formatter(&|y| format!("{y:.2}"))
+            .y_label_formatter(&move |y| format!("{y:.decimals$}"))
+            .y_desc(&panel.y_label)
             .label_style(("sans-serif", 15))
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
-        let width = 0.8 / reports.len() as f64;
-        for (k, r) in reports.iter().enumerate() {
+        let width = 0.8 / panel.series.len().max(1) as f64;
+        for (k, (name, values)) in panel.series.iter().enumerate() {
             let color = PALETTE[k % PALETTE.len()];
-            let bars = metrics.iter().enumerate().map(|(i, m)| {
+            let bars = values.iter().enumerate().map(|(i, &v)| {
                 let x0 = i as f64 - 0.4 + k as f64 * width;
-                Rectangle::new([(x0, 0.0), (x0 + width * 0.92, value(r, m))], color.filled())
+                Rectangle::new([(x0, 0.0), (x0 + width * 0.92, v)], color.filled())
             });
             chart
                 .draw_series(bars)
                 .map_err(|e| anyhow!("{e}"))?
-                .label(r.model.clone())
+                .label(name.clone())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         }
         chart
@@ -109,4 +107,31 @@ pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
     }
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Draws the models of a run side by side into a PNG at `path`: one panel per segment with
+/// users (all, cold-start), ranking metrics along x, one colour per model.
+pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
+    if reports.is_empty() {
+        bail!("no reports to draw");
+    }
+    // Ranking metrics only: AUC lives on another scale (0.5 = chance).
+    let metrics: Vec<String> = reports[0].metric_names().into_iter().filter(|m| m.contains('@')).collect();
+    let panels: Vec<Panel> = ["all", "cold"]
+        .into_iter()
+        .filter_map(|segment| {
+            let users = reports[0].segments.get(segment).map(|s| s.users).filter(|&u| u > 0)?;
+            let value = |r: &Report, m: &str| r.segments.get(segment).and_then(|s| s.metrics.get(m)).copied().unwrap_or(0.0);
+            Some(Panel {
+                title: format!("{segment} users ({users})"),
+                categories: metrics.clone(),
+                series: reports.iter().map(|r| (r.model.clone(), metrics.iter().map(|m| value(r, m)).collect())).collect(),
+                y_label: String::new(),
+            })
+        })
+        .collect();
+    if panels.is_empty() {
+        bail!("no evaluated users");
+    }
+    grouped_bars(&panels, path)
 }

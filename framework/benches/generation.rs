@@ -7,8 +7,11 @@
 //! (built by scripts/build-llama-cpp.sh; skipped with a note if absent). Also printed: the
 //! memory-bandwidth bound of one stream (weight bytes read per token ÷ measured copy bandwidth).
 //!
-//! `cargo bench -p recfuse-llm-engine --bench generation [-- ROUNDS NPP NTG]`
+//! Writes the table to stdout and the chart to `target/bench-results/local-generation.png`.
+//!
+//! `cargo bench -p recfuse --bench generation [-- ROUNDS NPP NTG]`
 
+use recfuse::plot::{grouped_bars, Panel};
 use recfuse_llm_engine::{GenParams, Llm};
 use std::path::PathBuf;
 use std::process::Command;
@@ -72,7 +75,7 @@ fn main() {
     let rounds = args.first().copied().unwrap_or(3);
     let npp = args.get(1).copied().unwrap_or(256);
     let ntg = args.get(2).copied().unwrap_or(64);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let model = root.join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model.exists(), "run scripts/fetch-data.sh smollm2");
     let bin = root.join(".cache/llama.cpp/build/bin/llama-batched-bench");
@@ -109,6 +112,26 @@ fn main() {
     }
     if !bin.exists() {
         println!("\nllama.cpp not built (scripts/build-llama-cpp.sh): no comparison.");
+    }
+    let med = |runs: &[Vec<(f64, f64)>], pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        runs.iter().map(|r| if r.is_empty() { 0.0 } else { median(r.iter().map(pick).collect()) }).collect()
+    };
+    let categories: Vec<String> = PARALLEL.iter().map(|n| format!("{n} parallel")).collect();
+    let panel = |title: &str, pick: fn(&(f64, f64)) -> f64| Panel {
+        title: title.to_string(),
+        categories: categories.clone(),
+        series: vec![("recfuse (candle)".into(), med(&mine, pick)), ("llama.cpp".into(), med(&theirs, pick))],
+        y_label: "tokens/s".into(),
+    };
+    let chart = root.join("target/bench-results/local-generation.png");
+    std::fs::create_dir_all(chart.parent().unwrap()).unwrap();
+    let panels = [
+        panel(&format!("prompt processing ({npp}-token prompts)"), |r| r.0),
+        panel(&format!("generation ({ntg} tokens per sequence)"), |r| r.1),
+    ];
+    match grouped_bars(&panels, &chart) {
+        Ok(()) => println!("chart: {}", chart.display()),
+        Err(e) => println!("no chart: {e:#}"),
     }
     let bw = copy_bandwidth();
     let bytes = llm.weight_bytes() as f64;
