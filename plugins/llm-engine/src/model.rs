@@ -123,8 +123,8 @@ impl KvCache {
 }
 
 /// candle has SIMD kernels for Q4_0, Q8_0 and the K-quants only; Q4_1/Q5_0/Q5_1 fall back to
-/// scalar code that is ~20× slower (and Q4_1 gave wrong text here). Re-quantizing those to Q8_0
-/// at load keeps more precision than the file has and runs on the SIMD path.
+/// scalar code (Q4_1: 4× slower here, docs/benchmarks.md). Re-quantizing those to Q8_0 at load
+/// keeps nearly all the precision the file has and runs on the SIMD path.
 fn fast_format(t: QTensor) -> Result<QTensor> {
     use candle_core::quantized::GgmlDType::*;
     match t.dtype() {
