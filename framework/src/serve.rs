@@ -210,6 +210,10 @@ struct ChatRequest {
     #[serde(default)]
     seed: Option<u64>,
     #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
     n: Option<u32>,
     #[serde(default)]
     stream: Option<bool>,
@@ -254,6 +258,12 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
     if !(0.0..=2.0).contains(&temperature) || !(top_p > 0.0 && top_p <= 1.0) {
         return reject(error(StatusCode::BAD_REQUEST, "temperature must be in [0, 2] and top_p in (0, 1]", Some("temperature"), None));
     }
+    let (frequency_penalty, presence_penalty) = (req.frequency_penalty.unwrap_or(0.0), req.presence_penalty.unwrap_or(0.0));
+    for (name, v) in [("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)] {
+        if !(-2.0..=2.0).contains(&v) {
+            return reject(error(StatusCode::BAD_REQUEST, format!("{name} must be in [-2, 2]"), Some(name), None));
+        }
+    }
     let prompt = match s.llm.encode_chat(&req.messages) {
         Ok(p) => p,
         Err(e) => return reject(error(StatusCode::BAD_REQUEST, format!("{e:#}"), Some("messages"), None)),
@@ -269,7 +279,15 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
         ));
     }
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let params = GenParams { max_new_tokens: max_new, temperature, top_p, seed: req.seed.unwrap_or(id), ignore_stop: false };
+    let params = GenParams {
+        max_new_tokens: max_new,
+        temperature,
+        top_p,
+        seed: req.seed.unwrap_or(id),
+        frequency_penalty,
+        presence_penalty,
+        ..Default::default()
+    };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let model = req.model.clone().unwrap_or_else(|| s.model_id.clone());
     if req.stream == Some(true) {

@@ -16,8 +16,9 @@ fn model() -> std::path::PathBuf {
     p
 }
 
-/// Same prompt and decoding for both fusers: greedy, short answers, default behaviour text.
-const FUSION: &str = "max_tokens = 24\n[fusers.behaviour]\nmax_per_kind = 3\n";
+/// Same prompt and decoding for both fusers: greedy with a repetition penalty (sent over HTTP
+/// by one, applied in-process by the other), short answers, default behaviour text.
+const FUSION: &str = "max_tokens = 24\nfrequency_penalty = 0.5\n[fusers.behaviour]\nmax_per_kind = 3\n";
 
 fn knowledge(run: &Path) -> BTreeMap<String, String> {
     std::fs::read_to_string(run.join("knowledge.jsonl"))
@@ -165,6 +166,8 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
     };
     let e = bad(serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}));
     assert_eq!(e["error"]["param"], "n");
+    let e = bad(serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 3}));
+    assert_eq!(e["error"]["param"], "frequency_penalty");
     let e = bad(serde_json::json!({"messages": []}));
     assert_eq!(e["error"]["param"], "messages");
     let e = bad(serde_json::json!({"messages": "hi"}));

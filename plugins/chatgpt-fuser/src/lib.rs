@@ -45,6 +45,11 @@ pub struct ChatGptConfig {
     pub temperature: f32,
     #[serde(default = "d_max_tokens")]
     pub max_tokens: u32,
+    /// Sent only when set (so caches made without them stay valid).
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
     #[serde(default = "d_concurrency")]
     pub concurrency: usize,
     #[serde(default = "d_rpm")]
@@ -134,12 +139,19 @@ struct Failure {
 
 impl ChatGptFuser {
     fn request_body(&self, messages: &[ChatMessage]) -> Value {
-        json!({
+        let mut body = json!({
             "model": self.cfg.model,
             "messages": messages,
             "temperature": self.cfg.temperature,
             "max_tokens": self.cfg.max_tokens,
-        })
+        });
+        if let Some(p) = self.cfg.frequency_penalty {
+            body["frequency_penalty"] = json!(p);
+        }
+        if let Some(p) = self.cfg.presence_penalty {
+            body["presence_penalty"] = json!(p);
+        }
+        body
     }
 
     /// One HTTP attempt.

@@ -23,11 +23,40 @@ pub struct GenParams {
     pub seed: u64,
     /// Generate exactly `max_new_tokens` (benchmarks).
     pub ignore_stop: bool,
+    /// OpenAI's penalties on tokens already generated: each logit is lowered by
+    /// `count × frequency_penalty + (count > 0) × presence_penalty`. Small models repeat
+    /// themselves under greedy decoding; a little of either helps.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
 }
 
 impl Default for GenParams {
     fn default() -> Self {
-        Self { max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0, ignore_stop: false }
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            ignore_stop: false,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+        }
+    }
+}
+
+/// Lowers the logits of tokens already generated (see [`GenParams::frequency_penalty`]).
+fn penalize(logits: &mut [f32], generated: &[u32], p: &GenParams) {
+    if p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
+        return;
+    }
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &t in generated {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, c) in counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
+        }
     }
 }
 
@@ -174,11 +203,12 @@ impl Llm {
         let mut emitted = vec![0usize; ids.len()]; // bytes of text already streamed
         loop {
             let logits = self.model.forward(&rows, &mut cache)?;
-            let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+            let mut logits: Vec<Vec<f32>> = logits.to_vec2()?;
             let mut keep = Vec::with_capacity(live.len());
             let mut next_rows = Vec::with_capacity(live.len());
-            for (r, row_logits) in logits.iter().enumerate() {
+            for (r, row_logits) in logits.iter_mut().enumerate() {
                 let (i, s) = (live[r], slot[r]);
+                penalize(row_logits, &out[s], &params[i]);
                 let token = sample(row_logits, &params[i], &mut rngs[s]);
                 let stopped = !params[i].ignore_stop && self.tokenizer.stop.contains(&token);
                 if !stopped {
@@ -250,4 +280,19 @@ fn sample(logits: &[f32], p: &GenParams, rng: &mut SeededRng) -> u32 {
         }
     }
     probs.last().map_or_else(argmax, |x| x.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn penalties_follow_openai_semantics() {
+        let p = GenParams { frequency_penalty: 0.1, presence_penalty: 0.05, ..Default::default() };
+        let mut logits = vec![5.0, 4.9, 1.0];
+        penalize(&mut logits, &[0, 0, 2], &p);
+        // token 0 generated twice: 5 - 2×0.1 - 0.05; token 2 once: 1 - 0.1 - 0.05.
+        assert!((logits[0] - 4.75).abs() < 1e-6 && logits[1] == 4.9 && (logits[2] - 0.85).abs() < 1e-6, "{logits:?}");
+        assert_eq!(sample(&logits, &p, &mut SeededRng::new(0)), 1);
+    }
 }

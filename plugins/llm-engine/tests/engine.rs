@@ -104,7 +104,7 @@ fn sampling_is_seeded() {
     let prompt = llm.encode_chat(&user("Tell me a story about a cat.")).unwrap();
     let gen = |seed: u64| {
         let mut out = String::new();
-        let p = GenParams { max_new_tokens: 16, temperature: 1.0, top_p: 0.95, seed, ignore_stop: false };
+        let p = GenParams { max_new_tokens: 16, temperature: 1.0, top_p: 0.95, seed, ..Default::default() };
         llm.generate(&[prompt.clone()], &[p], 1, |_, c| {
             out = c.text;
             Ok(())
@@ -123,4 +123,28 @@ fn a_file_that_is_not_gguf_is_refused_by_name() {
     std::fs::write(&p, b"not a model").unwrap();
     let err = format!("{:#}", Llm::load(&p, false).err().expect("refused"));
     assert!(err.contains("model.gguf") && err.contains("not a GGUF file"), "{err}");
+}
+
+#[test]
+fn penalties_discourage_repeating_tokens() {
+    let llm = llm();
+    let prompt = llm.encode_chat(&user("Write the word dog twenty times.")).unwrap();
+    // (text, how often its most frequent token occurs)
+    let generate = |frequency_penalty: f32| {
+        let mut out = (String::new(), 0);
+        let p = GenParams { max_new_tokens: 40, frequency_penalty, ignore_stop: true, ..Default::default() };
+        llm.generate(&[prompt.clone()], &[p], 1, |_, c| {
+            let mut counts = std::collections::HashMap::new();
+            for t in llm.tokenizer.encode(&c.text).unwrap() {
+                *counts.entry(t).or_insert(0) += 1;
+            }
+            out = (c.text, counts.into_values().max().unwrap_or(0));
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    let (plain, penalized) = (generate(0.0), generate(1.5));
+    assert_ne!(plain.0, penalized.0);
+    assert!(penalized.1 < plain.1, "most repeated token: {} times without, {} with the penalty", plain.1, penalized.1);
 }

@@ -39,6 +39,11 @@ pub struct LocalLlmConfig {
     pub temperature: f32,
     #[serde(default = "d_top_p")]
     pub top_p: f32,
+    /// OpenAI-style penalties on tokens already generated (small models repeat themselves).
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    #[serde(default)]
+    pub presence_penalty: f32,
     /// Users generated together; larger batches give more tokens/s (docs/benchmarks.md).
     #[serde(default = "d_batch")]
     pub batch_size: usize,
@@ -123,6 +128,7 @@ impl KnowledgeFuser for LocalLlmFuser {
             let key = CompletionCache::key(&json!({
                 "model_sha256": self.model_sha256, "messages": messages, "max_tokens": self.cfg.max_tokens,
                 "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
+                "frequency_penalty": self.cfg.frequency_penalty, "presence_penalty": self.cfg.presence_penalty,
                 "seed": if self.cfg.temperature > 0.0 { self.host.seed() } else { 0 },
             }))?;
             if let Some(hit) = self.cache.get(&key) {
@@ -151,7 +157,9 @@ impl KnowledgeFuser for LocalLlmFuser {
                     temperature: self.cfg.temperature,
                     top_p: self.cfg.top_p,
                     seed: self.host.seed() ^ (*u as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    ignore_stop: false,
+                    frequency_penalty: self.cfg.frequency_penalty,
+                    presence_penalty: self.cfg.presence_penalty,
+                    ..Default::default()
                 })
                 .collect();
             let bar = self.host.progress("generate", todo.len() as u64);
