@@ -103,15 +103,15 @@ impl ServerHandle {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => anyhow::bail!("server thread panicked"),
-            None => Ok(()),
-        }
+        self.join()
     }
 
     /// Blocks until the server stops (Ctrl-C for the CLI).
     pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => anyhow::bail!("server thread panicked"),

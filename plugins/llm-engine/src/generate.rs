@@ -80,7 +80,8 @@ pub struct Completion {
 pub struct Llm {
     model: Model,
     pub tokenizer: GgufTokenizer,
-    chat_template: String,
+    /// The GGUF's chat template, parsed once at load.
+    chat: minijinja::Environment<'static>,
     pub path: PathBuf,
     pub name: String,
 }
@@ -92,14 +93,16 @@ impl Llm {
         let content = Content::read(&mut file).with_context(|| format!("{} is not a GGUF file", path.display()))?;
         let mut load = || -> Result<Self> {
             let tokenizer = GgufTokenizer::from_gguf(&content)?;
-            let chat_template = meta(&content, "tokenizer.chat_template")?.to_string()?.clone();
+            let mut chat = minijinja::Environment::new();
+            chat.add_template_owned("chat", meta(&content, "tokenizer.chat_template")?.to_string()?.clone())
+                .context("the GGUF chat template does not parse")?;
             let model = Model::from_gguf(&content, &mut file, dense)?;
             let name = content
                 .metadata
                 .get("general.name")
                 .and_then(|v| v.to_string().ok().cloned())
                 .unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned());
-            Ok(Self { model, tokenizer, chat_template, path: path.to_path_buf(), name })
+            Ok(Self { model, tokenizer, chat, path: path.to_path_buf(), name })
         };
         load().with_context(|| format!("loading model {}", path.display()))
     }
@@ -114,9 +117,8 @@ impl Llm {
 
     /// The model's own chat template (from the GGUF), rendered with a generation prompt.
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.add_template("chat", &self.chat_template).context("the GGUF chat template does not parse")?;
-        let out = env
+        let out = self
+            .chat
             .get_template("chat")?
             .render(minijinja::context! { messages => messages, add_generation_prompt => true })
             .context("rendering the GGUF chat template")?;
@@ -127,16 +129,21 @@ impl Llm {
         self.tokenizer.encode(&self.render_chat(messages)?)
     }
 
+    /// Prompts left-padded (with eos, masked out of attention) to `longest`, and each one's padding.
+    fn left_pad<'a>(&self, prompts: impl Iterator<Item = &'a [u32]>, longest: usize) -> (Vec<Vec<u32>>, Vec<usize>) {
+        prompts
+            .map(|p| {
+                let pad = longest - p.len();
+                (std::iter::repeat_n(self.tokenizer.eos, pad).chain(p.iter().copied()).collect(), pad)
+            })
+            .unzip()
+    }
+
     /// The next-token logits after each prompt, computed as one left-padded batch.
     pub fn next_token_logits(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         anyhow::ensure!(longest > 0 && longest < self.model.hyper.context, "prompts must be 1..{} tokens", self.model.hyper.context);
-        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-        let rows: Vec<Vec<u32>> = prompts
-            .iter()
-            .zip(&pads)
-            .map(|(p, &pad)| std::iter::repeat_n(self.tokenizer.eos, pad).chain(p.iter().copied()).collect())
-            .collect();
+        let (rows, pads) = self.left_pad(prompts.iter().map(Vec::as_slice), longest);
         let mut cache = self.model.new_cache(pads, longest);
         Ok(self.model.forward(&rows, &mut cache)?.to_vec2()?)
     }
@@ -184,18 +191,9 @@ impl Llm {
         let longest = ids.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
         anyhow::ensure!(longest > 0, "empty prompt");
         anyhow::ensure!(longest < context, "prompt of {longest} tokens does not fit the model context of {context}");
-        let pad_token = self.tokenizer.eos;
-        let mut rows: Vec<Vec<u32>> = ids
-            .iter()
-            .map(|&i| {
-                let p = &prompts[i];
-                let mut r = vec![pad_token; longest - p.len()];
-                r.extend_from_slice(p);
-                r
-            })
-            .collect();
+        let (mut rows, pads) = self.left_pad(ids.iter().map(|&i| prompts[i].as_slice()), longest);
         let most_new = ids.iter().map(|&i| params[i].max_new_tokens).max().unwrap_or(0);
-        let mut cache = self.model.new_cache(ids.iter().map(|&i| longest - prompts[i].len()).collect(), longest + most_new);
+        let mut cache = self.model.new_cache(pads, longest + most_new);
         let mut live: Vec<usize> = ids.to_vec();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
         let mut rngs: Vec<SeededRng> = ids.iter().map(|&i| SeededRng::new(params[i].seed)).collect();
