@@ -138,6 +138,14 @@ pub struct EvalSection {
     pub negatives: usize,
     #[serde(default)]
     pub sampling: Sampling,
+    /// Work budget of one ranker's evaluation, in seconds (from the ranker's declared cost per
+    /// candidate): `validate` and `run` refuse a costly ranker whose estimate exceeds it, and
+    /// ask for `rerank` instead of the whole catalog.
+    #[serde(default = "d_max_ranker_seconds")]
+    pub max_ranker_seconds: f64,
+}
+fn d_max_ranker_seconds() -> f64 {
+    3600.0
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,6 +182,7 @@ impl Default for EvalSection {
             protocol: Protocol::Full,
             negatives: d_eval_negatives(),
             sampling: Sampling::Uniform,
+            max_ranker_seconds: d_max_ranker_seconds(),
         }
     }
 }
@@ -184,9 +193,22 @@ pub struct ComponentSpec {
     /// Config key of the table (`ranker`, `fusers[1]`), for messages.
     pub key: String,
     pub kind: String,
-    /// Name in reports; the host-reserved key `label` of a ranker table (default: `kind`).
+    /// Name in reports; the host-reserved key `label` of a ranker table, or `task` of an
+    /// instructions table (default: `kind`).
     pub label: String,
+    /// A ranker's host-reserved `rerank = { from = "...", top = N }`: it scores only the top N
+    /// of another ranker of the run (two-stage ranking).
+    pub rerank: Option<Rerank>,
     pub settings: Value,
+}
+
+/// Two-stage ranking: rerank the first stage's top `top` candidates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rerank {
+    /// Label of the first-stage ranker (defined earlier in `[[rankers]]`).
+    pub from: String,
+    pub top: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -195,7 +217,8 @@ pub struct PipelineConfig {
     pub plugins: PluginsSection,
     pub source: ComponentSpec,
     pub fusers: Vec<ComponentSpec>,
-    pub instructions: Option<ComponentSpec>,
+    /// From `[instructions]` or `[[instructions]]`: one builder per task (`task`, default kind).
+    pub instructions: Vec<ComponentSpec>,
     pub tuner: Option<ComponentSpec>,
     /// From `[ranker]` or `[[rankers]]`: every model evaluated in the run.
     pub rankers: Vec<ComponentSpec>,
@@ -352,22 +375,40 @@ impl LoadedConfig {
             return None;
         };
         let mut settings: Map<String, Value> = table.clone();
-        let label = if key.starts_with("ranker") {
-            match settings.remove("label") {
-                Some(Value::String(l)) => Some(l),
-                Some(_) => {
-                    errors.push(self.key_error(&format!("{key}.label"), "expected a string"));
-                    None
-                }
-                None => None,
-            }
+        // Host-reserved keys, taken out before the plugin sees its table.
+        let label_key = if key.starts_with("ranker") {
+            Some("label")
+        } else if key.starts_with("instructions") {
+            Some("task")
         } else {
             None
         };
+        let label = match label_key.and_then(|k| settings.remove(k).map(|v| (k, v))) {
+            Some((_, Value::String(l))) if !l.is_empty() => Some(l),
+            Some((k, _)) => {
+                errors.push(self.key_error(&format!("{key}.{k}"), "expected a non-empty string"));
+                None
+            }
+            None => None,
+        };
+        let mut rerank = None;
+        if key.starts_with("ranker") {
+            if let Some(v) = settings.remove("rerank") {
+                match serde_path_to_error::deserialize::<_, Rerank>(v) {
+                    Ok(r) if r.top == 0 => errors.push(self.key_error(&format!("{key}.rerank.top"), "must be at least 1")),
+                    Ok(r) => rerank = Some(r),
+                    Err(e) => {
+                        let (full, msg) = locate(&format!("{key}.rerank"), &e.path().to_string(), &e.inner().to_string());
+                        errors.push(self.key_error(&full, msg));
+                    }
+                }
+            }
+        }
         match settings.remove("kind") {
             Some(Value::String(kind)) => Some(ComponentSpec {
                 key: key.to_string(),
                 label: label.unwrap_or_else(|| kind.clone()),
+                rerank,
                 kind,
                 settings: Value::Object(settings),
             }),
@@ -423,7 +464,15 @@ impl LoadedConfig {
             }
         };
         let fusers = self.component_list("fusers", &mut errors);
-        let instructions = self.optional_component("instructions", &mut errors);
+        let instructions = match self.tree.get("instructions") {
+            Some(Value::Object(_)) => self.optional_component("instructions", &mut errors).into_iter().collect(),
+            _ => self.component_list("instructions", &mut errors),
+        };
+        for (i, t) in instructions.iter().enumerate() {
+            if instructions[..i].iter().any(|o| o.label == t.label) {
+                errors.push(self.key_error(&t.key, format!("two instruction builders serve task `{}`; give each a distinct `task`", t.label)));
+            }
+        }
         let tuner = self.optional_component("tuner", &mut errors);
         let mut rankers: Vec<ComponentSpec> = self.optional_component("ranker", &mut errors).into_iter().collect();
         if self.tree.get("rankers").is_some() && !rankers.is_empty() {
@@ -434,8 +483,23 @@ impl LoadedConfig {
             if rankers[..i].iter().any(|o| o.label == r.label) {
                 errors.push(self.key_error(&r.key, format!("two rankers are labelled `{}`; give each a distinct `label`", r.label)));
             }
+            if let Some(rr) = &r.rerank {
+                // The first stage must be evaluated first: it is an earlier ranker of the list.
+                if !rankers[..i].iter().any(|o| o.label == rr.from && o.rerank.is_none()) {
+                    let earlier: Vec<&str> = rankers[..i].iter().filter(|o| o.rerank.is_none()).map(|o| o.label.as_str()).collect();
+                    errors.push(self.key_error(
+                        &format!("{}.rerank.from", r.key),
+                        format!(
+                            "`{}` is not a single-stage ranker listed before `{}` (earlier: {})",
+                            rr.from,
+                            r.label,
+                            if earlier.is_empty() { "none".to_string() } else { earlier.join(", ") }
+                        ),
+                    ));
+                }
+            }
         }
-        if tuner.is_some() && instructions.is_none() {
+        if tuner.is_some() && instructions.is_empty() {
             errors.push(self.key_error("tuner", "a tuner needs an `[instructions]` stage to learn from"));
         }
         if let Some(run) = &run {
@@ -506,9 +570,9 @@ fn placeholder() -> PipelineConfig {
     PipelineConfig {
         run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch(), sample_users: None },
         plugins: PluginsSection::default(),
-        source: ComponentSpec { key: "source".into(), kind: String::new(), label: String::new(), settings: Value::Null },
+        source: ComponentSpec { key: "source".into(), kind: String::new(), label: String::new(), rerank: None, settings: Value::Null },
         fusers: vec![],
-        instructions: None,
+        instructions: vec![],
         tuner: None,
         rankers: vec![],
         split: SplitSection::default(),

@@ -115,6 +115,50 @@ pub struct Report {
     pub cold_start_max: usize,
     /// `all`, `cold`, `warm`.
     pub segments: BTreeMap<String, Segment>,
+    /// Two-stage ranking: the first-stage ranker and how many of its top candidates this
+    /// ranker reranked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reranked: Option<RerankInfo>,
+    /// Wall time of scoring (both stages when reranking) per evaluated user.
+    #[serde(default)]
+    pub seconds_per_user: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RerankInfo {
+    pub from: String,
+    pub top: usize,
+}
+
+/// Two-stage scores as one list: the `top` candidates (indices into `first`) ordered by their
+/// second-stage scores, above every other candidate, which keep the first stage's order.
+/// Returned as `-(final rank)`, ties kept as ties, so the single-stage metric code applies
+/// unchanged; masked candidates keep whatever value (they are skipped).
+pub fn compose_two_stage(first: &[f32], masked: impl Fn(usize) -> bool, top: &[usize], second: &[f32]) -> Vec<f32> {
+    let mut out = vec![f32::NEG_INFINITY; first.len()];
+    let mut in_top = vec![false; first.len()];
+    top.iter().for_each(|&i| in_top[i] = true);
+    for (j, &i) in top.iter().enumerate() {
+        out[i] = -(second.iter().filter(|&&x| x > second[j]).count() as f32);
+    }
+    let mut rest: Vec<usize> = (0..first.len()).filter(|&i| !in_top[i] && !masked(i)).collect();
+    rest.sort_by(|&a, &b| first[b].total_cmp(&first[a]));
+    let mut rank = 0usize;
+    for (pos, &i) in rest.iter().enumerate() {
+        if pos > 0 && first[i] != first[rest[pos - 1]] {
+            rank = pos;
+        }
+        out[i] = -((top.len() + rank) as f32);
+    }
+    out
+}
+
+/// The first stage's best `n` unmasked candidates (ties by index), best first.
+pub fn top_n(scores: &[f32], masked: impl Fn(usize) -> bool, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).filter(|&i| !masked(i)).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(n);
+    idx
 }
 
 impl Report {
@@ -149,7 +193,11 @@ pub fn markdown(reports: &[Report]) -> String {
                         _ => "n/a".into(),
                     })
                     .collect();
-                out.push_str(&format!("| {} | {} |\n", r.model, vals.join(" | ")));
+                let name = match &r.reranked {
+                    Some(rr) => format!("{} (top {} of {})", r.model, rr.top, rr.from),
+                    None => r.model.clone(),
+                };
+                out.push_str(&format!("| {name} | {} |\n", vals.join(" | ")));
             }
         }
     }
@@ -230,10 +278,20 @@ pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx],
         .collect()
 }
 
+/// What every ranker of a run is evaluated on.
+pub struct EvalContext<'a> {
+    pub split: &'a SplitData,
+    pub cfg: &'a EvalSection,
+    pub users: &'a [UserIdx],
+    pub negatives: &'a [Vec<ItemIdx>],
+    pub batch_size: usize,
+}
+
 /// Scores `users` in batches under the configured protocol and accumulates the metrics.
 /// `negatives[i]` are the sampled negatives of `users[i]`.
 pub fn evaluate(
     ranker: &RankerHandle,
+    first_stage: Option<(&RankerHandle, &RerankInfo)>,
     label: &str,
     split: &SplitData,
     cfg: &EvalSection,
@@ -254,11 +312,26 @@ pub fn evaluate(
     let no_mask = vec![false; per_user];
     let (mut all, mut cold, mut warm) = (Segment::default(), Segment::default(), Segment::default());
     let mut neg_scores: Vec<f32> = Vec::new();
+    let mut second: Vec<f32> = Vec::new();
+    let mut second_items: Vec<ItemIdx> = Vec::new();
+    let mut tops: Vec<Vec<usize>> = Vec::new();
+    let started = std::time::Instant::now();
+    // Items the host masks for `u` under full ranking: train items and the validation item.
+    let seen = |u: UserIdx| -> HashSet<usize> {
+        let t = split.targets[u as usize];
+        let mut s: HashSet<usize> = split.train.view().history(u).iter().filter(|e| e.item != NONE).map(|e| e.item as usize).collect();
+        if t.valid != NONE && t.valid != t.test {
+            s.insert(t.valid as usize);
+        }
+        s
+    };
     for (chunk_no, chunk) in users.chunks(batch_size).enumerate() {
         let negs = &negatives[chunk_no * batch_size..chunk_no * batch_size + chunk.len()];
         let out = &mut scores[..chunk.len() * per_user];
+        // Without reranking the ranker scores every candidate; with it, the first stage does.
+        let scorer = first_stage.map(|(f, _)| f).unwrap_or(ranker);
         match cfg.protocol {
-            Protocol::Full => ranker.score(&ScoreBatch { users: chunk, items: &all_items, shared: true }, out)?,
+            Protocol::Full => scorer.score(&ScoreBatch { users: chunk, items: &all_items, shared: true }, out)?,
             Protocol::Sampled => {
                 candidates.clear();
                 for (&u, neg) in chunk.iter().zip(negs) {
@@ -268,13 +341,54 @@ pub fn evaluate(
                     candidates.push(split.targets[u as usize].test);
                     candidates.extend_from_slice(neg);
                 }
-                ranker.score(&ScoreBatch { users: chunk, items: &candidates, shared: false }, out)?;
+                scorer.score(&ScoreBatch { users: chunk, items: &candidates, shared: false }, out)?;
+            }
+        }
+        if let Some((first, info)) = first_stage {
+            // Second stage: the ranker scores each user's first-stage top N only.
+            tops.clear();
+            second_items.clear();
+            for (row, &u) in chunk.iter().enumerate() {
+                let s = &out[row * per_user..(row + 1) * per_user];
+                let top = match cfg.protocol {
+                    Protocol::Full => {
+                        let seen = seen(u);
+                        top_n(s, |i| seen.contains(&i), info.top)
+                    }
+                    Protocol::Sampled => top_n(s, |_| false, info.top),
+                };
+                if top.len() < info.top {
+                    bail!("user {u}: the first stage `{}` has only {} candidates to rerank, {} asked", first.provenance.name, top.len(), info.top);
+                }
+                let row_items = |j: usize| match cfg.protocol {
+                    Protocol::Full => j as ItemIdx,
+                    Protocol::Sampled => candidates[row * per_user + j],
+                };
+                second_items.extend(top.iter().map(|&j| row_items(j)));
+                tops.push(top);
+            }
+            second.resize(second_items.len(), 0.0);
+            ranker.score(&ScoreBatch { users: chunk, items: &second_items, shared: false }, &mut second)?;
+            for (row, &u) in chunk.iter().enumerate() {
+                let s2 = &second[row * info.top..(row + 1) * info.top];
+                if let Some(bad) = s2.iter().position(|x| x.is_nan()) {
+                    bail!("ranker `{label}` returned NaN for user {u} (reranked candidate {bad})");
+                }
+                let s = &mut out[row * per_user..(row + 1) * per_user];
+                let composed = match cfg.protocol {
+                    Protocol::Full => {
+                        let seen = seen(u);
+                        compose_two_stage(s, |i| seen.contains(&i), &tops[row], s2)
+                    }
+                    Protocol::Sampled => compose_two_stage(s, |_| false, &tops[row], s2),
+                };
+                s.copy_from_slice(&composed);
             }
         }
         for (row, (&u, neg)) in chunk.iter().zip(negs).enumerate() {
             let s = &out[row * per_user..(row + 1) * per_user];
             if let Some(bad) = s.iter().position(|x| x.is_nan()) {
-                bail!("ranker `{label}` returned NaN for user {u} (candidate {bad})");
+                bail!("ranker `{}` returned NaN for user {u} (candidate {bad})", scorer.provenance.name);
             }
             let t = split.targets[u as usize];
             let history = split.train.view().history(u);
@@ -328,12 +442,32 @@ pub fn evaluate(
         items: n_items,
         cold_start_max: cfg.cold_start_max,
         segments,
+        reranked: first_stage.map(|(_, info)| info.clone()),
+        seconds_per_user: started.elapsed().as_secs_f64() / users.len().max(1) as f64,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_stage_reranks_the_top_and_keeps_the_first_stage_order_below() {
+        // first stage: item 0 best, then 3, 1, 4, 2; item 5 masked.
+        let first = [0.9, 0.5, 0.1, 0.7, 0.3, 0.99];
+        let masked = |i: usize| i == 5;
+        let top = top_n(&first, masked, 2);
+        assert_eq!(top, vec![0, 3]);
+        // the second stage prefers 3 over 0
+        let composed = compose_two_stage(&first, masked, &top, &[0.2, 0.8]);
+        let mut order: Vec<usize> = (0..6).filter(|&i| !masked(i)).collect();
+        order.sort_by(|&a, &b| composed[b].total_cmp(&composed[a]));
+        assert_eq!(order, vec![3, 0, 1, 4, 2]);
+        assert_eq!(rank_of(&composed, 1, &[false, false, false, false, false, true]), 2);
+        // ties in the second stage stay ties
+        let tied = compose_two_stage(&first, masked, &top, &[0.5, 0.5]);
+        assert_eq!(tied[0], tied[3]);
+    }
 
     #[test]
     fn rank_counts_higher_and_half_the_ties_skipping_masked() {

@@ -4,7 +4,7 @@
 
 use crate::registry::{Origin, Registry};
 use anyhow::{Context, Result};
-use abi_stable::std_types::{ROption, RSlice, RSliceMut, RStr};
+use abi_stable::std_types::{ROption, RSlice, RSliceMut, RStr, RVec};
 use recfuse_sdk::ffi::*;
 use recfuse_sdk::records::*;
 use recfuse_sdk::SdkAbiVersion;
@@ -86,39 +86,91 @@ impl FuserHandle {
         let out = ok(self.inner.fuse(data.ffi(), RSlice::from_slice(users)), &self.provenance, "fuse")?;
         Ok(out.iter().map(KnowledgeFfi::to_knowledge).collect())
     }
+    /// Item knowledge (ABI 1.1; a 1.0 fuser returns none).
+    pub fn fuse_items(&mut self, data: &ViewData, items: &[ItemIdx]) -> Result<Vec<ItemKnowledge>> {
+        let out = ok(self.inner.fuse_items(data.ffi(), RSlice::from_slice(items)), &self.provenance, "fuse items")?;
+        Ok(out.iter().map(ItemKnowledgeFfi::to_knowledge).collect())
+    }
 }
 
 impl InstructionsHandle {
     pub fn build(&mut self, data: &ViewData, requests: &[InstructionRequest]) -> Result<Vec<Instruction>> {
-        let reqs: Vec<InstructionRequestFfi> = requests.iter().map(InstructionRequestFfi::from_request).collect();
-        let out = ok(self.inner.build(data.ffi(), RSlice::from_slice(&reqs)), &self.provenance, "build instructions")?;
+        let reqs: Vec<TaskRequestFfi> = requests.iter().map(TaskRequestFfi::from_request).collect();
+        let out = self.build_ffi(data, RSlice::from_slice(&reqs))?;
         Ok(out.iter().map(InstructionFfi::to_instruction).collect())
+    }
+    /// Requests already in FFI form (the host service that renders prompts for rankers).
+    pub fn build_ffi(&mut self, data: &ViewData, requests: RSlice<'_, TaskRequestFfi>) -> Result<RVec<InstructionFfi>> {
+        ok(self.inner.build_tasks(data.ffi(), requests), &self.provenance, "build instructions")
     }
 }
 
 impl TunerHandle {
-    pub fn tune(&mut self, data: &ViewData, train: &[Instruction], valid: &[Instruction], out_dir: &Path) -> Result<Artifact> {
-        let train: Vec<InstructionFfi> = train.iter().map(InstructionFfi::from_instruction).collect();
-        let valid: Vec<InstructionFfi> = valid.iter().map(InstructionFfi::from_instruction).collect();
+    pub fn tune(&mut self, data: &ViewData, inputs: &TuneInputs<'_>, out_dir: &Path) -> Result<Artifact> {
+        let train: Vec<InstructionFfi> = inputs.train.iter().map(InstructionFfi::from_instruction).collect();
+        let valid: Vec<InstructionFfi> = inputs.valid.iter().map(InstructionFfi::from_instruction).collect();
+        let knowledge: Vec<KnowledgeFfi> = inputs.knowledge.iter().map(KnowledgeFfi::from_knowledge).collect();
+        let items: Vec<ItemKnowledgeFfi> = inputs.item_knowledge.iter().map(ItemKnowledgeFfi::from_knowledge).collect();
+        let ffi = TuneInputsFfi {
+            train: RSlice::from_slice(&train),
+            valid: RSlice::from_slice(&valid),
+            knowledge: RSlice::from_slice(&knowledge),
+            item_knowledge: RSlice::from_slice(&items),
+        };
         let dir = out_dir.to_string_lossy();
-        let a = ok(
-            self.inner.tune(data.ffi(), RSlice::from_slice(&train), RSlice::from_slice(&valid), RStr::from_str(&dir)),
-            &self.provenance,
-            "tune",
-        )?;
+        let a = ok(self.inner.tune_with(data.ffi(), ffi, RStr::from_str(&dir)), &self.provenance, "tune")?;
         Ok(a.to_artifact())
     }
 }
 
+/// What a ranker's fit (or load) is given, host-side.
+pub struct FitData<'a> {
+    /// Train view (what it may learn from).
+    pub train: &'a ViewData,
+    /// What is known at prediction time (see `FitInputs::context`).
+    pub context: &'a ViewData,
+    pub knowledge: &'a [Knowledge],
+    pub item_knowledge: &'a [ItemKnowledge],
+    pub artifact: Option<&'a Artifact>,
+    /// The fit's own directory (checkpoints, saved model).
+    pub model_dir: Option<&'a Path>,
+}
+
 impl RankerHandle {
-    /// Fits on `data` (train); `context` is what is known at prediction time (see `FitInputs`).
-    pub fn fit(&mut self, data: &ViewData, context: &ViewData, knowledge: &[Knowledge], artifact: Option<&Artifact>) -> Result<()> {
-        let k: Vec<KnowledgeFfi> = knowledge.iter().map(KnowledgeFfi::from_knowledge).collect();
-        let a = match artifact {
-            Some(a) => ROption::RSome(ArtifactFfi::from_artifact(a)),
-            None => ROption::RNone,
+    fn with_inputs<R>(&mut self, d: &FitData<'_>, f: impl FnOnce(&mut RankerBox, FitInputsFfi<'_>) -> FfiResult<R>, action: &str) -> Result<R> {
+        let k: Vec<KnowledgeFfi> = d.knowledge.iter().map(KnowledgeFfi::from_knowledge).collect();
+        let items: Vec<ItemKnowledgeFfi> = d.item_knowledge.iter().map(ItemKnowledgeFfi::from_knowledge).collect();
+        let dir = d.model_dir.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let inputs = FitInputsFfi {
+            view: d.train.ffi(),
+            context: d.context.ffi(),
+            knowledge: RSlice::from_slice(&k),
+            item_knowledge: RSlice::from_slice(&items),
+            artifact: match d.artifact {
+                Some(a) => ROption::RSome(ArtifactFfi::from_artifact(a)),
+                None => ROption::RNone,
+            },
+            model_dir: RStr::from_str(&dir),
         };
-        ok(self.inner.fit(data.ffi(), context.ffi(), RSlice::from_slice(&k), a), &self.provenance, "fit")
+        ok(f(&mut self.inner, inputs), &self.provenance, action)
+    }
+    /// Fits on `d.train`; a 1.0 ranker gets its 1.0 `fit` (no item knowledge, no model dir).
+    pub fn fit(&mut self, d: &FitData<'_>) -> Result<()> {
+        self.with_inputs(d, |r, inputs| r.fit_with(inputs), "fit")
+    }
+    /// Restores a saved model from `dir`; `false` when the ranker cannot (the host then fits).
+    pub fn load(&mut self, d: &FitData<'_>, dir: &Path) -> Result<bool> {
+        let dir = dir.to_string_lossy().into_owned();
+        self.with_inputs(d, |r, inputs| r.load(inputs, RStr::from_str(&dir)), "load its saved model")
+    }
+    /// Saves the fitted model into `dir`; `false` when the ranker does not support saving.
+    pub fn save(&self, dir: &Path) -> Result<bool> {
+        let dir = dir.to_string_lossy();
+        ok(self.inner.save(RStr::from_str(&dir)), &self.provenance, "save")
+    }
+    /// Declared seconds per (user, candidate) pair; 0 = cheap.
+    pub fn seconds_per_candidate(&self) -> f64 {
+        self.inner.seconds_per_candidate()
     }
     /// Scores a batch (see [`ScoreBatch`]); `out` must hold `batch.out_len()` values.
     pub fn score(&self, batch: &ScoreBatch<'_>, out: &mut [f32]) -> Result<()> {

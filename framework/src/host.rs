@@ -5,11 +5,46 @@
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RArc, RStr, RString};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use recfuse_sdk::ffi::{HostFfi, HostFfiBox, LogLevel};
+use abi_stable::std_types::{RResult, RSlice, RVec};
+use recfuse_sdk::ffi::{ErrorFfi, FfiResult, HostFfi, HostFfiBox, InstructionFfi, LogLevel, TaskRequestFfi};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::handles::{InstructionsHandle, ViewData};
+
+/// The run's instruction builders by task, and the view they build from: what the host needs
+/// to render a task's prompts for a ranker (`Host::instructions`). Filled once the components
+/// and the split exist; until then the service answers with an error.
+#[derive(Default)]
+pub struct Tasks {
+    builders: Vec<(String, Arc<Mutex<InstructionsHandle>>)>,
+    view: Option<Arc<ViewData>>,
+}
+
+impl Tasks {
+    pub fn new(builders: Vec<(String, Arc<Mutex<InstructionsHandle>>)>, view: Arc<ViewData>) -> Self {
+        Self { builders, view: Some(view) }
+    }
+    fn render(&self, task: &str, requests: RSlice<'_, TaskRequestFfi>) -> anyhow::Result<RVec<InstructionFfi>> {
+        let Some((_, builder)) = self.builders.iter().find(|(t, _)| t == task) else {
+            let known: Vec<&str> = self.builders.iter().map(|(t, _)| t.as_str()).collect();
+            anyhow::bail!("the run has no instruction task `{task}` (tasks: {})", if known.is_empty() { "none".into() } else { known.join(", ") });
+        };
+        let view = self.view.as_ref().ok_or_else(|| anyhow::anyhow!("instructions are not available before the data is split"))?;
+        let mut b = builder.lock().map_err(|_| anyhow::anyhow!("instruction builder of `{task}` panicked earlier"))?;
+        let mut out = b.build_ffi(view, requests)?;
+        // The task tag is the host's: the same builder kind may serve two tasks.
+        for i in out.iter_mut() {
+            i.task = task.into();
+        }
+        Ok(out)
+    }
+}
+
+/// Shared by every component's services; set once when the run has its tasks and split.
+pub type TaskTable = Arc<OnceLock<Tasks>>;
 
 /// Progress bars of a run, host stages and plugins alike. Hidden when stderr is not a terminal.
 #[derive(Clone)]
@@ -66,6 +101,7 @@ pub struct HostServices {
     pub seed: u64,
     pub cancel: Arc<AtomicBool>,
     pub progress: Progress,
+    pub tasks: TaskTable,
 }
 
 impl HostServices {
@@ -102,5 +138,18 @@ impl HostFfi for HostServices {
     }
     fn seed(&self) -> u64 {
         self.seed
+    }
+    fn tasks(&self) -> RVec<abi_stable::std_types::RString> {
+        self.tasks.get().map(|t| t.builders.iter().map(|(n, _)| n.as_str().into()).collect()).unwrap_or_default()
+    }
+    fn render_instructions(&self, task: abi_stable::std_types::RStr<'_>, requests: RSlice<'_, TaskRequestFfi>) -> FfiResult<RVec<InstructionFfi>> {
+        let result = match self.tasks.get() {
+            Some(t) => t.render(task.as_str(), requests),
+            None => Err(anyhow::anyhow!("instructions of task `{task}` are not available yet (asked before the run's data was split)")),
+        };
+        match result {
+            Ok(v) => RResult::ROk(v),
+            Err(e) => RResult::RErr(ErrorFfi::from_anyhow(&e)),
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod eval;
 pub mod handles;
+pub mod knowledge;
 pub mod host;
 pub mod pipeline;
 pub mod plot;
@@ -21,6 +22,7 @@ pub mod runstore;
 #[cfg(feature = "local-llm")]
 pub mod serve;
 pub mod split;
+pub mod stages;
 
 // Link the built-in plugins so their `inventory` registrations are part of the binary.
 #[cfg(feature = "builtin-plugins")]

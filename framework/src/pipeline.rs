@@ -1,24 +1,26 @@
 //! The pipeline runner: builds every component from config first (so errors surface before any
-//! work), then runs the stages source → split → fuse → instructions → tune → rank/evaluate,
-//! writing one artifact per stage into the run directory. A stage whose inputs are unchanged is
-//! skipped; an interrupted stage resumes from its journal.
+//! work), then runs the stages source → split → fuse → instructions → tune → rank/evaluate
+//! (each a module of [`crate::stages`]), writing its artifacts into the run directory. A stage
+//! whose inputs are unchanged is skipped; an interrupted stage resumes from its journal.
 
-use crate::config::{locate, ComponentSpec, ConfigErrors, LoadedConfig, PipelineConfig, Sampling};
+use crate::config::{locate, ComponentSpec, ConfigErrors, LoadedConfig, PipelineConfig};
 use crate::eval::{self, Report};
-use recfuse_sdk::SeededRng;
 use crate::handles::*;
-use crate::host::{HostServices, Progress};
+use crate::host::{HostServices, Progress, TaskTable, Tasks};
+use crate::knowledge::KnowledgeBase;
 use crate::registry::Registry;
 use crate::runstore::*;
-use crate::split::{split_dataset, SplitData};
+use crate::split::split_dataset;
+use crate::stages::{self, Runner};
 use anyhow::{bail, Context, Result};
 use recfuse_sdk::ffi::{ComponentKind, HostFfiBox};
 use recfuse_sdk::records::*;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use recfuse_sdk::SeededRng;
+use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// How to run, besides the config.
@@ -101,7 +103,8 @@ fn component_error(cfg: &LoadedConfig, spec: &ComponentSpec, err: &anyhow::Error
 pub struct Components {
     pub source: SourceHandle,
     pub fusers: Vec<FuserHandle>,
-    pub instructions: Option<InstructionsHandle>,
+    /// One builder per task, shared with the host service that renders prompts for rankers.
+    pub instructions: Vec<(String, Arc<Mutex<InstructionsHandle>>)>,
     pub tuner: Option<TunerHandle>,
     pub rankers: Vec<RankerHandle>,
 }
@@ -110,7 +113,7 @@ impl Components {
     pub fn provenance(&self) -> Vec<Provenance> {
         let mut v = vec![self.source.provenance.clone()];
         v.extend(self.fusers.iter().map(|f| f.provenance.clone()));
-        v.extend(self.instructions.iter().map(|f| f.provenance.clone()));
+        v.extend(self.instructions.iter().map(|(_, b)| b.lock().expect("builder lock").provenance.clone()));
         v.extend(self.tuner.iter().map(|f| f.provenance.clone()));
         v.extend(self.rankers.iter().map(|f| f.provenance.clone()));
         v
@@ -145,7 +148,7 @@ pub fn build_components(
     }
     let source = make!(&p.source, ComponentKind::Source, source);
     let fusers: Vec<Option<FuserHandle>> = p.fusers.iter().map(|f| make!(f, ComponentKind::Fuser, fuser)).collect();
-    let instructions = p.instructions.as_ref().map(|s| make!(s, ComponentKind::Instructions, instructions));
+    let instructions: Vec<Option<InstructionsHandle>> = p.instructions.iter().map(|s| make!(s, ComponentKind::Instructions, instructions)).collect();
     let tuner = p.tuner.as_ref().map(|s| make!(s, ComponentKind::Tuner, tuner));
     let rankers: Vec<Option<RankerHandle>> = p.rankers.iter().map(|r| make!(r, ComponentKind::Ranker, ranker)).collect();
     if !errors.is_empty() {
@@ -154,7 +157,12 @@ pub fn build_components(
     Ok(Components {
         source: source.expect("checked"),
         fusers: fusers.into_iter().map(|f| f.expect("checked")).collect(),
-        instructions: instructions.map(|i| i.expect("checked")),
+        instructions: p
+            .instructions
+            .iter()
+            .zip(instructions)
+            .map(|(s, i)| (s.label.clone(), Arc::new(Mutex::new(i.expect("checked")))))
+            .collect(),
         tuner: tuner.map(|i| i.expect("checked")),
         rankers: rankers.into_iter().map(|r| r.expect("checked")).collect(),
     })
@@ -166,16 +174,63 @@ pub fn validate(cfg: &LoadedConfig) -> Result<Vec<Provenance>> {
     let scratch = tempfile_dir()?;
     let progress = Progress::new(false);
     let cancel = Arc::new(AtomicBool::new(false));
+    let tasks = TaskTable::default();
     let host_for = |key: &str| HostServices {
         component: Arc::from(key),
         run_dir: scratch.clone(),
         seed: 0,
         cancel: cancel.clone(),
         progress: progress.clone(),
+        tasks: tasks.clone(),
     }
     .into_ffi();
-    let c = build_components(cfg, &registry, &host_for)?;
+    let mut c = build_components(cfg, &registry, &host_for)?;
+    // The data too: a source that cannot read its files, and the work the rankers would do.
+    let dataset = c.source.load().map_err(|e| ConfigErrors(vec![cfg.key_error("source", format!("{e:#}"))]))?;
+    let dataset = match cfg.pipeline.run.sample_users.filter(|&n| n > 0) {
+        Some(n) => sample_users(dataset, n, cfg.pipeline.run.seed),
+        None => dataset,
+    };
+    let split = split_dataset(&dataset, &cfg.pipeline.split);
+    check_costs(cfg, &c.rankers, eval::pick_users(&split, cfg.pipeline.eval.max_users).len(), dataset.catalog.items.len())?;
     Ok(c.provenance())
+}
+
+/// Refuses costly rankers asked to score more than the budget allows (`eval.max_ranker_seconds`),
+/// with the estimate, before any work starts.
+pub fn check_costs(cfg: &LoadedConfig, rankers: &[RankerHandle], users: usize, items: usize) -> std::result::Result<(), ConfigErrors> {
+    let p = &cfg.pipeline;
+    let mut errors = Vec::new();
+    for (spec, ranker) in p.rankers.iter().zip(rankers) {
+        let per_pair = ranker.seconds_per_candidate();
+        let per_user = match (&spec.rerank, p.eval.protocol) {
+            (Some(rr), _) => rr.top,
+            (None, crate::config::Protocol::Full) => items,
+            (None, crate::config::Protocol::Sampled) => p.eval.negatives + 1,
+        };
+        let seconds = per_pair * (users * per_user) as f64;
+        if seconds > p.eval.max_ranker_seconds {
+            let fix = if spec.rerank.is_none() {
+                format!("rerank another ranker's top candidates instead, e.g. `rerank = {{ from = \"popularity\", top = 50 }}` (≈ {:.0} s)", per_pair * (users * 50) as f64)
+            } else {
+                "lower `rerank.top` or `eval.max_users`".to_string()
+            };
+            errors.push(cfg.key_error(
+                &spec.key,
+                format!(
+                    "ranker `{}` would score {users} users × {per_user} candidates at ≈ {per_pair:.2e} s each: ≈ {:.1} h, over `eval.max_ranker_seconds` = {}; {fix}",
+                    spec.label,
+                    seconds / 3600.0,
+                    p.eval.max_ranker_seconds
+                ),
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
@@ -203,32 +258,17 @@ fn hash_dataset(d: &Dataset) -> String {
     hash_parts(&[&catalog, &bytes])
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct KnowledgeRecord {
-    pub user: UserIdx,
-    pub id: String,
-    pub text: String,
-    #[serde(default)]
-    pub vectors: Vec<NamedVector>,
-    /// Fusers that produced nothing for this user, with why.
-    #[serde(default)]
-    pub errors: Vec<String>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct InstructionRecord {
-    pub user: UserIdx,
-    pub instructions: Vec<Instruction>,
-}
+pub use crate::knowledge::KnowledgeRecord;
+pub use crate::stages::instructions::InstructionRecord;
 
 #[derive(Serialize, Debug, Clone)]
-struct FileHash {
+pub struct FileHash {
     path: String,
     sha256: String,
 }
 
 #[derive(Serialize, Debug, Clone, Default)]
-struct DatasetSummary {
+pub struct DatasetSummary {
     users: usize,
     items: usize,
     events: usize,
@@ -239,7 +279,7 @@ struct DatasetSummary {
 }
 
 #[derive(Serialize, Debug, Clone)]
-struct Manifest {
+pub struct Manifest {
     recfuse_version: &'static str,
     sdk_abi: String,
     run: String,
@@ -248,68 +288,11 @@ struct Manifest {
     inputs: Vec<FileHash>,
     dataset: DatasetSummary,
     components: Vec<Provenance>,
-    stages: BTreeMap<String, serde_json::Value>,
+    pub stages: BTreeMap<String, serde_json::Value>,
     /// Token usage and cost of components that report it (`usage.json` in their run directory,
     /// e.g. the LLM fusers), by component directory.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    usage: BTreeMap<String, serde_json::Value>,
-}
-
-struct Runner<'a> {
-    cfg: &'a LoadedConfig,
-    run: RunDir,
-    opts: &'a RunOptions,
-    progress: Progress,
-    manifest: Manifest,
-    stages: Vec<(String, StageStart)>,
-}
-
-impl Runner<'_> {
-    fn check_cancel(&self) -> Result<()> {
-        if self.opts.cancel.load(Ordering::Relaxed) {
-            bail!("cancelled; rerun the same command to resume from {}", self.run.root.display());
-        }
-        Ok(())
-    }
-
-    /// Copies each component's `usage.json` into the manifest.
-    fn record_usage(&mut self) -> Result<()> {
-        let Ok(dirs) = std::fs::read_dir(self.run.path("components")) else { return Ok(()) };
-        for dir in dirs.flatten() {
-            let path = dir.path().join("usage.json");
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                let v = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-                self.manifest.usage.insert(dir.file_name().to_string_lossy().into_owned(), v);
-            }
-        }
-        self.save_manifest()
-    }
-
-    fn save_manifest(&self) -> Result<()> {
-        write_atomic(&self.run.path("manifest.json"), serde_json::to_string_pretty(&self.manifest)?.as_bytes())
-    }
-
-    /// Runs `body` as stage `name` unless its key says it is already done.
-    fn stage(&mut self, name: &str, key: &str, artifacts: &[&str], body: impl FnOnce(&mut Self, StageStart) -> Result<()>) -> Result<()> {
-        let start = self.run.begin(name, key, artifacts)?;
-        self.stages.push((name.to_string(), start));
-        let t = Instant::now();
-        match start {
-            StageStart::Skip => tracing::info!(stage = name, "inputs unchanged, skipped"),
-            StageStart::Resume => tracing::info!(stage = name, "resuming"),
-            StageStart::Fresh => tracing::info!(stage = name, "running"),
-        }
-        if start != StageStart::Skip {
-            body(self, start).with_context(|| format!("stage `{name}`"))?;
-            self.run.finish(name, key, t.elapsed().as_secs_f64())?;
-        }
-        let state = self.run.state(name);
-        self.manifest.stages.insert(
-            name.to_string(),
-            serde_json::json!({"key": key, "ran": format!("{start:?}").to_lowercase(), "seconds": state.map(|s| s.seconds)}),
-        );
-        self.save_manifest()
-    }
+    pub usage: BTreeMap<String, serde_json::Value>,
 }
 
 /// Runs a pipeline end to end.
@@ -327,6 +310,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     write_atomic(&run.path("config.resolved.toml"), resolved.as_bytes())?;
 
     let progress = Progress::new(opts.show_progress);
+    let tasks = TaskTable::default();
     let host_for = |key: &str| {
         let dir = run.root.join("components").join(key.replace(['[', ']'], ""));
         let _ = std::fs::create_dir_all(&dir);
@@ -336,6 +320,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             seed: derive_seed(p.run.seed, key),
             cancel: opts.cancel.clone(),
             progress: progress.clone(),
+            tasks: tasks.clone(),
         }
         .into_ffi()
     };
@@ -363,7 +348,6 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     // Source: always read (cheap next to the stages after it); its content hash keys the rest.
     let t = Instant::now();
     let mut dataset = c.source.load()?;
-    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "source returned");
     if let Some(n) = p.run.sample_users.filter(|&n| n > 0) {
         dataset = sample_users(dataset, n, p.run.seed);
     }
@@ -376,9 +360,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             r.manifest.inputs.push(FileHash { path: input.clone(), sha256: hash_file(path)? });
         }
     }
-    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "inputs hashed");
     let split = split_dataset(&dataset, &p.split);
-    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "split");
     r.manifest.dataset = DatasetSummary {
         users: dataset.catalog.users.len(),
         items: dataset.catalog.items.len(),
@@ -395,85 +377,97 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         seconds = t.elapsed().as_secs_f64(),
         "loaded dataset"
     );
+    let users = eval::pick_users(&split, p.eval.max_users);
+    check_costs(cfg, &c.rankers, users.len(), dataset.catalog.items.len())?;
+    // From here on rankers may ask the host to render their task's prompts.
+    let history = Arc::new(ViewData::new(
+        split.history.catalog.clone(),
+        split.history.catalog_ffi.clone(),
+        split.history.events.clone(),
+        split.history.offsets.clone(),
+    ));
+    let _ = tasks.set(Tasks::new(c.instructions.clone(), history));
+
     let version_of = |prov: &Provenance| format!("{}@{}", prov.plugin, prov.version);
     let spec_json = |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();
     let split_json = serde_json::to_string(&p.split)?;
-    let data_key = hash_parts(&[r.manifest.dataset.sha256.as_bytes(), split_json.as_bytes()]);
+    let mut key = hash_parts(&[r.manifest.dataset.sha256.as_bytes(), split_json.as_bytes()]);
 
-    // Fuse.
-    let mut key = data_key.clone();
     if !c.fusers.is_empty() {
         let parts: Vec<String> =
             p.fusers.iter().zip(&c.fusers).map(|(s, f)| format!("{}|{}", spec_json(s), version_of(&f.provenance))).collect();
         key = hash_parts(&[key.as_bytes(), b"fuse", parts.join("\n").as_bytes()]);
         let batch = p.run.batch_size;
-        r.stage("fuse", &key, &["knowledge.jsonl"], |r, _| fuse_stage(r, &mut c.fusers, &split, batch))?;
+        r.stage("fuse", &key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch))?;
         r.record_usage()?;
     }
+    // Read once, for every stage after fusion that runs.
+    let knowledge = KnowledgeBase::load(&r.run.root)?;
 
-    // Instructions.
-    if let (Some(spec), Some(builder)) = (&p.instructions, c.instructions.as_mut()) {
-        key = hash_parts(&[key.as_bytes(), b"instructions", spec_json(spec).as_bytes(), version_of(&builder.provenance).as_bytes(), &p.run.seed.to_le_bytes()]);
-        let has_knowledge = !c.fusers.is_empty();
-        r.stage("instructions", &key, &["instructions.jsonl"], |r, _| {
-            instructions_stage(r, builder, &split, &dataset, has_knowledge)
+    if !c.instructions.is_empty() {
+        let parts: Vec<String> = p
+            .instructions
+            .iter()
+            .zip(&c.instructions)
+            .map(|(s, (task, b))| format!("{task}|{}|{}", spec_json(s), version_of(&b.lock().expect("builder lock").provenance)))
+            .collect();
+        key = hash_parts(&[key.as_bytes(), b"instructions", parts.join("\n").as_bytes(), &p.run.seed.to_le_bytes()]);
+        let seed = derive_seed(p.run.seed, "negatives");
+        r.stage("instructions", &key, &[stages::instructions::OUTPUT], |r, _| {
+            stages::instructions::run(r, &c.instructions, &split, &dataset, &knowledge, seed)
         })?;
     }
 
-    // Tune.
     let mut artifact: Option<Artifact> = None;
     if let (Some(spec), Some(tuner)) = (&p.tuner, c.tuner.as_mut()) {
         key = hash_parts(&[key.as_bytes(), b"tune", spec_json(spec).as_bytes(), version_of(&tuner.provenance).as_bytes()]);
-        r.stage("tune", &key, &["tuner", "artifact.json"], |r, _| {
-            let records: Vec<InstructionRecord> = read_journal(&r.run.path("instructions.jsonl"))?;
-            let all = records.into_iter().flat_map(|x| x.instructions);
-            let (train, rest): (Vec<Instruction>, Vec<Instruction>) = all.partition(|i| i.split == Split::Train);
-            let valid: Vec<Instruction> = rest.into_iter().filter(|i| i.split == Split::Valid).collect();
-            let out_dir = r.run.path("tuner");
-            std::fs::create_dir_all(&out_dir)?;
-            let a = tuner.tune(&split.history, &train, &valid, &out_dir)?;
-            write_atomic(&r.run.path("artifact.json"), serde_json::to_string_pretty(&a)?.as_bytes())
-        })?;
-        let text = std::fs::read_to_string(r.run.path("artifact.json")).context("reading artifact.json")?;
-        artifact = Some(serde_json::from_str(&text).context("artifact.json")?);
+        r.stage("tune", &key, &stages::tune::OUTPUTS, |r, _| stages::tune::run(r, tuner, &split.history, &knowledge))?;
+        artifact = Some(stages::tune::artifact(&r)?);
     }
 
     // Rank and evaluate, one stage per ranker, on the same users and negatives.
     let mut reports = Vec::new();
     if !c.rankers.is_empty() {
         let eval_json = serde_json::to_string(&p.eval)?;
-        let users = eval::pick_users(&split, p.eval.max_users);
         let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
-        let has_knowledge = !c.fusers.is_empty();
-        let mut knowledge: Option<Vec<Knowledge>> = None;
+        let ctx = eval::EvalContext { split: &split, cfg: &p.eval, users: &users, negatives: &negatives, batch_size: p.run.batch_size };
+        let fit_data = FitData {
+            train: &split.train,
+            context: &split.context,
+            knowledge: &knowledge.users,
+            item_knowledge: &knowledge.items,
+            artifact: artifact.as_ref(),
+            model_dir: None,
+        };
+        let mut slots: Vec<stages::rank::RankerSlot> = p
+            .rankers
+            .iter()
+            .zip(std::mem::take(&mut c.rankers))
+            .map(|(spec, handle)| stages::rank::RankerSlot {
+                label: spec.label.clone(),
+                fit_key: hash_parts(&[
+                    key.as_bytes(),
+                    b"fit",
+                    spec_json(spec).as_bytes(),
+                    version_of(&handle.provenance).as_bytes(),
+                    &p.run.seed.to_le_bytes(),
+                ]),
+                handle,
+                fitted: false,
+            })
+            .collect();
         std::fs::create_dir_all(r.run.path("reports"))?;
-        for (spec, ranker) in p.rankers.iter().zip(c.rankers.iter_mut()) {
+        for (i, spec) in p.rankers.iter().enumerate() {
+            let first = spec.rerank.as_ref().map(|rr| {
+                let f = slots.iter().position(|s| s.label == rr.from).expect("checked by config");
+                (f, rr.top)
+            });
             let stage = format!("evaluate.{}", spec.label);
             let json_name = format!("reports/{}.json", spec.label);
-            let stage_key = hash_parts(&[
-                key.as_bytes(),
-                b"evaluate",
-                spec_json(spec).as_bytes(),
-                version_of(&ranker.provenance).as_bytes(),
-                eval_json.as_bytes(),
-            ]);
+            let first_key = first.map(|(f, top)| format!("{}|{top}", slots[f].fit_key)).unwrap_or_default();
+            let stage_key = hash_parts(&[slots[i].fit_key.as_bytes(), b"evaluate", eval_json.as_bytes(), first_key.as_bytes()]);
             r.stage(&stage, &stage_key, &[&json_name], |r, _| {
-                // Read once for all rankers, and only if one of them runs.
-                if has_knowledge && knowledge.is_none() {
-                    let records = read_journal::<KnowledgeRecord>(&r.run.path("knowledge.jsonl"))?;
-                    knowledge = Some(records.into_iter().map(|k| Knowledge { user: k.user, text: k.text, vectors: k.vectors }).collect());
-                }
-                let t = Instant::now();
-                ranker.fit(&split.train, &split.context, knowledge.as_deref().unwrap_or(&[]), artifact.as_ref())?;
-                tracing::info!(ranker = spec.label.as_str(), seconds = t.elapsed().as_secs_f64(), "ranker fitted");
-                let bar = r.progress.bar(&spec.label, users.len() as u64);
-                let t = Instant::now();
-                let rep = eval::evaluate(ranker, &spec.label, &split, &p.eval, &users, &negatives, p.run.batch_size, |n| {
-                    bar.inc(n as u64);
-                    r.check_cancel()
-                })?;
-                bar.finish_and_clear();
-                tracing::info!(ranker = spec.label.as_str(), seconds = t.elapsed().as_secs_f64(), "evaluated");
+                let rep = stages::rank::evaluate(r, &mut slots, i, first, &fit_data, &ctx)?;
                 write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&rep)?.as_bytes())
             })?;
             let text = std::fs::read_to_string(r.run.path(&json_name)).with_context(|| format!("reading {json_name}"))?;
@@ -519,95 +513,3 @@ fn sample_users(mut d: Dataset, n: usize, seed: u64) -> Dataset {
     d
 }
 
-fn fuse_stage(r: &mut Runner, fusers: &mut [FuserHandle], split: &SplitData, batch: usize) -> Result<()> {
-    let (mut journal, done) = Journal::open::<KnowledgeRecord>(&r.run.path("knowledge.jsonl"))?;
-    let done: HashSet<UserIdx> = done.iter().map(|k| k.user).collect();
-    let catalog = &split.history.catalog;
-    let todo: Vec<UserIdx> = (0..catalog.users.len() as u32).filter(|u| !done.contains(u)).collect();
-    tracing::info!(done = done.len(), todo = todo.len(), "fusing knowledge");
-    for f in fusers.iter_mut() {
-        f.prepare(&split.history)?;
-    }
-    let bar = r.progress.bar("fuse", catalog.users.len() as u64);
-    bar.inc(done.len() as u64);
-    for users in todo.chunks(batch) {
-        r.check_cancel()?;
-        let mut records: Vec<KnowledgeRecord> = users
-            .iter()
-            .map(|&u| KnowledgeRecord { user: u, id: catalog.users[u as usize].id.clone(), text: String::new(), vectors: vec![], errors: vec![] })
-            .collect();
-        for f in fusers.iter_mut() {
-            let out = f.fuse(&split.history, users)?;
-            let mut got: BTreeMap<UserIdx, Knowledge> = out.into_iter().map(|k| (k.user, k)).collect();
-            for rec in records.iter_mut() {
-                match got.remove(&rec.user) {
-                    Some(k) => {
-                        if !k.text.is_empty() {
-                            if !rec.text.is_empty() {
-                                rec.text.push('\n');
-                            }
-                            rec.text.push_str(&k.text);
-                        }
-                        rec.vectors.extend(k.vectors);
-                    }
-                    None => rec.errors.push(format!("fuser `{}` returned no knowledge", f.provenance.name)),
-                }
-            }
-        }
-        journal.append(&records)?;
-        bar.inc(users.len() as u64);
-    }
-    bar.finish_and_clear();
-    Ok(())
-}
-
-fn instructions_stage(
-    r: &mut Runner,
-    builder: &mut InstructionsHandle,
-    split: &SplitData,
-    dataset: &Dataset,
-    has_knowledge: bool,
-) -> Result<()> {
-    let p = &r.cfg.pipeline;
-    let knowledge: BTreeMap<UserIdx, String> = if has_knowledge {
-        read_journal::<KnowledgeRecord>(&r.run.path("knowledge.jsonl"))?.into_iter().map(|k| (k.user, k.text)).collect()
-    } else {
-        BTreeMap::new()
-    };
-    let (mut journal, done) = Journal::open::<InstructionRecord>(&r.run.path("instructions.jsonl"))?;
-    let done: HashSet<UserIdx> = done.iter().map(|k| k.user).collect();
-    let users: Vec<UserIdx> = split.evaluable_users().into_iter().filter(|u| !done.contains(u)).collect();
-
-    let sampler = eval::NegativeSampler::new(split, dataset, Sampling::Uniform);
-    let seed = derive_seed(p.run.seed, "negatives");
-    let bar = r.progress.bar("instructions", (users.len() + done.len()) as u64);
-    bar.inc(done.len() as u64);
-    for chunk in users.chunks(p.run.batch_size) {
-        r.check_cancel()?;
-        let mut requests = Vec::new();
-        for &u in chunk {
-            let t = split.targets[u as usize];
-            let text = knowledge.get(&u).cloned().unwrap_or_default();
-            for (which, item) in [(Split::Train, t.train), (Split::Valid, t.valid), (Split::Test, t.test)] {
-                if item == NONE {
-                    continue; // e.g. no validation event in the temporal split's window
-                }
-                let mut rng = SeededRng::new(seed ^ ((u as u64) << 8) ^ which as u64);
-                let mut targets = vec![LabeledItem { item, label: 1.0 }];
-                let negatives = sampler.sample(u, p.split.negatives, &mut rng);
-                targets.extend(negatives.into_iter().map(|item| LabeledItem { item, label: 0.0 }));
-                requests.push(InstructionRequest { user: u, split: which, knowledge: text.clone(), targets });
-            }
-        }
-        let out = builder.build(&split.history, &requests)?;
-        let mut per_user: BTreeMap<UserIdx, Vec<Instruction>> = chunk.iter().map(|&u| (u, vec![])).collect();
-        for i in out {
-            per_user.entry(i.user).or_default().push(i);
-        }
-        let records: Vec<InstructionRecord> = per_user.into_iter().map(|(user, instructions)| InstructionRecord { user, instructions }).collect();
-        journal.append(&records)?;
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    Ok(())
-}

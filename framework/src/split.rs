@@ -33,6 +33,11 @@ pub struct Targets {
     pub train: ItemIdx,
     pub valid: ItemIdx,
     pub test: ItemIdx,
+    /// The event values (a rating, a quantity) of the train and validation targets, for tasks
+    /// that predict them (NaN when absent). The test value is deliberately not kept: nothing
+    /// before evaluation may see it.
+    pub train_value: f32,
+    pub valid_value: f32,
 }
 
 pub struct SplitData {
@@ -119,21 +124,23 @@ pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     times.sort_unstable();
     let cut = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
     let (t_valid, t_test) = (cut(1.0 - cfg.test_fraction - cfg.valid_fraction), cut(1.0 - cfg.test_fraction));
-    let none = Targets { train: NONE, valid: NONE, test: NONE };
+    let none = Targets { train: NONE, valid: NONE, test: NONE, train_value: f32::NAN, valid_value: f32::NAN };
     let n_users = catalog.users.len();
     let (mut train, mut history, mut targets) = (vec![Vec::new(); n_users], vec![Vec::new(); n_users], vec![none; n_users]);
     let mut context = vec![Vec::new(); n_users];
     for (u, evs) in per_user_sorted(dataset).into_iter().enumerate() {
         let train_end = evs.partition_point(|e| e.timestamp < t_valid);
         context[u] = evs[..evs.partition_point(|e| e.timestamp < t_test)].to_vec();
-        let valid = evs[train_end..].iter().find(|e| e.timestamp < t_test && is_target(e)).map(|e| e.item).unwrap_or(NONE);
+        let valid_event = evs[train_end..].iter().find(|e| e.timestamp < t_test && is_target(e));
+        let valid = valid_event.map(|e| e.item).unwrap_or(NONE);
+        let valid_value = valid_event.map(|e| e.value).unwrap_or(f32::NAN);
         let test = evs[train_end..].iter().find(|e| e.timestamp >= t_test && is_target(e)).map(|e| e.item).unwrap_or(NONE);
         let tr: Vec<Event> = evs[..train_end].to_vec();
         let train_pos = tr.iter().rposition(|e| is_target(e));
         let mut hist = tr.clone();
         match (train_pos, test) {
             (Some(p), t) if t != NONE => {
-                targets[u] = Targets { train: tr[p].item, valid, test };
+                targets[u] = Targets { train: tr[p].item, valid, test, train_value: tr[p].value, valid_value };
                 hist.remove(p);
             }
             _ => {}
@@ -150,7 +157,7 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let target_kinds: Vec<u32> = cfg.target_kinds.iter().filter_map(|k| catalog.kind(k)).collect();
     let is_target = |e: &Event| e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind));
 
-    let none = Targets { train: NONE, valid: NONE, test: NONE };
+    let none = Targets { train: NONE, valid: NONE, test: NONE, train_value: f32::NAN, valid_value: f32::NAN };
     let mut targets = vec![none; n_users];
     let mut train: Vec<Vec<Event>> = vec![Vec::new(); n_users];
     let mut history: Vec<Vec<Event>> = vec![Vec::new(); n_users];
@@ -167,7 +174,13 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
         }
         let n = positions.len();
         let (train_pos, valid_pos, test_pos) = (positions[n - 3], positions[n - 2], positions[n - 1]);
-        targets[user] = Targets { train: evs[train_pos].item, valid: evs[valid_pos].item, test: evs[test_pos].item };
+        targets[user] = Targets {
+            train: evs[train_pos].item,
+            valid: evs[valid_pos].item,
+            test: evs[test_pos].item,
+            train_value: evs[train_pos].value,
+            valid_value: evs[valid_pos].value,
+        };
         let mut hist = evs[..valid_pos].to_vec();
         hist.remove(train_pos);
         history[user] = hist;
@@ -208,7 +221,7 @@ mod tests {
             ev(1, 7, 0, 1),     // user 1: too short, all train
         ];
         let s = leave_one_out(&dataset(events), &SplitSection::default());
-        assert_eq!(s.targets[0], Targets { train: 3, valid: 4, test: 5 });
+        assert_eq!((s.targets[0].train, s.targets[0].valid, s.targets[0].test), (3, 4, 5));
         let train: Vec<u32> = s.train.view().history(0).iter().map(|e| e.item).collect();
         assert_eq!(train, vec![1, 2, 3]);
         let hist: Vec<u32> = s.history.view().history(0).iter().map(|e| e.item).collect();
@@ -229,7 +242,7 @@ mod tests {
         events.push(ev(1, 6, 0, 3));
         let cfg = SplitSection { method: SplitMethod::Temporal, valid_fraction: 0.1, test_fraction: 0.2, ..Default::default() };
         let s = split_dataset(&dataset(events), &cfg);
-        assert_eq!(s.targets[0], Targets { train: 6, valid: 7, test: 8 });
+        assert_eq!((s.targets[0].train, s.targets[0].valid, s.targets[0].test), (6, 7, 8));
         let train: Vec<i64> = s.train.view().history(0).iter().map(|e| e.timestamp).collect();
         assert_eq!(train, vec![1, 2, 3, 4, 5, 6]);
         assert!(s.history.view().history(0).iter().all(|e| e.timestamp != 6));
@@ -242,7 +255,7 @@ mod tests {
         let events = vec![ev(0, 1, 0, 1), ev(0, 2, 1, 2), ev(0, 3, 0, 3), ev(0, 4, 0, 4), ev(0, 5, 1, 5)];
         let cfg = SplitSection { target_kinds: vec!["click".into()], ..Default::default() };
         let s = leave_one_out(&dataset(events), &cfg);
-        assert_eq!(s.targets[0], Targets { train: 1, valid: 3, test: 4 });
+        assert_eq!((s.targets[0].train, s.targets[0].valid, s.targets[0].test), (1, 3, 4));
         let train: Vec<u32> = s.train.view().history(0).iter().map(|e| e.item).collect();
         assert_eq!(train, vec![1, 2]);
     }

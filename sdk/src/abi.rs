@@ -20,7 +20,13 @@ pub struct SdkAbiVersion {
 }
 
 /// The ABI version of this SDK. Bump it together with any change to `ffi`.
-pub const SDK_ABI_VERSION: SdkAbiVersion = SdkAbiVersion { major: 1, minor: 0 };
+///
+/// * 1.0: the first contract.
+/// * 1.1: item knowledge (`fuse_items`), multi-task instruction requests with target values
+///   (`build_tasks`), tuners get knowledge (`tune_with`), rankers save/load and declare a cost
+///   (`fit_with`, `save`, `load`, `seconds_per_candidate`), the host renders a task's prompts
+///   for rankers (`tasks`, `render_instructions`). All appended; 1.0 plugins load unchanged.
+pub const SDK_ABI_VERSION: SdkAbiVersion = SdkAbiVersion { major: 1, minor: 1 };
 
 /// The name of the C symbol (`extern "C" fn() -> SdkAbiVersion`) every dynamic plugin exports.
 /// This symbol and the layout of [`SdkAbiVersion`] never change, whatever the ABI version.

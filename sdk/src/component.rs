@@ -36,15 +36,25 @@ pub trait KnowledgeFuser: Send + Sync + 'static {
     }
     /// Knowledge for each user of `users`, in any order; users left out are recorded as failed.
     fn fuse(&mut self, view: &TrainView<'_>, users: &[UserIdx]) -> Result<Vec<Knowledge>>;
+    /// Knowledge about items (ABI 1.1): called after `prepare`, for every item of the catalog in
+    /// batches. Items left out simply have no knowledge from this fuser. Default: none.
+    fn fuse_items(&mut self, _view: &TrainView<'_>, _items: &[ItemIdx]) -> Result<Vec<ItemKnowledge>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Builds instruction examples (instruction, input, output) for a task.
+///
+/// The same builder renders the prompts a ranker scores (through [`Host::instructions`]), so
+/// training and scoring prompts cannot drift: `build` must be a pure function of the view and
+/// the requests (no randomness, no state carried between calls).
 pub trait InstructionBuilder: Send + Sync + 'static {
     type Config: DeserializeOwned;
     const DESCRIPTION: &'static str;
     fn new(config: Self::Config, host: Host) -> Result<Self>
     where
         Self: Sized;
+    /// One or more examples per request and target, each tagged with `request.task`.
     fn build(&mut self, view: &TrainView<'_>, requests: &[InstructionRequest]) -> Result<Vec<Instruction>>;
 }
 
@@ -56,13 +66,8 @@ pub trait Tuner: Send + Sync + 'static {
     fn new(config: Self::Config, host: Host) -> Result<Self>
     where
         Self: Sized;
-    fn tune(
-        &mut self,
-        view: &TrainView<'_>,
-        train: &[Instruction],
-        valid: &[Instruction],
-        out_dir: &Path,
-    ) -> Result<Artifact>;
+    /// Trains on `inputs.train` (every task of the run, tagged), may select on `inputs.valid`.
+    fn tune(&mut self, view: &TrainView<'_>, inputs: &TuneInputs<'_>, out_dir: &Path) -> Result<Artifact>;
 }
 
 /// Scores candidate items for users. Every model, baselines included, is a ranker, so every
@@ -75,5 +80,28 @@ pub trait Ranker: Send + Sync + 'static {
         Self: Sized;
     fn fit(&mut self, view: &TrainView<'_>, inputs: &FitInputs<'_>) -> Result<()>;
     /// Writes `batch.out_len()` scores into `out`, row-major by user; higher is better.
+    ///
+    /// Called on one thread at a time per ranker (the host never calls `score` concurrently on
+    /// the same instance); parallelise inside if you like. Already-seen items are among the
+    /// candidates under full ranking: the host masks them, so do not. Candidates are valid item
+    /// indices, never [`NONE`].
     fn score(&self, batch: &ScoreBatch<'_>, out: &mut [f32]) -> Result<()>;
+
+    /// Saves the fitted model into `dir` (ABI 1.1) so that [`Ranker::load`] can restore it
+    /// without refitting. Returns `false` when the ranker does not support saving (the default):
+    /// the host then refits it whenever it is needed.
+    fn save(&self, _dir: &Path) -> Result<bool> {
+        Ok(false)
+    }
+    /// Restores what [`Ranker::save`] wrote into `dir`, instead of `fit`, given the same inputs
+    /// `fit` would get (ABI 1.1). `false` = not supported (the default) and the host calls `fit`.
+    fn load(&mut self, _view: &TrainView<'_>, _inputs: &FitInputs<'_>, _dir: &Path) -> Result<bool> {
+        Ok(false)
+    }
+    /// Rough cost of scoring one (user, candidate) pair, in seconds on one core (ABI 1.1).
+    /// `recfuse validate` multiplies it by the work a config asks for and refuses a costly
+    /// ranker asked to score the whole catalog without `rerank`. Default: 0 (cheap).
+    fn seconds_per_candidate(&self) -> f64 {
+        0.0
+    }
 }

@@ -1,8 +1,9 @@
 //! What the host offers a plugin: logging into the host's `tracing`, progress reporting,
 //! cancellation, the run directory and a seed. A plugin keeps the [`Host`] it was built with.
 
-use crate::ffi::{HostFfi, HostFfiBox, LogLevel};
-use abi_stable::std_types::{RArc, RStr, RString};
+use crate::ffi::{HostFfi, HostFfiBox, InstructionFfi, LogLevel, TaskRequestFfi};
+use crate::records::{Instruction, InstructionRequest};
+use abi_stable::std_types::{RArc, RSlice, RStr, RString};
 use abi_stable::sabi_trait::TD_Opaque;
 use std::fmt::Display;
 use std::path::PathBuf;
@@ -77,6 +78,21 @@ impl Host {
     /// The seed this component should use for any randomness (derived from the run seed).
     pub fn seed(&self) -> u64 {
         self.ffi.seed()
+    }
+
+    /// The instruction tasks of the run, one per `[[instructions]]` builder (ABI 1.1).
+    pub fn tasks(&self) -> Vec<String> {
+        self.ffi.tasks().into_iter().map(|t| t.into_string()).collect()
+    }
+
+    /// Renders `requests` with the run's instruction builder of `task` (ABI 1.1), exactly as the
+    /// instructions stage rendered the examples a tuner learned from: a ranker that scores
+    /// prompts builds them here, so training and scoring prompts cannot drift. Requests for
+    /// scoring carry `label = 0` and `value = None` (the answer is what is predicted).
+    pub fn instructions(&self, task: &str, requests: &[InstructionRequest]) -> anyhow::Result<Vec<Instruction>> {
+        let reqs: Vec<TaskRequestFfi> = requests.iter().map(TaskRequestFfi::from_request).collect();
+        let out = self.ffi.render_instructions(RStr::from_str(task), RSlice::from_slice(&reqs)).into_result().map_err(|e| e.into_anyhow())?;
+        Ok(out.iter().map(InstructionFfi::to_instruction).collect())
     }
 
     /// A host for a plugin's own unit tests or tools: logs to stderr, no progress bars,

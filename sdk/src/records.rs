@@ -241,6 +241,35 @@ pub struct Knowledge {
     pub vectors: Vec<NamedVector>,
 }
 
+/// What a [`KnowledgeFuser`](crate::KnowledgeFuser) knows about one item (ABI 1.1): a text (an
+/// item description) and/or vectors (CF item embeddings, text embeddings).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ItemKnowledge {
+    pub item: ItemIdx,
+    pub text: String,
+    pub vectors: Vec<NamedVector>,
+}
+
+/// All knowledge of a run, by user and by item, as stages after fusion receive it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KnowledgeView<'a> {
+    /// One record per fused user, sorted by user.
+    pub users: &'a [Knowledge],
+    /// One record per item a fuser described, sorted by item (empty when no fuser does).
+    pub items: &'a [ItemKnowledge],
+}
+
+impl<'a> KnowledgeView<'a> {
+    /// The knowledge of `user`, if it was fused.
+    pub fn user(&self, user: UserIdx) -> Option<&'a Knowledge> {
+        self.users.binary_search_by_key(&user, |k| k.user).ok().map(|i| &self.users[i])
+    }
+    /// The knowledge of `item`, if a fuser described it.
+    pub fn item(&self, item: ItemIdx) -> Option<&'a ItemKnowledge> {
+        self.items.binary_search_by_key(&item, |k| k.item).ok().map(|i| &self.items[i])
+    }
+}
+
 /// Which part of the split an instruction example belongs to.
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -251,7 +280,7 @@ pub enum Split {
     Test,
 }
 
-/// A candidate item with its label (1 = the user's next item, 0 = a sampled negative).
+/// A candidate item with its label, as ABI 1.0 passed it (kept for 1.0 plugins).
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabeledItem {
@@ -259,14 +288,30 @@ pub struct LabeledItem {
     pub label: f32,
 }
 
+/// A candidate item of an instruction request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub item: ItemIdx,
+    /// 1 = the user's real next item (the split's target), 0 = a sampled negative.
+    pub label: f32,
+    /// The value of the target's event (a rating, a quantity), for the real target only; `None`
+    /// for negatives and when the request is for scoring (the value is what is predicted).
+    pub value: Option<f32>,
+    /// The item's fused knowledge text (empty when no fuser describes items).
+    pub knowledge: String,
+}
+
 /// What the host asks an [`InstructionBuilder`](crate::InstructionBuilder) to turn into examples.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InstructionRequest {
     pub user: UserIdx,
     pub split: Split,
+    /// The task this builder serves in the run (its config's `task`, by default its kind);
+    /// builders write it into each [`Instruction::task`].
+    pub task: String,
     /// The fused knowledge text of this user, built from events before the targets.
     pub knowledge: String,
-    pub targets: Vec<LabeledItem>,
+    pub targets: Vec<Target>,
 }
 
 /// One instruction-tuning example: (instruction, input, output), as in HKFR.
@@ -295,16 +340,48 @@ pub struct Artifact {
     pub meta: String,
 }
 
-/// Inputs a ranker may use in `fit`, besides the train view.
+/// Inputs a ranker may use in `fit` (and `load`), besides the train view.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FitInputs<'a> {
     /// Fused knowledge per user (possibly empty when the pipeline has no fuser).
     pub knowledge: &'a [Knowledge],
+    /// Fused knowledge per item (ABI 1.1; empty when no fuser describes items).
+    pub item_knowledge: &'a [ItemKnowledge],
     pub artifact: Option<&'a Artifact>,
     /// What is known when a prediction is asked for: each user's events before the item to
     /// predict (train plus the validation event). Sequence models condition on it when
     /// scoring; nobody may train on it. `None` means: score from the train view.
     pub context: Option<TrainView<'a>>,
+    /// This fit's own directory (ABI 1.1): where a long fit checkpoints (each epoch) and
+    /// resumes from, and where [`Ranker::save`](crate::Ranker::save) will be asked to write.
+    /// The host empties it when the fit's inputs or config change. `None` from a 1.0 host.
+    pub model_dir: Option<&'a std::path::Path>,
+}
+
+impl<'a> FitInputs<'a> {
+    /// User and item knowledge together.
+    pub fn knowledge_view(&self) -> KnowledgeView<'a> {
+        KnowledgeView { users: self.knowledge, items: self.item_knowledge }
+    }
+}
+
+/// What a [`Tuner`](crate::Tuner) learns from (ABI 1.1).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TuneInputs<'a> {
+    /// Training examples of every task, each tagged with its [`Instruction::task`].
+    pub train: &'a [Instruction],
+    /// Validation examples (for early stopping and model selection), same tasks.
+    pub valid: &'a [Instruction],
+    /// User knowledge (text and vectors, e.g. CF embeddings for soft tokens).
+    pub knowledge: &'a [Knowledge],
+    /// Item knowledge (text and vectors).
+    pub item_knowledge: &'a [ItemKnowledge],
+}
+
+impl<'a> TuneInputs<'a> {
+    pub fn knowledge_view(&self) -> KnowledgeView<'a> {
+        KnowledgeView { users: self.knowledge, items: self.item_knowledge }
+    }
 }
 
 /// A batch of users to score in one call.

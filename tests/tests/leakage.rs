@@ -18,6 +18,7 @@ fn ml100k() -> Dataset {
         seed: 0,
         cancel: Default::default(),
         progress: recfuse::host::Progress::new(false),
+        tasks: Default::default(),
     };
     let cfg = serde_json::json!({"dir": ml100k_dir(), "name": "ml-100k"});
     reg.source("recbole-atomic", &cfg, services.into_ffi()).unwrap().load().unwrap()
@@ -88,17 +89,17 @@ kind = "ctr"
     assert_eq!(knowledge.len(), 943);
     let mut mentioned_history = 0;
     for k in &knowledge {
-        let t = split.targets[k.user as usize];
+        let t = split.targets[k.index as usize];
         // Ground truth independent of the split's own views: the user's other movies.
         let targets = [t.train, t.valid, t.test];
         let others: HashSet<String> =
-            ds.events.iter().filter(|e| e.user == k.user && !targets.contains(&e.item)).map(|e| title(e.item)).collect();
-        let hist_titles: HashSet<String> = split.history.view().history(k.user).iter().map(|e| title(e.item)).collect();
+            ds.events.iter().filter(|e| e.user == k.index && !targets.contains(&e.item)).map(|e| title(e.item)).collect();
+        let hist_titles: HashSet<String> = split.history.view().history(k.index).iter().map(|e| title(e.item)).collect();
         for target in targets {
             let name = title(target);
             // A different movie with the same title may legitimately appear.
             if !others.contains(&name) {
-                assert!(!k.text.contains(&name), "user {}: knowledge mentions target {name}", k.user);
+                assert!(!k.text.contains(&name), "user {}: knowledge mentions target {name}", k.index);
             }
         }
         mentioned_history += hist_titles.iter().filter(|h| k.text.contains(h.as_str())).count();

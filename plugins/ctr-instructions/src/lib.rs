@@ -48,6 +48,17 @@ impl CtrInstructions {
     }
 }
 
+impl CtrInstructions {
+    /// The user's knowledge, then the candidate (with its item knowledge when a fuser gave one).
+    fn input(&self, cat: &Catalog, knowledge: &str, t: &Target) -> String {
+        let mut s = format!("{knowledge}\nCandidate item: {}", self.describe(cat, t.item));
+        if !t.knowledge.is_empty() {
+            s.push_str(&format!("\nAbout the candidate: {}", t.knowledge));
+        }
+        s
+    }
+}
+
 impl InstructionBuilder for CtrInstructions {
     type Config = CtrConfig;
     const DESCRIPTION: &'static str = "CTR task: will the user interact with this item? Yes/No";
@@ -65,9 +76,9 @@ impl InstructionBuilder for CtrInstructions {
                     user: r.user,
                     item: t.item,
                     split: r.split,
-                    task: "ctr".into(),
+                    task: r.task.clone(),
                     instruction: self.cfg.instruction.clone(),
-                    input: format!("{}\nCandidate item: {}", r.knowledge, self.describe(view.catalog, t.item)),
+                    input: self.input(view.catalog, &r.knowledge, t),
                     output: if t.label > 0.5 { self.cfg.yes.clone() } else { self.cfg.no.clone() },
                     label: t.label,
                 });
@@ -97,15 +108,19 @@ mod tests {
         let req = InstructionRequest {
             user: 3,
             split: Split::Train,
+            task: "ctr".into(),
             knowledge: "likes thrillers".into(),
-            targets: vec![LabeledItem { item: 1, label: 1.0 }, LabeledItem { item: 0, label: 0.0 }],
+            targets: vec![
+                Target { item: 1, label: 1.0, value: Some(4.0), knowledge: String::new() },
+                Target { item: 0, label: 0.0, value: None, knowledge: "a quiet drama".into() },
+            ],
         };
         let out = b.build(&view, &[req]).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].output, "Yes");
         assert_eq!(out[0].input, "likes thrillers\nCandidate item: Heat (class: Action)");
         assert_eq!(out[1].output, "No");
-        assert_eq!(out[1].input, "likes thrillers\nCandidate item: 1");
+        assert_eq!(out[1].input, "likes thrillers\nCandidate item: 1\nAbout the candidate: a quiet drama");
         assert!(out.iter().all(|i| i.user == 3 && i.task == "ctr" && i.split == Split::Train));
     }
 }

@@ -26,6 +26,8 @@ struct Stats {
     positives: usize,
     tasks: BTreeMap<String, usize>,
     mean_input_chars: f64,
+    users_with_knowledge: usize,
+    items_with_knowledge: usize,
 }
 
 impl Tuner for IdentityTuner {
@@ -36,7 +38,8 @@ impl Tuner for IdentityTuner {
         Ok(Self { cfg, host })
     }
 
-    fn tune(&mut self, _view: &TrainView, train: &[Instruction], valid: &[Instruction], out_dir: &Path) -> Result<Artifact> {
+    fn tune(&mut self, _view: &TrainView, inputs: &TuneInputs, out_dir: &Path) -> Result<Artifact> {
+        let (train, valid) = (inputs.train, inputs.valid);
         ensure!(
             train.len() >= self.cfg.min_examples,
             "only {} train examples, min_examples is {}",
@@ -53,6 +56,8 @@ impl Tuner for IdentityTuner {
             positives: train.iter().filter(|i| i.label > 0.5).count(),
             tasks,
             mean_input_chars: train.iter().map(|i| i.input.chars().count()).sum::<usize>() as f64 / train.len().max(1) as f64,
+            users_with_knowledge: inputs.knowledge.iter().filter(|k| !k.text.is_empty() || !k.vectors.is_empty()).count(),
+            items_with_knowledge: inputs.item_knowledge.len(),
         };
         std::fs::create_dir_all(out_dir)?;
         let path = out_dir.join("identity.json");
@@ -91,12 +96,16 @@ mod tests {
         let cat = Catalog::default();
         let view = TrainView { catalog: &cat, events: &[], offsets: &[] };
         let mut t = IdentityTuner::new(IdentityConfig { min_examples: 1 }, Host::standalone(d.path(), 0)).unwrap();
-        let a = t.tune(&view, &[ex(1.0), ex(0.0), ex(0.0)], &[ex(1.0)], d.path()).unwrap();
+        let train = [ex(1.0), ex(0.0), ex(0.0)];
+        let items = [ItemKnowledge { item: 1, text: "a film".into(), vectors: vec![] }];
+        let inputs = TuneInputs { train: &train, valid: &[ex(1.0)], knowledge: &[], item_knowledge: &items };
+        let a = t.tune(&view, &inputs, d.path()).unwrap();
         assert_eq!(a.kind, "identity");
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&a.path).unwrap()).unwrap();
         assert_eq!(v["train"], 3);
         assert_eq!(v["positives"], 1);
         assert_eq!(v["tasks"]["ctr"], 3);
-        assert!(t.tune(&view, &[], &[], d.path()).is_err());
+        assert_eq!(v["items_with_knowledge"], 1);
+        assert!(t.tune(&view, &TuneInputs::default(), d.path()).is_err());
     }
 }

@@ -1,0 +1,102 @@
+//! The fuse stage: every fuser's knowledge of every user (combined: texts joined, vectors
+//! gathered), then every item, journaled batch by batch (see [`crate::knowledge`]).
+
+use super::Runner;
+use crate::handles::{FuserHandle, ViewData};
+use crate::knowledge::{write_batch_vectors, KnowledgeRecord, Side};
+use crate::runstore::Journal;
+use anyhow::Result;
+use recfuse_sdk::records::*;
+use std::collections::{BTreeMap, HashSet};
+
+/// The stage's outputs, for its key check.
+pub const OUTPUTS: [&str; 2] = ["knowledge.jsonl", "item_knowledge.jsonl"];
+
+pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch: usize) -> Result<()> {
+    for f in fusers.iter_mut() {
+        f.prepare(history)?;
+    }
+    let catalog = &history.catalog;
+    let names: Vec<String> = fusers.iter().map(|f| f.provenance.name.clone()).collect();
+    let users: Vec<(u32, String)> = catalog.users.iter().enumerate().map(|(i, u)| (i as u32, u.id.clone())).collect();
+    fuse_side(r, Side::Users, &users, batch, |users| {
+        let mut out: Vec<Vec<(u32, String, Vec<NamedVector>)>> = Vec::new();
+        for f in fusers.iter_mut() {
+            out.push(f.fuse(history, users)?.into_iter().map(|k| (k.user, k.text, k.vectors)).collect());
+        }
+        Ok(out)
+    }, &names)?;
+    let items: Vec<(u32, String)> = catalog.items.iter().enumerate().map(|(i, it)| (i as u32, it.id.clone())).collect();
+    fuse_side(r, Side::Items, &items, batch, |items| {
+        let mut out = Vec::new();
+        for f in fusers.iter_mut() {
+            out.push(f.fuse_items(history, items)?.into_iter().map(|k| (k.item, k.text, k.vectors)).collect());
+        }
+        Ok(out)
+    }, &[])
+}
+
+/// Fuses one side in batches, resuming after the indices already journaled. `fuse` returns, per
+/// fuser, what it said about the batch. For users, a fuser that says nothing about a user is a
+/// recorded failure (named after `fusers`); for items, silence means "no item knowledge".
+fn fuse_side(
+    r: &mut Runner,
+    side: Side,
+    all: &[(u32, String)],
+    batch: usize,
+    mut fuse: impl FnMut(&[u32]) -> Result<Vec<Vec<(u32, String, Vec<NamedVector>)>>>,
+    fusers: &[String],
+) -> Result<()> {
+    let (mut journal, done) = Journal::open::<KnowledgeRecord>(&r.run.path(side.journal()))?;
+    let done: HashSet<u32> = done.iter().map(|k| k.index).collect();
+    let todo: Vec<&(u32, String)> = all.iter().filter(|(i, _)| !done.contains(i)).collect();
+    let label = match side {
+        Side::Users => "fuse users",
+        Side::Items => "fuse items",
+    };
+    tracing::info!(done = done.len(), todo = todo.len(), "{label}");
+    let bar = r.progress.bar(label, all.len() as u64);
+    bar.inc(done.len() as u64);
+    for chunk in todo.chunks(batch) {
+        r.check_cancel()?;
+        let indices: Vec<u32> = chunk.iter().map(|(i, _)| *i).collect();
+        let mut records: Vec<KnowledgeRecord> = chunk
+            .iter()
+            .map(|(i, id)| KnowledgeRecord { index: *i, id: id.clone(), text: String::new(), vectors: vec![], errors: vec![] })
+            .collect();
+        let mut vectors: Vec<(u32, NamedVector)> = Vec::new();
+        for (f, out) in fuse(&indices)?.into_iter().enumerate() {
+            let mut got: BTreeMap<u32, (String, Vec<NamedVector>)> = out.into_iter().map(|(i, t, v)| (i, (t, v))).collect();
+            for rec in records.iter_mut() {
+                match got.remove(&rec.index) {
+                    Some((text, vs)) => {
+                        if !text.is_empty() {
+                            if !rec.text.is_empty() {
+                                rec.text.push('\n');
+                            }
+                            rec.text.push_str(&text);
+                        }
+                        for v in vs {
+                            rec.vectors.push(v.name.clone());
+                            vectors.push((rec.index, v));
+                        }
+                    }
+                    None if side == Side::Users => {
+                        rec.errors.push(format!("fuser `{}` returned no knowledge", fusers[f]))
+                    }
+                    None => {}
+                }
+            }
+        }
+        if side == Side::Items {
+            records.retain(|r| !r.text.is_empty() || !r.vectors.is_empty());
+        }
+        // Vectors first: a journaled line never points at a vector that is not on disk.
+        let refs: Vec<(u32, &NamedVector)> = vectors.iter().map(|(i, v)| (*i, v)).collect();
+        write_batch_vectors(&r.run.path(side.vector_dir()), indices[0], &refs)?;
+        journal.append(&records)?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
