@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every test: fetches the data the tests use, then
 # `cargo test --workspace` (which also builds the example and fixture plugins as third parties
-# would, outside the workspace, and loads them).
+# would, outside the workspace, and loads them), then `cargo package -p recfuse-sdk`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-data.sh ml-100k smollm2
 cargo test --workspace --locked --no-fail-fast "$@"
+# The SDK must stay publishable: package it and build the packaged crate on its own, as
+# crates.io would (outside the workspace, from its own manifest).
+cargo package -p recfuse-sdk --allow-dirty --quiet

@@ -153,10 +153,14 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                         plugin.abi.to_string(),
                         plugin.origin
                     )?;
+                    if !c.description.is_empty() {
+                        writeln!(out, "{:<13} {}", "", c.description)?;
+                    }
                 }
             }
+            // Errors go to stderr, so the listing on stdout stays parseable.
             for e in &problems {
-                writeln!(out, "error: {e:#}")?;
+                eprintln!("error: {e:#}");
             }
             Ok(if problems.is_empty() { 0 } else { 1 })
         }

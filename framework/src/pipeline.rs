@@ -47,6 +47,8 @@ pub struct RunOutcome {
     pub reports: Vec<Report>,
     /// Each stage and whether it ran afresh, resumed or was skipped.
     pub stages: Vec<(String, StageStart)>,
+    /// Rankers this process needed, and whether each was fitted or restored from its save.
+    pub models: Vec<(String, stages::rank::ModelStart)>,
 }
 
 impl RunOutcome {
@@ -56,6 +58,9 @@ impl RunOutcome {
     }
     pub fn stage(&self, name: &str) -> Option<StageStart> {
         self.stages.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
+    }
+    pub fn model(&self, label: &str) -> Option<stages::rank::ModelStart> {
+        self.models.iter().find(|(n, _)| n == label).map(|(_, s)| *s)
     }
 }
 
@@ -427,6 +432,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
 
     // Rank and evaluate, one stage per ranker, on the same users and negatives.
     let mut reports = Vec::new();
+    let mut models = Vec::new();
     if !c.rankers.is_empty() {
         let eval_json = serde_json::to_string(&p.eval)?;
         let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
@@ -453,7 +459,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
                     &p.run.seed.to_le_bytes(),
                 ]),
                 handle,
-                fitted: false,
+                obtained: None,
             })
             .collect();
         std::fs::create_dir_all(r.run.path("reports"))?;
@@ -473,6 +479,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             let text = std::fs::read_to_string(r.run.path(&json_name)).with_context(|| format!("reading {json_name}"))?;
             reports.push(serde_json::from_str::<Report>(&text).with_context(|| json_name.clone())?);
         }
+        models = slots.iter().filter_map(|s| Some((s.label.clone(), s.obtained?))).collect();
         write_atomic(&r.run.path("report.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
         let mut md = eval::markdown(&reports);
         if dataset.skipped > 0 {
@@ -485,7 +492,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     }
 
     r.save_manifest()?;
-    Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages })
+    Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models })
 }
 
 /// A seeded random sample of `n` users with all their events (users renumbered in their

@@ -85,3 +85,17 @@ pub fn cli(args: &[&str]) -> (Result<i32, String>, String) {
     let r = recfuse::cli::run_cli(argv, &mut out).map_err(|e| format!("{e:#}"));
     (r, String::from_utf8_lossy(&out).into_owned())
 }
+
+pub fn abi_1_0_plugin() -> PathBuf {
+    build_cdylib(&root().join("tests/fixtures/abi-1-0-plugin"), "abi_1_0_plugin")
+}
+
+/// Loads a config file the way the CLI does.
+pub fn load_config(path: &Path, sets: &[&str]) -> recfuse::config::LoadedConfig {
+    let sources = recfuse::config::ConfigSources {
+        base: path.to_path_buf(),
+        overlays: vec![],
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+    };
+    recfuse::config::LoadedConfig::load(&sources).expect("config loads")
+}

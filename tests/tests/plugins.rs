@@ -45,8 +45,12 @@ fn plugins_command_lists_dynamic_components_with_origin_and_abi() {
     let (code, out) = cli(&["plugins", "--path", lib.to_str().unwrap()]);
     assert_eq!(code, Ok(0), "{out}");
     let line = out.lines().find(|l| l.starts_with("ranker") && l.contains("recency ")).expect(&out);
-    assert!(line.contains("recency-ranker") && line.contains("0.3.1") && line.contains("1.0"), "{line}");
+    let abi = recfuse_sdk::SDK_ABI_VERSION.to_string();
+    assert!(line.contains("recency-ranker") && line.contains("0.3.1") && line.contains(&abi), "{line}");
     assert!(line.contains("librecency_ranker.so"), "{line}");
+    // The component's description follows its line.
+    let next = out.lines().skip_while(|l| *l != line).nth(1).unwrap_or_default();
+    assert_eq!(next.trim(), "time-decayed popularity: what is hot at the end of train", "{out}");
     // Built-ins are listed too, one per kind at least.
     for kind in ["source", "fuser", "instructions", "tuner", "ranker"] {
         assert!(out.lines().any(|l| l.starts_with(kind) && l.ends_with("builtin")), "no builtin {kind}:\n{out}");
@@ -58,7 +62,8 @@ fn incompatible_sdk_abi_is_refused_naming_both_versions() {
     let lib = future_abi_plugin();
     let mut reg = Registry::empty();
     let err = format!("{:#}", reg.load_library(&lib).err().expect("refused"));
-    assert!(err.contains("SDK ABI 2.0") && err.contains("SDK ABI 1.0"), "{err}");
+    let host = format!("SDK ABI {}", recfuse_sdk::SDK_ABI_VERSION);
+    assert!(err.contains("SDK ABI 2.0") && err.contains(&host), "{err}");
     assert!(err.contains("libfuture_abi_plugin.so"), "{err}");
     assert!(reg.plugins().is_empty());
 }

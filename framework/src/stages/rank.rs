@@ -27,7 +27,18 @@ pub struct RankerSlot {
     pub label: String,
     pub fit_key: String,
     pub handle: RankerHandle,
-    pub fitted: bool,
+    /// How this process got the model: `None` until then.
+    pub obtained: Option<ModelStart>,
+}
+
+/// How a ranker's model was obtained in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStart {
+    /// Fitted (from scratch, or resumed from its own checkpoints).
+    Fitted,
+    /// Restored from the model it saved earlier, without fitting.
+    Restored,
 }
 
 pub fn model_dir(r: &Runner, label: &str) -> PathBuf {
@@ -37,7 +48,7 @@ pub fn model_dir(r: &Runner, label: &str) -> PathBuf {
 /// Makes sure `slot` is fitted: restores its saved model when the key matches, else fits it
 /// (checkpointing into its directory) and saves it.
 pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> Result<()> {
-    if slot.fitted {
+    if slot.obtained.is_some() {
         return Ok(());
     }
     let dir = model_dir(r, &slot.label);
@@ -49,7 +60,7 @@ pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> R
             let t = Instant::now();
             if slot.handle.load(&data, &dir)? {
                 tracing::info!(ranker = slot.label.as_str(), seconds = t.elapsed().as_secs_f64(), "restored saved model");
-                slot.fitted = true;
+                slot.obtained = Some(ModelStart::Restored);
                 return Ok(());
             }
         }
@@ -67,7 +78,7 @@ pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> R
     tracing::info!(ranker = slot.label.as_str(), seconds = t.elapsed().as_secs_f64(), "ranker fitted");
     let saved = slot.handle.save(&dir)?;
     write_atomic(&state_path, serde_json::to_string(&FitState { key: slot.fit_key.clone(), saved })?.as_bytes())?;
-    slot.fitted = true;
+    slot.obtained = Some(ModelStart::Fitted);
     Ok(())
 }
 

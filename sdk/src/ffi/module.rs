@@ -130,8 +130,10 @@ mod tests {
     fn version_strings_follow_the_abi_not_the_crate() {
         let v = <PluginModuleRef as RootModule>::VERSION_STRINGS;
         assert_eq!(v.version.as_str(), "0.1.0", "ABI 1.x libraries carry 0.1.0");
-        assert_ne!(v.version.as_str(), env!("CARGO_PKG_VERSION"), "the crate version moved on (0.2 for ABI 1.1)");
-        // The crate version may move on; the strings must not follow it.
         assert_eq!(v, abi_version_strings());
+        // abi_stable also stamps each type's layout with this crate's version and refuses a
+        // 0.y mismatch: the SDK crate must stay 0.1.z while the ABI is 1.x.
+        assert_eq!(SDK_ABI_VERSION.major, 1);
+        assert!(env!("CARGO_PKG_VERSION").starts_with("0.1."), "SDK crate version {} breaks ABI 1.x layouts", env!("CARGO_PKG_VERSION"));
     }
 }
