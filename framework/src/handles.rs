@@ -185,7 +185,7 @@ impl RankerHandle {
 /// Builds components from the registry: finds the plugin, hands it the component's own config
 /// table as JSON and a host handle.
 impl Registry {
-    fn provenance(&self, kind: ComponentKind, name: &str) -> Result<(Provenance, PluginModuleRef)> {
+    fn provenance(&self, kind: ComponentKind, name: &str) -> Result<(Provenance, crate::registry::Module)> {
         let found = self.find(kind, name)?;
         let p = found.plugin;
         let prov = Provenance {
@@ -209,32 +209,32 @@ impl Registry {
         name: &str,
         config: &serde_json::Value,
         host: HostFfiBox,
-        constructor: impl FnOnce(PluginModuleRef) -> extern "C" fn(RStr<'_>, RStr<'_>, HostFfiBox) -> FfiResult<T>,
+        constructor: impl FnOnce(&crate::registry::Module, RStr<'_>, RStr<'_>, HostFfiBox) -> FfiResult<T>,
     ) -> Result<(Provenance, T)> {
         let (provenance, module) = self.provenance(kind, name)?;
         let json = config.to_string();
-        let inner = ok(constructor(module)(RStr::from_str(name), RStr::from_str(&json), host), &provenance, "start")?;
+        let inner = ok(constructor(&module, RStr::from_str(name), RStr::from_str(&json), host), &provenance, "start")?;
         Ok((provenance, inner))
     }
 
     pub fn source(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<SourceHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Source, name, config, host, |m| m.create_source())?;
+        let (provenance, inner) = self.create(ComponentKind::Source, name, config, host, |m, n, c, h| m.create_source(n, c, h))?;
         Ok(SourceHandle { provenance, inner })
     }
     pub fn fuser(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<FuserHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Fuser, name, config, host, |m| m.create_fuser())?;
+        let (provenance, inner) = self.create(ComponentKind::Fuser, name, config, host, |m, n, c, h| m.create_fuser(n, c, h))?;
         Ok(FuserHandle { provenance, inner })
     }
     pub fn instructions(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<InstructionsHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Instructions, name, config, host, |m| m.create_instructions())?;
+        let (provenance, inner) = self.create(ComponentKind::Instructions, name, config, host, |m, n, c, h| m.create_instructions(n, c, h))?;
         Ok(InstructionsHandle { provenance, inner })
     }
     pub fn tuner(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<TunerHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Tuner, name, config, host, |m| m.create_tuner())?;
+        let (provenance, inner) = self.create(ComponentKind::Tuner, name, config, host, |m, n, c, h| m.create_tuner(n, c, h))?;
         Ok(TunerHandle { provenance, inner })
     }
     pub fn ranker(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<RankerHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Ranker, name, config, host, |m| m.create_ranker())?;
+        let (provenance, inner) = self.create(ComponentKind::Ranker, name, config, host, |m, n, c, h| m.create_ranker(n, c, h))?;
         Ok(RankerHandle { provenance, inner })
     }
 }

@@ -10,6 +10,7 @@
 //! * `serve`: `recfuse serve-llm`, an OpenAI-compatible server over the local LLM.
 
 pub mod cli;
+pub mod compat_1_0;
 pub mod config;
 pub mod eval;
 pub mod handles;

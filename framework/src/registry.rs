@@ -12,7 +12,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use abi_stable::library::{lib_header_from_raw_library, RawLibrary};
 use recfuse_sdk::abi::{SdkAbiVersion, ABI_SYMBOL, SDK_ABI_VERSION};
-use recfuse_sdk::ffi::{BuiltinPlugin, ComponentKind, PluginModuleRef};
+use abi_stable::std_types::RStr;
+use recfuse_sdk::ffi::{BuiltinPlugin, ComponentKind, FfiResult, FuserBox, HostFfiBox, InstructionsBox, PluginModuleRef, RankerBox, SourceBox, TunerBox};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -48,7 +49,34 @@ pub struct Plugin {
     pub abi: SdkAbiVersion,
     pub origin: Origin,
     pub components: Vec<ComponentInfo>,
-    pub module: PluginModuleRef,
+    pub module: Module,
+}
+
+/// A plugin's root module: current, or of an older ABI minor driven through adapters.
+#[derive(Clone, Copy)]
+pub enum Module {
+    Current(PluginModuleRef),
+    V1_0(crate::compat_1_0::Module),
+}
+
+macro_rules! constructors {
+    ($($method:ident -> $boxed:ty),* $(,)?) => {
+        impl Module {
+            $(pub fn $method(&self, name: RStr<'_>, config: RStr<'_>, host: HostFfiBox) -> FfiResult<$boxed> {
+                match self {
+                    Module::Current(m) => (m.$method())(name, config, host),
+                    Module::V1_0(m) => m.$method(name, config, host),
+                }
+            })*
+        }
+    };
+}
+constructors! {
+    create_source -> SourceBox,
+    create_fuser -> FuserBox,
+    create_instructions -> InstructionsBox,
+    create_tuner -> TunerBox,
+    create_ranker -> RankerBox,
 }
 
 impl Plugin {
@@ -65,8 +93,20 @@ impl Plugin {
                 .iter()
                 .map(|c| ComponentInfo { kind: c.kind, name: c.name.to_string(), description: c.description.to_string() })
                 .collect(),
-            module,
+            module: Module::Current(module),
         })
+    }
+
+    fn from_v1_0(module: crate::compat_1_0::Module, abi: SdkAbiVersion, origin: Origin) -> Plugin {
+        let (name, version, components) = module.info();
+        Plugin {
+            name,
+            version,
+            abi,
+            origin,
+            components: components.into_iter().map(|(kind, name, description)| ComponentInfo { kind, name, description }).collect(),
+            module: Module::V1_0(module),
+        }
     }
 }
 
@@ -205,10 +245,20 @@ fn load_dynamic(path: &Path) -> Result<Plugin> {
     // SAFETY: abi_stable checks its own version and the root module's layout before use.
     let header = unsafe { lib_header_from_raw_library(&raw) }
         .map_err(|e| anyhow!("{}: no valid recfuse root module: {e}", path.display()))?;
-    let module = header
-        .init_root_module::<PluginModuleRef>()
-        .map_err(|e| anyhow!("{}: the plugin's types do not match this host's (layout check failed): {e}", path.display()))?;
+    let layout_error = |e| anyhow!("{}: the plugin's types do not match this host's (layout check failed): {e}", path.display());
+    let origin = Origin::Dynamic(path.to_path_buf());
+    // A 1.0 plugin is checked against the 1.0 layouts it was built with (abi_stable cannot
+    // check it against the current, longer vtables) and driven through adapters.
+    // Every older minor needs its frozen layouts here: bumping the ABI minor means vendoring the
+    // previous SDK too (as sdk/vendor/recfuse-sdk-1.0) and routing it like 1.0.
+    const _: () = assert!(SDK_ABI_VERSION.major == 1 && SDK_ABI_VERSION.minor == 1, "vendor the SDK of the previous minor");
+    let plugin = if abi.minor == 0 {
+        let module = header.init_root_module::<crate::compat_1_0::ModuleRef>().map_err(layout_error)?;
+        Plugin::from_v1_0(crate::compat_1_0::Module(module), abi, origin)
+    } else {
+        Plugin::from_module(header.init_root_module::<PluginModuleRef>().map_err(layout_error)?, origin)?
+    };
     // Never unloaded: trait objects created by the plugin point into its code.
     std::mem::forget(raw);
-    Plugin::from_module(module, Origin::Dynamic(path.to_path_buf()))
+    Ok(plugin)
 }

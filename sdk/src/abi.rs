@@ -38,19 +38,20 @@ impl SdkAbiVersion {
     ///
     /// * majors must match (for major 0, as in semver, minors must match too);
     /// * the plugin's minor must not be newer than the host's: a plugin may rely on host services
-    ///   added in its minor, which an older host does not offer;
-    /// * for now, the minors must match. abi_stable's layout check accepts a library whose
-    ///   prefix types (vtables, root module) have *more* fields than the host's, never fewer
-    ///   (abi_stable 0.11 `abi_checking.rs`: "too many fields"), so a host with 1.1 vtables
-    ///   cannot check a 1.0 library against them. Loading older minors needs the host to check
-    ///   them against their own frozen layouts (`tests/fixtures/vendor/recfuse-sdk-1.0` is that
-    ///   layout for 1.0); until it does, they are refused here with a clear message rather than
-    ///   by a layout dump.
+    ///   added in its minor, which an older host does not offer.
+    ///
+    /// An older minor is loaded by checking it against that minor's own frozen layouts
+    /// (abi_stable accepts a library whose vtables have more methods than the host's, never
+    /// fewer), which the host keeps for every earlier minor (`sdk/vendor/`,
+    /// `framework/src/compat_1_0.rs`).
     pub fn can_load(self, plugin: SdkAbiVersion) -> bool {
         if self.major != plugin.major {
             return false;
         }
-        self.minor == plugin.minor
+        if self.major == 0 {
+            return self.minor == plugin.minor;
+        }
+        plugin.minor <= self.minor
     }
 
     /// The refusal message, naming both versions.
@@ -59,10 +60,8 @@ impl SdkAbiVersion {
             "the major versions differ"
         } else if plugin.minor > self.minor {
             "the plugin needs a newer host"
-        } else if self.major == 0 {
-            "0.x versions are only compatible with the same minor"
         } else {
-            "this host cannot yet check plugins of an older minor against their own layouts"
+            "0.x versions are only compatible with the same minor"
         };
         format!(
             "plugin was built against recfuse SDK ABI {plugin}, but this host speaks SDK ABI {self} ({why}); \
@@ -93,10 +92,9 @@ mod tests {
     }
 
     #[test]
-    fn older_minor_plugin_is_refused_until_old_layouts_can_be_checked() {
-        assert!(!v(1, 1).can_load(v(1, 0)));
-        let msg = v(1, 1).refusal(v(1, 0));
-        assert!(msg.contains("SDK ABI 1.0") && msg.contains("SDK ABI 1.1") && msg.contains("older minor"), "{msg}");
+    fn older_minor_plugin_loads_in_newer_host() {
+        assert!(v(1, 1).can_load(v(1, 0)));
+        assert!(v(1, 4).can_load(v(1, 2)));
     }
 
     #[test]
