@@ -21,22 +21,8 @@ use recfuse_sdk::SeededRng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
-/// 0-based rank of `target` among the unmasked items.
-pub fn rank_of(scores: &[f32], target: usize, masked: &[bool]) -> usize {
-    let t = scores[target];
-    let (mut higher, mut equal) = (0usize, 0usize);
-    for (i, &s) in scores.iter().enumerate() {
-        if i == target || masked[i] {
-            continue;
-        }
-        if s > t {
-            higher += 1;
-        } else if s == t {
-            equal += 1;
-        }
-    }
-    higher + equal / 2
-}
+pub use recfuse_sdk::metrics::rank_of;
+use recfuse_sdk::metrics::ndcg_at;
 
 /// Per-user metrics of one segment, summed, then averaged by `finish`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -54,7 +40,7 @@ impl Segment {
         for &k in ks {
             let hit = rank < k;
             *self.metrics.entry(format!("HR@{k}")).or_default() += hit as u8 as f64;
-            *self.metrics.entry(format!("NDCG@{k}")).or_default() += if hit { 1.0 / ((rank + 2) as f64).log2() } else { 0.0 };
+            *self.metrics.entry(format!("NDCG@{k}")).or_default() += ndcg_at(rank, k);
             *self.metrics.entry(format!("MRR@{k}")).or_default() += if hit { 1.0 / (rank + 1) as f64 } else { 0.0 };
         }
     }

@@ -134,6 +134,9 @@ pub struct FitData<'a> {
     pub artifact: Option<&'a Artifact>,
     /// The fit's own directory (checkpoints, saved model).
     pub model_dir: Option<&'a Path>,
+    /// Validation targets for model selection (users, items).
+    pub valid_users: &'a [UserIdx],
+    pub valid_items: &'a [ItemIdx],
 }
 
 impl RankerHandle {
@@ -151,6 +154,8 @@ impl RankerHandle {
                 None => ROption::RNone,
             },
             model_dir: RStr::from_str(&dir),
+            valid_users: RSlice::from_slice(d.valid_users),
+            valid_items: RSlice::from_slice(d.valid_items),
         };
         ok(f(&mut self.inner, inputs), &self.provenance, action)
     }

@@ -437,6 +437,11 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         let eval_json = serde_json::to_string(&p.eval)?;
         let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
         let ctx = eval::EvalContext { split: &split, cfg: &p.eval, users: &users, negatives: &negatives, batch_size: p.run.batch_size };
+        // Validation targets for rankers that select on them (never the test items).
+        let (valid_users, valid_items): (Vec<UserIdx>, Vec<ItemIdx>) = (0..split.targets.len() as u32)
+            .filter(|&u| split.targets[u as usize].valid != NONE)
+            .map(|u| (u, split.targets[u as usize].valid))
+            .unzip();
         let fit_data = FitData {
             train: &split.train,
             context: &split.context,
@@ -444,6 +449,8 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             item_knowledge: &knowledge.items,
             artifact: artifact.as_ref(),
             model_dir: None,
+            valid_users: &valid_users,
+            valid_items: &valid_items,
         };
         let mut slots: Vec<stages::rank::RankerSlot> = p
             .rankers

@@ -6,6 +6,7 @@
 //! * [`component`]: the five component traits (behaviour source, knowledge fuser, instruction
 //!   builder, tuner, ranker), in safe Rust;
 //! * [`host`]: what the host offers a plugin (logging, progress, cancellation, run directory);
+//! * [`metrics`]: the ranking metrics the host reports, for rankers that select on validation;
 //! * [`abi`]: the SDK ABI version and its compatibility rule;
 //! * [`export_plugin!`]: generates the stable-ABI root module, FFI shims and panic guards;
 //! * `ffi` (hidden): the abi_stable types that actually cross the boundary.
@@ -36,6 +37,7 @@ mod export;
 #[doc(hidden)]
 pub mod ffi;
 pub mod host;
+pub mod metrics;
 pub mod records;
 pub mod rng;
 
@@ -50,6 +52,7 @@ pub mod prelude {
     pub use crate::component::{BehaviorSource, InstructionBuilder, KnowledgeFuser, Ranker, Tuner};
     pub use crate::export_plugin;
     pub use crate::host::{Host, Progress};
+    pub use crate::metrics::{EarlyStopping, Validation};
     pub use crate::records::*;
     pub use crate::rng::SeededRng;
     pub use anyhow::{anyhow, bail, ensure, Context, Error, Result};

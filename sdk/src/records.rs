@@ -356,6 +356,9 @@ pub struct FitInputs<'a> {
     /// resumes from, and where [`Ranker::save`](crate::Ranker::save) will be asked to write.
     /// The host empties it when the fit's inputs or config change. `None` from a 1.0 host.
     pub model_dir: Option<&'a std::path::Path>,
+    /// Validation targets (ABI 1.1), for rankers that select their best epoch and stop early
+    /// with [`Validation::evaluate`](crate::metrics::Validation::evaluate). Never the test items.
+    pub validation: crate::metrics::Validation<'a>,
 }
 
 impl<'a> FitInputs<'a> {

@@ -3,11 +3,19 @@
 //! never interacted with as the negative and pushes the positive's score above it.
 //! Deterministic for a given seed (the host's per-component seed unless `seed` is set).
 //!
+//! Model selection (SDK 1.1): after every epoch the factors are scored on the validation targets
+//! with the host's metric code (full ranking, NDCG@`select_k`); the best epoch is kept and
+//! training stops after `patience` epochs without improvement.
+//!
+//! Scoring multiplies the batch's user factors by the item factors with a GEMM (the `gemm`
+//! crate, on every core) when all users share the candidates (full ranking).
+//!
 //! Persistence (SDK 1.1): the fitted factors are saved as `model.safetensors`; during a fit,
-//! each epoch leaves `checkpoint.safetensors` (factors + RNG state + epoch) in the host's model
-//! directory, and a fit interrupted mid-way resumes from the last finished epoch with the same
-//! result as an uninterrupted one.
+//! each epoch leaves `checkpoint.safetensors` (current and best factors, RNG state, shuffle
+//! order, early-stopping state) in the host's model directory, and a fit interrupted mid-way
+//! resumes from the last finished epoch with the same result as an uninterrupted one.
 
+use recfuse_sdk::metrics::Verdict;
 use recfuse_sdk::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{HashMap, HashSet};
@@ -18,8 +26,16 @@ use std::path::Path;
 pub struct BprConfig {
     #[serde(default = "d_dim")]
     pub dim: usize,
+    /// Maximum epochs (training stops earlier when validation stops improving).
     #[serde(default = "d_epochs")]
     pub epochs: usize,
+    /// Early stopping: epochs without a better validation NDCG@`select_k` before stopping; the
+    /// best epoch's factors are kept. 0 = train all `epochs` and keep the last, no validation.
+    #[serde(default = "d_patience")]
+    pub patience: usize,
+    /// Cut-off of the validation NDCG that selects the epoch.
+    #[serde(default = "d_select_k")]
+    pub select_k: usize,
     #[serde(default = "d_lr")]
     pub learning_rate: f32,
     /// L2 regularisation of the factors touched by a step.
@@ -35,7 +51,13 @@ fn d_dim() -> usize {
     64
 }
 fn d_epochs() -> usize {
-    30
+    300
+}
+fn d_patience() -> usize {
+    10
+}
+fn d_select_k() -> usize {
+    10
 }
 fn d_lr() -> f32 {
     0.05
@@ -59,14 +81,14 @@ impl Bpr {
     }
 }
 
-/// Writes the factor matrices (and string metadata) as safetensors, atomically.
-fn write_factors(path: &Path, users: &[f32], items: &[f32], dim: usize, meta: HashMap<String, String>) -> Result<()> {
-    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-    let (ub, ib) = (bytes(users), bytes(items));
-    let views = vec![
-        ("users", TensorView::new(Dtype::F32, vec![users.len() / dim, dim], &ub)?),
-        ("items", TensorView::new(Dtype::F32, vec![items.len() / dim, dim], &ib)?),
-    ];
+/// Writes named f32 matrices `[rows, dim]` (and string metadata) as safetensors, atomically.
+fn write_tensors(path: &Path, tensors: &[(&str, &[f32])], dim: usize, meta: HashMap<String, String>) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, v), b)| Ok((*name, TensorView::new(Dtype::F32, vec![v.len() / dim, dim], b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let data = safetensors::serialize(views, Some(meta))?;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
@@ -75,24 +97,68 @@ fn write_factors(path: &Path, users: &[f32], items: &[f32], dim: usize, meta: Ha
     Ok(())
 }
 
-/// Reads what [`write_factors`] wrote, checking the shapes against the data and config.
-fn read_factors(path: &Path, n_users: usize, n_items: usize, dim: usize) -> Result<(Vec<f32>, Vec<f32>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not safetensors", path.display()))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let get = |name: &str, rows: usize| -> Result<Vec<f32>> {
-        let t = st.tensor(name).with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+/// A safetensors file of f32 matrices, read whole.
+struct Tensors {
+    path: std::path::PathBuf,
+    bytes: Vec<u8>,
+    meta: HashMap<String, String>,
+}
+
+impl Tensors {
+    fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not safetensors", path.display()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        Ok(Self { path: path.to_path_buf(), bytes, meta })
+    }
+    /// Matrix `name`, which must be F32 `[rows, dim]`.
+    fn matrix(&self, name: &str, rows: usize, dim: usize) -> Result<Vec<f32>> {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes)?;
+        let t = st.tensor(name).with_context(|| format!("{}: no tensor `{name}`", self.path.display()))?;
         ensure!(
             t.dtype() == Dtype::F32 && t.shape() == [rows, dim],
             "{}: `{name}` is {:?} {:?}, expected F32 [{rows}, {dim}] (another dataset or dim?)",
-            path.display(),
+            self.path.display(),
             t.dtype(),
             t.shape()
         );
         Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-    };
-    Ok((get("users", n_users)?, get("items", n_items)?, meta))
+    }
+    fn field<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
+        self.meta.get(key).and_then(|v| v.parse().ok()).with_context(|| format!("{}: metadata `{key}` missing", self.path.display()))
+    }
+}
+
+/// `out[r, j] = users[r] · items[j]` for every user of `rows` and every item: one GEMM.
+fn score_all(users: &[f32], items: &[f32], dim: usize, rows: &[u32], out: &mut [f32]) {
+    let n = items.len() / dim;
+    let lhs: Vec<f32> = rows.iter().flat_map(|&u| users[u as usize * dim..][..dim].iter().copied()).collect();
+    debug_assert_eq!(out.len(), rows.len() * n);
+    // SAFETY: lhs is rows × dim row-major, items is n × dim row-major (read as its transpose,
+    // dim × n, through the strides), out is rows × n row-major; all in bounds.
+    unsafe {
+        gemm::gemm(
+            rows.len(),
+            n,
+            dim,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            dim as isize,
+            items.as_ptr(),
+            dim as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -124,25 +190,34 @@ impl Ranker for Bpr {
         self.users = (0..n_users * d).map(|_| (rng.normal() * 0.1) as f32).collect();
         self.items = (0..n_items * d).map(|_| (rng.normal() * 0.1) as f32).collect();
         let checkpoint = inputs.model_dir.map(|dir| dir.join("checkpoint.safetensors"));
+        let select = self.cfg.patience > 0 && !inputs.validation.is_empty();
+        let mut stopping = EarlyStopping::new(self.cfg.patience);
+        let (mut best_users, mut best_items) = (self.users.clone(), self.items.clone());
         let mut first_epoch = 0;
         if let Some(path) = checkpoint.as_deref().filter(|p| p.exists()) {
-            let (users, items, meta) = read_factors(path, n_users, n_items, d)?;
-            let field = |k: &str| -> Result<u64> {
-                meta.get(k).and_then(|v| v.parse().ok()).with_context(|| format!("{}: metadata `{k}` missing", path.display()))
-            };
-            first_epoch = field("epochs_done")? as usize;
-            rng = SeededRng::new(field("rng_state")?);
-            // The positives' order is the shuffle state too: replay it from the first epoch's order.
-            positives = serde_json::from_str(meta.get("order").map(String::as_str).unwrap_or("null"))
+            let t = Tensors::read(path)?;
+            self.users = t.matrix("users", n_users, d)?;
+            self.items = t.matrix("items", n_items, d)?;
+            best_users = t.matrix("best_users", n_users, d)?;
+            best_items = t.matrix("best_items", n_items, d)?;
+            first_epoch = t.field("epochs_done")?;
+            rng = SeededRng::new(t.field("rng_state")?);
+            stopping = serde_json::from_str(t.meta.get("stopping").map(String::as_str).unwrap_or("null"))
+                .with_context(|| format!("{}: metadata `stopping` missing", path.display()))?;
+            // The positives' order is shuffle state too: each epoch shuffles the previous order.
+            positives = serde_json::from_str(t.meta.get("order").map(String::as_str).unwrap_or("null"))
                 .with_context(|| format!("{}: metadata `order` missing", path.display()))?;
-            (self.users, self.items) = (users, items);
             self.host.info(format!("bpr resumes after epoch {first_epoch} from {}", path.display()));
         }
         let (lr, reg) = (self.cfg.learning_rate, self.cfg.reg);
         let progress = self.host.progress("bpr epochs", self.cfg.epochs as u64);
         progress.inc(first_epoch as u64);
         let mut grad_u = vec![0f32; d];
+        let mut stopped = false;
         for epoch in first_epoch..self.cfg.epochs {
+            if stopped {
+                break;
+            }
             self.host.check_cancelled()?;
             rng.shuffle(&mut positives);
             let mut loss = 0f64;
@@ -167,25 +242,49 @@ impl Ranker for Bpr {
                     self.users[ub + k] += lr * grad_u[k];
                 }
             }
-            self.host.debug(format!("bpr epoch {}: mean loss {:.4}", epoch + 1, loss / positives.len() as f64));
+            let mut line = format!("bpr epoch {}: mean loss {:.4}", epoch + 1, loss / positives.len() as f64);
+            if select {
+                let (users, items) = (&self.users, &self.items);
+                let v = inputs.validation.evaluate(view, self.cfg.select_k, 256, |rows, out| {
+                    score_all(users, items, d, rows, out);
+                    Ok(())
+                })?;
+                line.push_str(&format!(", validation NDCG@{} {:.4}", self.cfg.select_k, v.ndcg));
+                match stopping.observe(epoch + 1, v.ndcg) {
+                    Verdict::Improved => (best_users, best_items) = (self.users.clone(), self.items.clone()),
+                    Verdict::Continue => {}
+                    Verdict::Stop => stopped = true,
+                }
+            }
+            self.host.debug(line);
             if let Some(path) = &checkpoint {
                 let meta = HashMap::from([
                     ("epochs_done".to_string(), (epoch + 1).to_string()),
                     ("rng_state".to_string(), rng.state().to_string()),
+                    ("stopping".to_string(), serde_json::to_string(&stopping)?),
                     ("order".to_string(), serde_json::to_string(&positives)?),
                 ]);
-                write_factors(path, &self.users, &self.items, d, meta)?;
+                let t = [("users", &self.users[..]), ("items", &self.items[..]), ("best_users", &best_users[..]), ("best_items", &best_items[..])];
+                write_tensors(path, &t, d, meta)?;
             }
             progress.inc(1);
         }
-        self.host.info(format!("bpr trained {} epochs on {} positives", self.cfg.epochs, positives.len()));
+        if select {
+            (self.users, self.items) = (best_users, best_items);
+            self.host.info(format!(
+                "bpr kept epoch {} (validation NDCG@{} {:.4}) on {} positives",
+                stopping.best_epoch, self.cfg.select_k, stopping.best, positives.len()
+            ));
+        } else {
+            self.host.info(format!("bpr trained {} epochs on {} positives", self.cfg.epochs, positives.len()));
+        }
         Ok(())
     }
 
     fn save(&self, dir: &Path) -> Result<bool> {
         ensure!(!self.users.is_empty(), "bpr saved before fit");
         let meta = HashMap::from([("dim".to_string(), self.cfg.dim.to_string())]);
-        write_factors(&dir.join("model.safetensors"), &self.users, &self.items, self.cfg.dim, meta)?;
+        write_tensors(&dir.join("model.safetensors"), &[("users", &self.users), ("items", &self.items)], self.cfg.dim, meta)?;
         Ok(true)
     }
 
@@ -194,12 +293,19 @@ impl Ranker for Bpr {
         if !path.exists() {
             return Ok(false);
         }
-        (self.users, self.items, _) = read_factors(&path, view.n_users(), view.n_items(), self.cfg.dim)?;
+        let t = Tensors::read(&path)?;
+        self.users = t.matrix("users", view.n_users(), self.cfg.dim)?;
+        self.items = t.matrix("items", view.n_items(), self.cfg.dim)?;
         Ok(true)
     }
 
     fn score(&self, batch: &ScoreBatch, out: &mut [f32]) -> Result<()> {
         ensure!(!self.users.is_empty(), "bpr scored before fit");
+        if batch.shared && batch.items.len() == self.items.len() / self.cfg.dim && batch.items.iter().enumerate().all(|(j, &i)| i as usize == j) {
+            // Full ranking: every item, in catalog order.
+            score_all(&self.users, &self.items, self.cfg.dim, batch.users, out);
+            return Ok(());
+        }
         let n = batch.per_user();
         for (row, &u) in batch.users.iter().enumerate() {
             for (slot, &item) in out[row * n..(row + 1) * n].iter_mut().zip(batch.candidates(row)) {
@@ -300,5 +406,55 @@ mod tests {
         let mut other = Bpr::new(cfg, Host::standalone(dir.path(), 0)).unwrap();
         let e = other.load(&view, &FitInputs::default(), dir.path()).unwrap_err().to_string();
         assert!(e.contains("model.safetensors") && e.contains("[6, 5]"), "{e}");
+    }
+
+    /// With validation targets, training stops after `patience` epochs without improvement and
+    /// keeps the best epoch: the kept factors score exactly the best recorded validation NDCG.
+    #[test]
+    fn selects_the_best_epoch_on_validation_and_stops_early() {
+        let catalog = Catalog {
+            items: (0..30).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
+            users: (0..12).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
+            kinds: vec!["click".into()],
+            ..Default::default()
+        };
+        let (mut events, mut offsets) = (Vec::new(), vec![0u32]);
+        for u in 0..12u32 {
+            for k in 0..5u32 {
+                events.push(Event { user: u, item: (u * 3 + k) % 30, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: k as i64 });
+            }
+            offsets.push(events.len() as u32);
+        }
+        let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
+        let (vu, vi): (Vec<u32>, Vec<u32>) = (0..12u32).map(|u| (u, (u * 3 + 5) % 30)).unzip();
+        let validation = Validation { users: &vu, items: &vi };
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: BprConfig = serde_json::from_value(serde_json::json!({"dim": 4, "epochs": 400, "patience": 3, "seed": 9})).unwrap();
+        let mut bpr = Bpr::new(cfg, Host::standalone(dir.path(), 0)).unwrap();
+        bpr.fit(&view, &FitInputs { model_dir: Some(dir.path()), validation, ..Default::default() }).unwrap();
+        let t = Tensors::read(&dir.path().join("checkpoint.safetensors")).unwrap();
+        let done: usize = t.field("epochs_done").unwrap();
+        let stopping: EarlyStopping = serde_json::from_str(&t.meta["stopping"]).unwrap();
+        assert!(done < 400 && done == stopping.best_epoch + 3, "stopped after {done}, best {}", stopping.best_epoch);
+        let kept = validation
+            .evaluate(&view, 10, 5, |rows, out| bpr.score(&ScoreBatch { users: rows, items: &(0..30).collect::<Vec<_>>(), shared: true }, out))
+            .unwrap();
+        assert_eq!(kept.ndcg, stopping.best);
+    }
+
+    #[test]
+    fn gemm_scores_equal_dot_products() {
+        let cfg: BprConfig = serde_json::from_value(serde_json::json!({"dim": 3, "epochs": 1})).unwrap();
+        let mut bpr = Bpr::new(cfg, Host::standalone(std::env::temp_dir(), 0)).unwrap();
+        bpr.users = (0..4 * 3).map(|x| x as f32 * 0.5 - 2.0).collect();
+        bpr.items = (0..5 * 3).map(|x| (x as f32).sin()).collect();
+        let items: Vec<u32> = (0..5).collect();
+        let mut out = vec![0.0; 2 * 5];
+        bpr.score(&ScoreBatch { users: &[3, 1], items: &items, shared: true }, &mut out).unwrap();
+        for (r, u) in [3u32, 1].into_iter().enumerate() {
+            for j in 0..5u32 {
+                assert!((out[r * 5 + j as usize] - bpr.dot(u, j)).abs() < 1e-5);
+            }
+        }
     }
 }

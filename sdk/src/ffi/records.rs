@@ -331,6 +331,9 @@ pub struct FitInputsFfi<'a> {
     pub artifact: ROption<ArtifactFfi>,
     /// Empty: none.
     pub model_dir: RStr<'a>,
+    /// Validation targets: `valid_items[i]` is the validation item of `valid_users[i]`.
+    pub valid_users: RSlice<'a, u32>,
+    pub valid_items: RSlice<'a, u32>,
 }
 
 /// What a tuner's `tune` gets (ABI 1.1).

@@ -154,6 +154,7 @@ fn with_fit_inputs<R>(inputs: &FitInputsFfi<'_>, f: impl FnOnce(&TrainView<'_>, 
         artifact: artifact.as_ref(),
         context: Some(view_from_ffi(&inputs.context, &catalog)),
         model_dir: (!dir.is_empty()).then(|| Path::new(dir)),
+        validation: crate::metrics::Validation { users: inputs.valid_users.as_slice(), items: inputs.valid_items.as_slice() },
     };
     f(&view_from_ffi(&inputs.view, &catalog), &fit)
 }
@@ -167,7 +168,16 @@ impl<T: Ranker> RankerFfi for RankerShim<T> {
         knowledge: RSlice<'_, KnowledgeFfi>,
         artifact: ROption<ArtifactFfi>,
     ) -> FfiResult<()> {
-        let inputs = FitInputsFfi { view, context, knowledge, item_knowledge: RSlice::EMPTY, artifact, model_dir: RStr::from_str("") };
+        let inputs = FitInputsFfi {
+            view,
+            context,
+            knowledge,
+            item_knowledge: RSlice::EMPTY,
+            artifact,
+            model_dir: RStr::from_str(""),
+            valid_users: RSlice::EMPTY,
+            valid_items: RSlice::EMPTY,
+        };
         self.fit_with(inputs)
     }
     fn score(&self, users: RSlice<'_, u32>, items: RSlice<'_, u32>, shared: bool, mut out: RSliceMut<'_, f32>) -> FfiResult<()> {
