@@ -46,6 +46,11 @@ elif mode == "select":
 elif mode == "eval":
     users_per_batch, epochs = int(sys.argv[4]), int(sys.argv[5])
     cfg.update({"epochs": epochs, "eval_step": epochs, "stopping_step": 1000})
+logging.getLogger().setLevel(logging.WARNING)
+if mode == "eval":
+    # RecBole counts eval_batch_size in user-item pairs: size it from the item count.
+    n_items = create_dataset(Config(model=model, config_dict=cfg)).item_num
+    cfg["eval_batch_size"] = users_per_batch * n_items
 config = Config(model=model, config_dict=cfg)
 init_seed(config["seed"], config["reproducibility"])
 logging.getLogger().setLevel(logging.WARNING)
@@ -74,9 +79,6 @@ if mode == "epochs":
     print(f"{model} after {epochs} epochs, test: {dict(result)}")
     print(f"{model} median seconds per epoch: {sorted(times)[len(times) // 2]:.2f}")
 else:
-    n_items = dataset.item_num
-    config["eval_batch_size"] = users_per_batch * n_items
-    _, _, test = data_preparation(config, dataset)  # rebuild the loader with that batch size
     runs = []
     for _ in range(5):
         t = time.perf_counter()

@@ -7,25 +7,23 @@
 //! Run: `cargo bench -p recfuse --bench boundary` (needs `scripts/fetch-data.sh`).
 //! Prints medians and ratios as a Markdown table for docs/benchmarks.md.
 
+mod common;
+
+use common::{median, root};
 use recfuse::config::SplitSection;
-use recfuse::host::{HostServices, Progress};
+use recfuse::handles::FitData;
+use recfuse::host::HostServices;
 use recfuse::registry::Registry;
 use recfuse::split::split_dataset;
 use recfuse_plugin_popularity_ranker::{Popularity, PopularityConfig};
 use recfuse_sdk::prelude::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Instant;
 
 const USERS: usize = 1000;
 const CANDIDATES: usize = 1000;
 const ROUNDS: usize = 300;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 
 /// Builds the popularity plugin as a stand-alone cdylib (release, SDK without the host feature).
 fn build_dynamic_plugin() -> PathBuf {
@@ -41,18 +39,7 @@ fn build_dynamic_plugin() -> PathBuf {
 }
 
 fn host() -> HostServices {
-    HostServices {
-        component: Arc::from("ranker"),
-        run_dir: std::env::temp_dir(),
-        seed: 1,
-        cancel: Arc::new(AtomicBool::new(false)),
-        progress: Progress::new(false),
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    HostServices::detached("ranker", std::env::temp_dir(), 1)
 }
 
 fn main() {
@@ -83,11 +70,11 @@ fn main() {
     let mut direct = Popularity::new(PopularityConfig::default(), Host::standalone(std::env::temp_dir(), 1)).unwrap();
     direct.fit(&split.train.view(), &FitInputs::default()).unwrap();
     let mut builtin = builtins.ranker("popularity", &serde_json::json!({}), host().into_ffi()).unwrap();
-    builtin.fit(&split.train, &split.context, &[], None).unwrap();
+    builtin.fit(&FitData::views(&split.train, &split.context)).unwrap();
     let mut dynamic_reg = Registry::empty();
     dynamic_reg.load_library(&lib).unwrap();
     let mut dynamic = dynamic_reg.ranker("popularity", &serde_json::json!({}), host().into_ffi()).unwrap();
-    dynamic.fit(&split.train, &split.context, &[], None).unwrap();
+    dynamic.fit(&FitData::views(&split.train, &split.context)).unwrap();
 
     // All paths must agree; then all are timed writing into one buffer, so that where a buffer
     // landed in memory (huge pages or not) cannot favour one path.
@@ -130,7 +117,7 @@ fn main() {
     println!();
     println!("| path | median ms/call | median ratio to static (paired) |");
     println!("|---|---:|---:|");
-    println!("| static (safe trait, linked) | {:.3} | 1.000 |", median(&mut t_static) * 1e3);
-    println!("| builtin (FFI shim, linked) | {:.3} | {:.3} |", median(&mut t_builtin) * 1e3, median(&mut r_builtin));
-    println!("| dynamic (cdylib via abi_stable) | {:.3} | {:.3} |", median(&mut t_dynamic) * 1e3, median(&mut r_dynamic));
+    println!("| static (safe trait, linked) | {:.3} | 1.000 |", median(t_static.clone()) * 1e3);
+    println!("| builtin (FFI shim, linked) | {:.3} | {:.3} |", median(t_builtin.clone()) * 1e3, median(r_builtin.clone()));
+    println!("| dynamic (cdylib via abi_stable) | {:.3} | {:.3} |", median(t_dynamic.clone()) * 1e3, median(r_dynamic.clone()));
 }

@@ -5,43 +5,28 @@
 //!
 //! Run: `cargo bench -p recfuse --bench data` (needs `scripts/fetch-data.sh ml-1m`).
 
+mod common;
+
+use common::timed;
 use recfuse::config::{EvalSection, SplitSection};
 use recfuse::eval;
-use recfuse::host::{HostServices, Progress};
+use recfuse::handles::FitData;
 use recfuse::registry::Registry;
 use recfuse::split::split_dataset;
-use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Instant;
 
 const RUNS: usize = 5;
 
 fn host(name: &str) -> recfuse_sdk::ffi::HostFfiBox {
-    HostServices {
-        component: Arc::from(name),
-        run_dir: std::env::temp_dir(),
-        seed: 7,
-        cancel: Arc::new(AtomicBool::new(false)),
-        progress: Progress::new(false),
-    }
-    .into_ffi()
+    common::host(name, 7)
 }
 
-fn median<T>(mut f: impl FnMut() -> T) -> (f64, T) {
-    let mut times = Vec::new();
-    let mut last = None;
-    for _ in 0..RUNS {
-        let t = Instant::now();
-        last = Some(f());
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (times[RUNS / 2], last.unwrap())
+fn median<T>(f: impl FnMut() -> T) -> (f64, T) {
+    timed(RUNS, f)
 }
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join(".cache/data/ml-1m");
+    let dir = common::root().join(".cache/data/ml-1m");
     assert!(dir.join(".complete").exists(), "run scripts/fetch-data.sh ml-1m first");
     let reg = Registry::with_builtins().unwrap();
     let cfg = serde_json::json!({"dir": dir, "name": "ml-1m", "kind_rules": [{"min": 4.0, "kind": "like"}]});
@@ -56,8 +41,8 @@ fn main() {
     let users = eval::pick_users(&split, 0);
     let negatives = eval::sample_negatives(&split, &ds, &users, &eval_cfg, 1);
     let mut pop = reg.ranker("popularity", &serde_json::json!({}), host("ranker")).unwrap();
-    pop.fit(&split.train, &split.context, &[], None).unwrap();
-    let (eval_s, rep) = median(|| eval::evaluate(&pop, "popularity", &split, &eval_cfg, &users, &negatives, 512, |_| Ok(())).unwrap());
+    pop.fit(&FitData::views(&split.train, &split.context)).unwrap();
+    let (eval_s, rep) = median(|| eval::evaluate(&pop, None, "popularity", &split, &eval_cfg, &users, &negatives, 512, |_| Ok(())).unwrap());
     println!(
         "{{\"what\": \"full-ranking evaluation ({} users x {} items, popularity scores)\", \"seconds\": {eval_s:.4}, \"hr10\": {:.4}}}",
         users.len(),
@@ -66,10 +51,10 @@ fn main() {
     );
 
     let epochs = 3;
-    let bpr_cfg = serde_json::json!({"dim": 64, "epochs": epochs, "seed": 1});
+    let bpr_cfg = serde_json::json!({"dim": 64, "epochs": epochs, "seed": 1, "patience": 0});
     let mut bpr = reg.ranker("bpr", &bpr_cfg, host("bpr")).unwrap();
     let t = Instant::now();
-    bpr.fit(&split.train, &split.context, &[], None).unwrap();
+    bpr.fit(&FitData::views(&split.train, &split.context)).unwrap();
     let per_epoch = t.elapsed().as_secs_f64() / epochs as f64;
     println!("{{\"what\": \"bpr epoch (dim 64, {} positives)\", \"seconds\": {per_epoch:.4}}}", split.train.events.len());
 

@@ -11,6 +11,9 @@
 //!
 //! `cargo bench -p recfuse --bench generation [-- ROUNDS NPP NTG]`
 
+mod common;
+
+use common::median;
 use recfuse::plot::{grouped_bars, Panel};
 use recfuse_llm_engine::{GenParams, Llm};
 use std::path::PathBuf;
@@ -18,11 +21,6 @@ use std::process::Command;
 use std::time::Instant;
 
 const PARALLEL: [usize; 3] = [1, 4, 16];
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// (PP tokens/s, TG tokens/s) of this engine.
 fn ours(llm: &Llm, npl: usize, npp: usize, ntg: usize, corpus: &[u32]) -> (f64, f64) {

@@ -29,19 +29,36 @@ use recfuse_sdk::metrics::ndcg_at;
 pub struct Segment {
     pub users: usize,
     pub metrics: BTreeMap<String, f64>,
-    /// (score, is_positive) pairs for the pooled AUC; dropped once computed.
+    /// Positive and negative scores for the pooled AUC; dropped once computed.
     #[serde(skip)]
-    pairs: Vec<(f32, bool)>,
+    positives: Vec<f32>,
+    #[serde(skip)]
+    negatives: Vec<f32>,
+    /// Running sums by cut-off: (k, [HR, NDCG, MRR]); named only by `finish` (the hot loop
+    /// must not format metric names).
+    #[serde(skip)]
+    sums: Vec<(usize, [f64; 3])>,
+    /// Sum of per-user AUCs, and whether any user had negatives.
+    #[serde(skip)]
+    uauc: Option<f64>,
 }
 
 impl Segment {
     pub fn add(&mut self, rank: usize, ks: &[usize]) {
         self.users += 1;
         for &k in ks {
+            let i = match self.sums.iter().position(|(c, _)| *c == k) {
+                Some(i) => i,
+                None => {
+                    self.sums.push((k, [0.0; 3]));
+                    self.sums.len() - 1
+                }
+            };
             let hit = rank < k;
-            *self.metrics.entry(format!("HR@{k}")).or_default() += hit as u8 as f64;
-            *self.metrics.entry(format!("NDCG@{k}")).or_default() += ndcg_at(rank, k);
-            *self.metrics.entry(format!("MRR@{k}")).or_default() += if hit { 1.0 / (rank + 1) as f64 } else { 0.0 };
+            let s = &mut self.sums[i].1;
+            s[0] += hit as u8 as f64;
+            s[1] += ndcg_at(rank, k);
+            s[2] += if hit { 1.0 / (rank + 1) as f64 } else { 0.0 };
         }
     }
 
@@ -51,46 +68,75 @@ impl Segment {
             return;
         }
         let wins: f64 = negatives.iter().map(|&n| if positive > n { 1.0 } else if positive == n { 0.5 } else { 0.0 }).sum();
-        *self.metrics.entry("UAUC".into()).or_default() += wins / negatives.len() as f64;
-        self.pairs.push((positive, true));
-        self.pairs.extend(negatives.iter().map(|&n| (n, false)));
+        *self.uauc.get_or_insert(0.0) += wins / negatives.len() as f64;
+        self.positives.push(positive);
+        self.negatives.extend_from_slice(negatives);
+    }
+
+    /// Adds another part of the same segment (users evaluated on another thread).
+    fn merge(&mut self, other: Segment) {
+        self.users += other.users;
+        for (k, s) in other.sums {
+            match self.sums.iter_mut().find(|(c, _)| *c == k) {
+                Some((_, mine)) => mine.iter_mut().zip(s).for_each(|(a, b)| *a += b),
+                None => self.sums.push((k, s)),
+            }
+        }
+        if let Some(u) = other.uauc {
+            *self.uauc.get_or_insert(0.0) += u;
+        }
+        self.positives.extend(other.positives);
+        self.negatives.extend(other.negatives);
     }
 
     fn finish(mut self) -> Self {
         let n = self.users.max(1) as f64;
-        self.metrics.values_mut().for_each(|v| *v /= n);
-        if !self.pairs.is_empty() {
-            self.metrics.insert("AUC".into(), pooled_auc(&mut self.pairs));
+        for (k, [hr, ndcg, mrr]) in std::mem::take(&mut self.sums) {
+            self.metrics.insert(format!("HR@{k}"), hr / n);
+            self.metrics.insert(format!("NDCG@{k}"), ndcg / n);
+            self.metrics.insert(format!("MRR@{k}"), mrr / n);
         }
-        self.pairs = Vec::new();
+        if let Some(u) = self.uauc.take() {
+            self.metrics.insert("UAUC".into(), u / n);
+        }
+        if !self.positives.is_empty() {
+            self.metrics.insert("AUC".into(), pooled_auc(&mut self.positives, &self.negatives));
+        }
+        (self.positives, self.negatives) = (Vec::new(), Vec::new());
         self
     }
 }
 
-/// Area under the ROC curve of pooled (score, label) pairs (Mann-Whitney, ties count ½).
-pub fn pooled_auc(pairs: &mut [(f32, bool)]) -> f64 {
-    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (mut rank_sum, mut positives) = (0f64, 0f64);
-    let mut i = 0;
-    while i < pairs.len() {
-        let mut j = i;
-        while j < pairs.len() && pairs[j].0 == pairs[i].0 {
-            j += 1;
-        }
-        let mid_rank = (i + j + 1) as f64 / 2.0; // 1-based average rank of the tie block
-        for p in &pairs[i..j] {
-            if p.1 {
-                rank_sum += mid_rank;
-                positives += 1.0;
-            }
-        }
-        i = j;
-    }
-    let negatives = pairs.len() as f64 - positives;
-    if positives == 0.0 || negatives == 0.0 {
+/// Area under the ROC curve of pooled scores (Mann-Whitney: the share of (positive, negative)
+/// pairs ordered right, ties counting ½). Sorts the positives only (one per user) and places
+/// each negative among them by binary search: no sort of the far larger negative set.
+pub fn pooled_auc(positives: &mut [f32], negatives: &[f32]) -> f64 {
+    if positives.is_empty() || negatives.is_empty() {
         return 0.5;
     }
-    (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
+    positives.sort_unstable_by(f32::total_cmp);
+    let positives: &[f32] = positives;
+    let p = positives.len();
+    // Wins of the positives over one negative: those above it, and half of those tied.
+    let wins = |negs: &[f32]| -> f64 {
+        negs.iter()
+            .map(|&n| {
+                let below = positives.partition_point(|&x| x < n);
+                let tied = match positives.get(below) {
+                    Some(&x) if x == n => positives[below..].partition_point(|&x| x <= n),
+                    _ => 0,
+                };
+                (p - below - tied) as f64 + 0.5 * tied as f64
+            })
+            .sum()
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let part = negatives.len().div_ceil(threads).max(1 << 16);
+    let total: f64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = negatives.chunks(part).map(|c| scope.spawn(move || wins(c))).collect();
+        handles.into_iter().map(|h| h.join().expect("AUC thread")).sum()
+    });
+    total / (p as f64 * negatives.len() as f64)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -294,10 +340,9 @@ pub fn evaluate(
     };
     let mut scores = vec![0f32; batch_size * per_user];
     let mut candidates: Vec<ItemIdx> = Vec::with_capacity(batch_size * per_user);
-    let mut masked = vec![false; n_items];
     let no_mask = vec![false; per_user];
     let (mut all, mut cold, mut warm) = (Segment::default(), Segment::default(), Segment::default());
-    let mut neg_scores: Vec<f32> = Vec::new();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut second: Vec<f32> = Vec::new();
     let mut second_items: Vec<ItemIdx> = Vec::new();
     let mut tops: Vec<Vec<usize>> = Vec::new();
@@ -371,43 +416,66 @@ pub fn evaluate(
                 s.copy_from_slice(&composed);
             }
         }
-        for (row, (&u, neg)) in chunk.iter().zip(negs).enumerate() {
-            let s = &out[row * per_user..(row + 1) * per_user];
-            if let Some(bad) = s.iter().position(|x| x.is_nan()) {
-                bail!("ranker `{}` returned NaN for user {u} (candidate {bad})", scorer.provenance.name);
+        // Ranking the rows is the host's own work: spread it over every core.
+        let out: &[f32] = out;
+        let scorer_name = &scorer.provenance.name;
+        let rank_rows = |rows: std::ops::Range<usize>| -> Result<[Segment; 3]> {
+            let mut segs: [Segment; 3] = Default::default(); // all, cold, warm
+            let mut masked = vec![false; n_items];
+            let mut neg_scores: Vec<f32> = Vec::new();
+            for row in rows {
+                let (u, neg) = (chunk[row], &negs[row]);
+                let s = &out[row * per_user..(row + 1) * per_user];
+                if let Some(bad) = s.iter().position(|x| x.is_nan()) {
+                    bail!("ranker `{scorer_name}` returned NaN for user {u} (candidate {bad})");
+                }
+                let t = split.targets[u as usize];
+                let history = split.train.view().history(u);
+                // Train items and the validation item are not candidates (set, rank, then reset).
+                let mark = |masked: &mut [bool], on: bool| {
+                    for e in history.iter().filter(|e| e.item != NONE) {
+                        masked[e.item as usize] = on;
+                    }
+                    if t.valid != NONE && t.valid != t.test {
+                        masked[t.valid as usize] = on;
+                    }
+                };
+                let (rank, positive) = match cfg.protocol {
+                    Protocol::Full => {
+                        mark(&mut masked, true);
+                        let rank = rank_of(s, t.test as usize, &masked);
+                        mark(&mut masked, false);
+                        neg_scores.clear();
+                        neg_scores.extend(neg.iter().map(|&i| s[i as usize]));
+                        (rank, s[t.test as usize])
+                    }
+                    Protocol::Sampled => {
+                        neg_scores.clear();
+                        neg_scores.extend_from_slice(&s[1..]);
+                        (rank_of(s, 0, &no_mask), s[0])
+                    }
+                };
+                let which = if history.len() <= cfg.cold_start_max { 1 } else { 2 };
+                for i in [0, which] {
+                    segs[i].add(rank, &cfg.ks);
+                    segs[i].add_pairs(positive, &neg_scores);
+                }
             }
-            let t = split.targets[u as usize];
-            let history = split.train.view().history(u);
-            // Train items and the validation item are not candidates (set, rank, then reset).
-            let mark = |masked: &mut [bool], on: bool| {
-                for e in history.iter().filter(|e| e.item != NONE) {
-                    masked[e.item as usize] = on;
-                }
-                if t.valid != NONE && t.valid != t.test {
-                    masked[t.valid as usize] = on;
-                }
-            };
-            let (rank, positive) = match cfg.protocol {
-                Protocol::Full => {
-                    mark(&mut masked, true);
-                    let rank = rank_of(s, t.test as usize, &masked);
-                    mark(&mut masked, false);
-                    neg_scores.clear();
-                    neg_scores.extend(neg.iter().map(|&i| s[i as usize]));
-                    (rank, s[t.test as usize])
-                }
-                Protocol::Sampled => {
-                    neg_scores.clear();
-                    neg_scores.extend_from_slice(&s[1..]);
-                    (rank_of(s, 0, &no_mask), s[0])
-                }
-            };
-            let segment = if history.len() <= cfg.cold_start_max { &mut cold } else { &mut warm };
-            for seg in [&mut all, segment] {
-                seg.add(rank, &cfg.ks);
-                seg.add_pairs(positive, &neg_scores);
-            }
+            Ok(segs)
+        };
+        let parts = threads.min(chunk.len()).max(1);
+        let bounds: Vec<std::ops::Range<usize>> = (0..parts).map(|p| p * chunk.len() / parts..(p + 1) * chunk.len() / parts).collect();
+        let results: Vec<Result<[Segment; 3]>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = bounds.into_iter().map(|r| scope.spawn(move || rank_rows(r))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("evaluation thread panicked")))).collect()
+        });
+        for part in results {
+            let [a, c, w] = part?;
+            all.merge(a);
+            cold.merge(c);
+            warm.merge(w);
         }
+
         on_batch(chunk.len())?;
     }
     let mut segments = BTreeMap::new();
@@ -469,8 +537,8 @@ mod tests {
     #[test]
     fn auc_matches_hand_computed_values() {
         // positives 0.9, 0.4; negatives 0.8, 0.4, 0.1: pairs won 3 + 1.5 = 4.5 of 6
-        let mut pairs = vec![(0.9, true), (0.4, true), (0.8, false), (0.4, false), (0.1, false)];
-        assert!((pooled_auc(&mut pairs) - 0.75).abs() < 1e-12);
+        assert!((pooled_auc(&mut [0.9, 0.4], &[0.8, 0.4, 0.1]) - 0.75).abs() < 1e-12);
+        assert!((pooled_auc(&mut [0.4, 0.4], &[0.4]) - 0.5).abs() < 1e-12);
         let mut s = Segment::default();
         s.add(0, &[1]);
         s.add_pairs(0.9, &[0.8, 0.4, 0.1]); // 1.0

@@ -139,6 +139,13 @@ pub struct FitData<'a> {
     pub valid_items: &'a [ItemIdx],
 }
 
+impl<'a> FitData<'a> {
+    /// Train and context views only: no knowledge, artifact, model directory or validation.
+    pub fn views(train: &'a ViewData, context: &'a ViewData) -> Self {
+        Self { train, context, knowledge: &[], item_knowledge: &[], artifact: None, model_dir: None, valid_users: &[], valid_items: &[] }
+    }
+}
+
 impl RankerHandle {
     fn with_inputs<R>(&mut self, d: &FitData<'_>, f: impl FnOnce(&mut RankerBox, FitInputsFfi<'_>) -> FfiResult<R>, action: &str) -> Result<R> {
         let k: Vec<KnowledgeFfi> = d.knowledge.iter().map(KnowledgeFfi::from_knowledge).collect();

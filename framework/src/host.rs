@@ -105,6 +105,19 @@ pub struct HostServices {
 }
 
 impl HostServices {
+    /// Services for a component used outside a run (benches, tools, tests): no progress display,
+    /// never cancelled, no instruction tasks.
+    pub fn detached(component: &str, run_dir: PathBuf, seed: u64) -> Self {
+        Self {
+            component: Arc::from(component),
+            run_dir,
+            seed,
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: Progress::new(false),
+            tasks: TaskTable::default(),
+        }
+    }
+
     pub fn into_ffi(self) -> HostFfiBox {
         HostFfiBox::from_ptr(RArc::new(self), TD_Opaque)
     }

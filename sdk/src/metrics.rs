@@ -8,16 +8,15 @@ use crate::records::{ItemIdx, TrainView, UserIdx, NONE};
 /// half the ties (rounded down), so a constant scorer lands in the middle, not at the top.
 pub fn rank_of(scores: &[f32], target: usize, masked: &[bool]) -> usize {
     let t = scores[target];
+    // Branch-free counts (they vectorise); the target itself counts as one tie, removed below.
     let (mut higher, mut equal) = (0usize, 0usize);
-    for (i, &s) in scores.iter().enumerate() {
-        if i == target || masked[i] {
-            continue;
-        }
-        if s > t {
-            higher += 1;
-        } else if s == t {
-            equal += 1;
-        }
+    for (&s, &m) in scores.iter().zip(masked) {
+        let keep = !m as usize;
+        higher += (s > t) as usize & keep;
+        equal += (s == t) as usize & keep;
+    }
+    if !masked[target] {
+        equal -= 1;
     }
     higher + equal / 2
 }

@@ -12,14 +12,7 @@ use std::collections::HashSet;
 
 fn ml100k() -> Dataset {
     let reg = Registry::with_builtins().unwrap();
-    let services = recfuse::host::HostServices {
-        component: "source".into(),
-        run_dir: std::env::temp_dir(),
-        seed: 0,
-        cancel: Default::default(),
-        progress: recfuse::host::Progress::new(false),
-        tasks: Default::default(),
-    };
+    let services = recfuse::host::HostServices::detached("source", std::env::temp_dir(), 0);
     let cfg = serde_json::json!({"dir": ml100k_dir(), "name": "ml-100k"});
     reg.source("recbole-atomic", &cfg, services.into_ffi()).unwrap().load().unwrap()
 }

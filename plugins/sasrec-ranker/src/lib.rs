@@ -238,6 +238,58 @@ impl Model {
         Ok(x)
     }
 
+    /// The last position's hidden state (B, d), for scoring: the same function as
+    /// `forward(..).narrow(1, L - 1, 1)` without dropout, computed for inference only. It uses
+    /// candle's fused softmax and layer norm (no backward needed here) and, in the last block,
+    /// attends and feeds forward from the last position only (the others are not read).
+    fn encode_last(&self, tokens: &[u32], batch: usize) -> Result<Tensor> {
+        use candle_nn::ops::{layer_norm, softmax_last_dim};
+        let (l, d, h) = (self.cfg.max_len, self.cfg.dim, self.cfg.heads);
+        let hd = d / h;
+        let dev = Device::Cpu;
+        let ln = |x: &Tensor, g: &Var, b: &Var| -> Result<Tensor> { Ok(layer_norm(&x.contiguous()?, g.as_tensor(), b.as_tensor(), 1e-12)?) };
+        let ids = Tensor::from_slice(tokens, batch * l, &dev)?;
+        let x = self.item_emb.as_tensor().index_select(&ids, 0)?.reshape((batch, l, d))?;
+        let x = ln(&x.broadcast_add(self.pos_emb.as_tensor())?, &self.ln_g, &self.ln_b)?;
+        // Padding keys masked; the causal mask matters for every query but the last.
+        let mut causal = vec![0f32; batch * l * l];
+        let mut last_row = vec![0f32; batch * l];
+        for b in 0..batch {
+            for j in 0..l {
+                let pad = tokens[b * l + j] == 0;
+                if pad {
+                    last_row[b * l + j] = -1e9;
+                }
+                for i in 0..l {
+                    if j > i || pad {
+                        causal[(b * l + i) * l + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let causal = Tensor::from_vec(causal, (batch, 1, l, l), &dev)?.to_dtype(self.dtype)?;
+        let last_row = Tensor::from_vec(last_row, (batch, 1, 1, l), &dev)?.to_dtype(self.dtype)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let linear = |x: &Tensor, w: &Var, b: &Var| -> Result<Tensor> { Ok(x.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?) };
+        let mut x = x.reshape((batch * l, d))?;
+        let n = self.blocks.len();
+        for (at, blk) in self.blocks.iter().enumerate() {
+            let rows = if at + 1 == n { 1 } else { l }; // queries kept: the last block needs one
+            let heads = |t: Tensor, rows: usize| -> Result<Tensor> { Ok(t.reshape((batch, rows, h, hd))?.transpose(1, 2)?.contiguous()?) };
+            let xq = if rows == 1 { x.reshape((batch, l, d))?.narrow(1, l - 1, 1)?.reshape((batch, d))? } else { x.clone() };
+            let q = heads(linear(&xq, &blk.wq, &blk.bq)?, rows)?;
+            let k = heads(linear(&x, &blk.wk, &blk.bk)?, l)?;
+            let v = heads(linear(&x, &blk.wv, &blk.bv)?, l)?;
+            let bias = if rows == 1 { &last_row } else { &causal };
+            let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(bias)?;
+            let ctx = softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((batch * rows, d))?;
+            let a = ln(&(xq + linear(&ctx, &blk.wo, &blk.bo)?)?, &blk.ln1_g, &blk.ln1_b)?;
+            let f = linear(&linear(&a, &blk.w1, &blk.b1)?.relu()?, &blk.w2, &blk.b2)?;
+            x = ln(&(a + f)?, &blk.ln2_g, &blk.ln2_b)?;
+        }
+        Ok(x.reshape((batch, d))?)
+    }
+
     /// Mean cross-entropy over all items at every non-padding target position.
     fn loss(&self, tokens: &[u32], targets: &[u32], batch: usize, rng: Option<&mut SeededRng>) -> Result<Tensor> {
         let (l, d) = (self.cfg.max_len, self.cfg.dim);
@@ -252,6 +304,9 @@ impl Model {
         Ok((picked.mul(&valid)?.sum_all()? * (-1.0 / count))?)
     }
 }
+
+/// Users encoded together when scoring (see `score`).
+const SCORE_CHUNK: usize = 64;
 
 /// Left-pads (or keeps the last `len` of) a sequence of 1-based item ids.
 fn window(seq: &[u32], len: usize) -> Vec<u32> {
@@ -348,8 +403,13 @@ impl Ranker for SasRec {
         let empty = vec![0u32; l];
         let tokens: Vec<u32> =
             batch.users.iter().flat_map(|&u| self.sequences.get(u as usize).unwrap_or(&empty).iter().copied()).collect();
-        let hidden = model.forward(&tokens, b, None)?; // (B, L, d)
-        let last = hidden.narrow(1, l - 1, 1)?.reshape((b, d))?;
+        // Encoded SCORE_CHUNK users at a time: the activations stay small enough to be reused
+        // by the allocator (large fresh allocations cost page clearing on every op).
+        let parts = tokens
+            .chunks(SCORE_CHUNK * l)
+            .map(|t| model.encode_last(t, t.len() / l))
+            .collect::<Result<Vec<_>>>()?;
+        let last = Tensor::cat(&parts, 0)?; // (B, d)
         let n = batch.per_user();
         if batch.shared {
             let ids: Vec<u32> = batch.items.iter().map(|&i| i + 1).collect();
@@ -384,6 +444,22 @@ mod tests {
 
     /// Autograd gradients against central finite differences, in f64, for every parameter
     /// tensor (a few entries each): guards against ops whose backward is silently zero.
+    /// The inference path (fused ops, last position only) equals the training forward.
+    #[test]
+    fn encode_last_equals_the_training_forward() {
+        let cfg: SasRecConfig = serde_json::from_value(serde_json::json!({
+            "dim": 8, "layers": 2, "heads": 2, "inner": 12, "max_len": 5, "dropout": 0.0, "epochs": 1, "seed": 5
+        }))
+        .unwrap();
+        let mut rng = SeededRng::new(3);
+        let model = Model::new(&cfg, 9, &mut rng, DType::F32).unwrap();
+        let tokens = [0, 0, 3, 1, 7, 2, 4, 6, 8, 9, 0, 0, 0, 0, 5];
+        let full = model.forward(&tokens, 3, None).unwrap().narrow(1, 4, 1).unwrap().reshape((3, 8)).unwrap();
+        let fast = model.encode_last(&tokens, 3).unwrap();
+        let diff = (full - fast).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
         let cfg = tiny_cfg();
