@@ -12,10 +12,18 @@
 //! silently zero), so this file writes both from differentiable primitives, and a
 //! finite-difference test guards the gradients. candle's CPU RNG cannot be seeded: weights and
 //! dropout masks come from our own seeded generator, so training is reproducible.
+//!
+//! Model selection (SDK 1.1): after every epoch, validation NDCG@`select_k` with the host's
+//! metric code; the best epoch is kept, training stops after `patience` epochs without
+//! improvement. Persistence: `model.safetensors` (weights) for save/load; each epoch leaves
+//! `checkpoint.safetensors` (weights, best weights, AdamW moments, RNG state, window order,
+//! early-stopping state) in the model directory, and an interrupted fit resumes from it exactly.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use recfuse_sdk::metrics::Verdict;
 use recfuse_sdk::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
 
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -41,11 +49,23 @@ pub struct SasRecConfig {
     pub learning_rate: f64,
     #[serde(default)]
     pub weight_decay: f64,
+    /// Early stopping: epochs without a better validation NDCG@`select_k` before stopping, the
+    /// best epoch kept (0 = train all `epochs`, keep the last).
+    #[serde(default = "d_patience")]
+    pub patience: usize,
+    #[serde(default = "d_select_k")]
+    pub select_k: usize,
     /// Behaviour kinds that form the sequence (all item events when empty).
     #[serde(default)]
     pub kinds: Vec<String>,
     #[serde(default)]
     pub seed: Option<u64>,
+}
+fn d_patience() -> usize {
+    10
+}
+fn d_select_k() -> usize {
+    10
 }
 fn d_dim() -> usize {
     64
@@ -173,11 +193,48 @@ impl Model {
     }
 
     fn vars(&self) -> Vec<Var> {
-        let mut v = vec![self.item_emb.clone(), self.pos_emb.clone(), self.ln_g.clone(), self.ln_b.clone()];
-        for b in &self.blocks {
-            v.extend([&b.wq, &b.wk, &b.wv, &b.wo, &b.bq, &b.bk, &b.bv, &b.bo, &b.ln1_g, &b.ln1_b, &b.w1, &b.b1, &b.w2, &b.b2, &b.ln2_g, &b.ln2_b].map(|x| x.clone()));
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Every parameter with a stable name, for checkpoints and saved models.
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut v = vec![
+            ("item_emb".to_string(), self.item_emb.clone()),
+            ("pos_emb".to_string(), self.pos_emb.clone()),
+            ("ln_g".to_string(), self.ln_g.clone()),
+            ("ln_b".to_string(), self.ln_b.clone()),
+        ];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let parts = [
+                ("wq", &b.wq), ("wk", &b.wk), ("wv", &b.wv), ("wo", &b.wo), ("bq", &b.bq), ("bk", &b.bk), ("bv", &b.bv), ("bo", &b.bo),
+                ("ln1_g", &b.ln1_g), ("ln1_b", &b.ln1_b), ("w1", &b.w1), ("b1", &b.b1), ("w2", &b.w2), ("b2", &b.b2),
+                ("ln2_g", &b.ln2_g), ("ln2_b", &b.ln2_b),
+            ];
+            v.extend(parts.into_iter().map(|(n, x)| (format!("blocks.{i}.{n}"), x.clone())));
         }
         v
+    }
+
+    /// Copies of the current weights, by name.
+    fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
+        self.named_vars().into_iter().map(|(n, v)| Ok((n, v.as_tensor().copy()?))).collect()
+    }
+
+    /// Sets every weight from `tensors[prefix + name]`, checking shapes (`file` for messages).
+    fn restore(&self, tensors: &HashMap<String, Tensor>, prefix: &str, file: &Path) -> Result<()> {
+        for (name, var) in self.named_vars() {
+            let key = format!("{prefix}{name}");
+            let t = tensors.get(&key).with_context(|| format!("{}: no tensor `{key}`", file.display()))?;
+            ensure!(
+                t.dims() == var.dims(),
+                "{}: `{key}` has shape {:?}, the model needs {:?} (another dataset or config?)",
+                file.display(),
+                t.dims(),
+                var.dims()
+            );
+            var.set(&t.to_dtype(self.dtype)?)?;
+        }
+        Ok(())
     }
 
     /// Dropout with a mask from our seeded generator (identity when `rng` is None).
@@ -305,8 +362,82 @@ impl Model {
     }
 }
 
+/// Scores of every item (in catalog order) for `users`, from their windowed `sequences`.
+fn score_shared(model: &Model, sequences: &[Vec<u32>], users: &[u32], n_items: usize, out: &mut [f32]) -> Result<()> {
+    let l = model.cfg.max_len;
+    let empty = vec![0u32; l];
+    let tokens: Vec<u32> = users.iter().flat_map(|&u| sequences.get(u as usize).unwrap_or(&empty).iter().copied()).collect();
+    let parts = tokens.chunks(SCORE_CHUNK * l).map(|t| model.encode_last(t, t.len() / l)).collect::<Result<Vec<_>>>()?;
+    let last = Tensor::cat(&parts, 0)?;
+    let emb = model.item_emb.as_tensor().narrow(0, 1, n_items)?; // row 0 is padding
+    let scores = last.matmul(&emb.t()?)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    out.copy_from_slice(&scores);
+    Ok(())
+}
+
+/// Writes tensors and string metadata as safetensors, atomically (temp file, sync, rename).
+fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>, meta: HashMap<String, String>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let data: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    candle_core::safetensors::save(&data.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<HashMap<_, _>>(), &tmp)?;
+    // candle writes no metadata: add ours by rewriting the header with the safetensors crate.
+    if !meta.is_empty() {
+        let bytes = std::fs::read(&tmp)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)?;
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+        let out = safetensors::serialize(views, Some(meta))?;
+        std::fs::write(&tmp, out)?;
+    }
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not safetensors", path.display()))?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
 /// Users encoded together when scoring (see `score`).
 const SCORE_CHUNK: usize = 64;
+
+/// AdamW with decoupled weight decay, as `candle_nn::AdamW` computes it, with its moments in
+/// the open so a checkpoint can hold them and a resumed fit continue exactly.
+struct AdamW {
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: u64,
+    lr: f64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    const B1: f64 = 0.9;
+    const B2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
+        let zeros = vars.iter().map(|v| Ok(v.as_tensor().zeros_like()?)).collect::<Result<Vec<_>>>()?;
+        Ok(Self { m: zeros.clone(), v: zeros, vars, step: 0, lr, weight_decay })
+    }
+
+    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = loss.backward()?;
+        self.step += 1;
+        let (c1, c2) = (1.0 - Self::B1.powi(self.step as i32), 1.0 - Self::B2.powi(self.step as i32));
+        for ((var, m), v) in self.vars.iter().zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+            let Some(g) = grads.get(var) else { continue };
+            *m = ((&*m * Self::B1)? + (g * (1.0 - Self::B1))?)?;
+            *v = ((&*v * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
+            let decayed = (var.as_tensor() * (1.0 - self.lr * self.weight_decay))?;
+            let update = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + Self::EPS)?)?;
+            var.set(&(decayed - (update * self.lr)?)?)?;
+        }
+        Ok(())
+    }
+}
 
 /// Left-pads (or keeps the last `len` of) a sequence of 1-based item ids.
 fn window(seq: &[u32], len: usize) -> Vec<u32> {
@@ -369,11 +500,35 @@ impl Ranker for SasRec {
             }
         }
         ensure!(!windows.is_empty(), "no user has two or more train items to learn a sequence from");
-        let params = ParamsAdamW { lr: self.cfg.learning_rate, weight_decay: self.cfg.weight_decay, ..Default::default() };
-        let mut opt = AdamW::new(model.vars(), params)?;
-        let progress = self.host.progress("sasrec epochs", self.cfg.epochs as u64);
+        let mut opt = AdamW::new(model.vars(), self.cfg.learning_rate, self.cfg.weight_decay)?;
         let mut order: Vec<usize> = (0..windows.len()).collect();
-        for epoch in 0..self.cfg.epochs {
+        let select = self.cfg.patience > 0 && !inputs.validation.is_empty();
+        let mut stopping = EarlyStopping::new(self.cfg.patience);
+        let mut best = model.snapshot()?;
+        let checkpoint = inputs.model_dir.map(|dir| dir.join("checkpoint.safetensors"));
+        let mut first_epoch = 0;
+        if let Some(path) = checkpoint.as_deref().filter(|p| p.exists()) {
+            let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+            model.restore(&tensors, "model.", path)?;
+            best = model.named_vars().into_iter().map(|(n, _)| Ok((n.clone(), tensors.get(&format!("best.{n}")).context("best weights missing")?.clone()))).collect::<Result<_>>()?;
+            for (i, (name, _)) in model.named_vars().iter().enumerate() {
+                opt.m[i] = tensors.get(&format!("adam_m.{name}")).context("AdamW moments missing")?.clone();
+                opt.v[i] = tensors.get(&format!("adam_v.{name}")).context("AdamW moments missing")?.clone();
+            }
+            let meta = read_metadata(path)?;
+            let field = |k: &str| meta.get(k).with_context(|| format!("{}: metadata `{k}` missing", path.display()));
+            first_epoch = field("epochs_done")?.parse()?;
+            opt.step = field("adam_step")?.parse()?;
+            rng = SeededRng::new(field("rng_state")?.parse()?);
+            order = serde_json::from_str(field("order")?)?;
+            stopping = serde_json::from_str(field("stopping")?)?;
+            self.host.info(format!("sasrec resumes after epoch {first_epoch} from {}", path.display()));
+        }
+        // Validation conditions on the train sequences (the validation item follows them).
+        let train_sequences: Vec<Vec<u32>> = self.item_sequences(view).iter().map(|s| window(s, l)).collect();
+        let progress = self.host.progress("sasrec epochs", self.cfg.epochs as u64);
+        progress.inc(first_epoch as u64);
+        for epoch in first_epoch..self.cfg.epochs {
             rng.shuffle(&mut order);
             let (mut total, mut batches) = (0f64, 0usize);
             for chunk in order.chunks(self.cfg.batch_size) {
@@ -385,15 +540,77 @@ impl Ranker for SasRec {
                 total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 batches += 1;
             }
-            self.host.debug(format!("sasrec epoch {}: mean loss {:.4} over {} windows", epoch + 1, total / batches as f64, windows.len()));
+            let mut line = format!("sasrec epoch {}: mean loss {:.4} over {} windows", epoch + 1, total / batches as f64, windows.len());
+            let mut stop = false;
+            if select {
+                let v = inputs.validation.evaluate(view, self.cfg.select_k, 256, |users, out| {
+                    score_shared(&model, &train_sequences, users, view.n_items(), out)
+                })?;
+                line.push_str(&format!(", validation NDCG@{} {:.4}", self.cfg.select_k, v.ndcg));
+                match stopping.observe(epoch + 1, v.ndcg) {
+                    Verdict::Improved => best = model.snapshot()?,
+                    Verdict::Continue => {}
+                    Verdict::Stop => stop = true,
+                }
+            }
+            self.host.debug(line);
+            if let Some(path) = &checkpoint {
+                let mut tensors: HashMap<String, Tensor> = HashMap::new();
+                for (i, (name, var)) in model.named_vars().into_iter().enumerate() {
+                    tensors.insert(format!("model.{name}"), var.as_tensor().clone());
+                    tensors.insert(format!("best.{name}"), best[&name].clone());
+                    tensors.insert(format!("adam_m.{name}"), opt.m[i].clone());
+                    tensors.insert(format!("adam_v.{name}"), opt.v[i].clone());
+                }
+                let meta = HashMap::from([
+                    ("epochs_done".to_string(), (epoch + 1).to_string()),
+                    ("adam_step".to_string(), opt.step.to_string()),
+                    ("rng_state".to_string(), rng.state().to_string()),
+                    ("order".to_string(), serde_json::to_string(&order)?),
+                    ("stopping".to_string(), serde_json::to_string(&stopping)?),
+                ]);
+                write_tensors(path, &tensors, meta)?;
+            }
             progress.inc(1);
+            if stop {
+                break;
+            }
+        }
+        if select {
+            model.restore(&best.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), "", Path::new("best epoch"))?;
+            self.host.info(format!(
+                "sasrec kept epoch {} (validation NDCG@{} {:.4}) of {} windows",
+                stopping.best_epoch, self.cfg.select_k, stopping.best, windows.len()
+            ));
+        } else {
+            self.host.info(format!("sasrec trained {} epochs on {} windows", self.cfg.epochs, windows.len()));
         }
         // Predict from what is known at prediction time.
         let context = inputs.context.unwrap_or(*view);
         self.sequences = self.item_sequences(&context).iter().map(|s| window(s, l)).collect();
         self.model = Some(model);
-        self.host.info(format!("sasrec trained {} epochs on {} windows", self.cfg.epochs, windows.len()));
         Ok(())
+    }
+
+    fn save(&self, dir: &Path) -> Result<bool> {
+        let model = self.model.as_ref().context("sasrec saved before fit")?;
+        let tensors: HashMap<String, Tensor> = model.named_vars().into_iter().map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone())).collect();
+        write_tensors(&dir.join("model.safetensors"), &tensors, HashMap::new())?;
+        Ok(true)
+    }
+
+    fn load(&mut self, view: &TrainView, inputs: &FitInputs, dir: &Path) -> Result<bool> {
+        let path = dir.join("model.safetensors");
+        if !path.exists() {
+            return Ok(false);
+        }
+        let model = Model::new(&self.cfg, view.n_items(), &mut SeededRng::new(0), DType::F32)?;
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+        model.restore(&tensors, "model.", &path)?;
+        let context = inputs.context.unwrap_or(*view);
+        self.sequences = self.item_sequences(&context).iter().map(|s| window(s, self.cfg.max_len)).collect();
+        self.model = Some(model);
+        Ok(true)
     }
 
     fn score(&self, batch: &ScoreBatch, out: &mut [f32]) -> Result<()> {
@@ -531,5 +748,74 @@ mod tests {
         m.score(&ScoreBatch { users: &users, items: &cands, shared: false }, &mut out2).unwrap();
         assert!((out2[0] - out[3]).abs() < 1e-4 && (out2[1] - out[5]).abs() < 1e-4);
     }
-}
 
+    /// A small cyclic dataset: user u's sequence is u, u+1, ... (mod `n_items`).
+    fn cycle_data(n_items: u32, users: u32, len: u32) -> (Catalog, Vec<Event>, Vec<u32>) {
+        let catalog = Catalog {
+            items: (0..n_items).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
+            users: (0..users).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
+            kinds: vec!["click".into()],
+            ..Default::default()
+        };
+        let (mut events, mut offsets) = (Vec::new(), vec![0u32]);
+        for u in 0..users {
+            for t in 0..len {
+                events.push(Event { user: u, item: (u + t) % n_items, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: t as i64 });
+            }
+            offsets.push(events.len() as u32);
+        }
+        (catalog, events, offsets)
+    }
+
+    fn all_scores(m: &SasRec, users: u32, n_items: u32) -> Vec<f32> {
+        let items: Vec<u32> = (0..n_items).collect();
+        let users: Vec<u32> = (0..users).collect();
+        let mut out = vec![0f32; users.len() * n_items as usize];
+        m.score(&ScoreBatch { users: &users, items: &items, shared: true }, &mut out).unwrap();
+        out
+    }
+
+    /// A fit stopped after some epochs resumes from its checkpoint to exactly the result of an
+    /// uninterrupted fit; save + load gives the same scores; validation selection stops early.
+    #[test]
+    fn resumes_saves_and_selects_on_validation() {
+        let (catalog, events, offsets) = cycle_data(8, 10, 9);
+        let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
+        let make = |epochs: usize, patience: usize| {
+            let cfg: SasRecConfig = serde_json::from_value(serde_json::json!({
+                "dim": 8, "layers": 1, "heads": 1, "inner": 16, "max_len": 4, "dropout": 0.1,
+                "epochs": epochs, "batch_size": 4, "learning_rate": 0.01, "seed": 2, "patience": patience
+            }))
+            .unwrap();
+            SasRec::new(cfg, Host::standalone(std::env::temp_dir(), 0)).unwrap()
+        };
+        let straight_dir = tempfile::tempdir().unwrap();
+        let mut straight = make(6, 0);
+        straight.fit(&view, &FitInputs { model_dir: Some(straight_dir.path()), ..Default::default() }).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        make(2, 0).fit(&view, &FitInputs { model_dir: Some(dir.path()), ..Default::default() }).unwrap();
+        let mut resumed = make(6, 0);
+        resumed.fit(&view, &FitInputs { model_dir: Some(dir.path()), ..Default::default() }).unwrap();
+        assert_eq!(all_scores(&straight, 10, 8), all_scores(&resumed, 10, 8));
+
+        assert!(resumed.save(dir.path()).unwrap());
+        let mut loaded = make(6, 0);
+        assert!(loaded.load(&view, &FitInputs::default(), dir.path()).unwrap());
+        assert_eq!(all_scores(&loaded, 10, 8), all_scores(&resumed, 10, 8));
+
+        // Selection: validation items are each user's next cycle item.
+        let (vu, vi): (Vec<u32>, Vec<u32>) = (0..10u32).map(|u| (u, (u + 9) % 8)).unzip();
+        let validation = Validation { users: &vu, items: &vi };
+        let sel_dir = tempfile::tempdir().unwrap();
+        let mut sel = make(200, 2);
+        sel.fit(&view, &FitInputs { model_dir: Some(sel_dir.path()), validation, ..Default::default() }).unwrap();
+        let meta = read_metadata(&sel_dir.path().join("checkpoint.safetensors")).unwrap();
+        let done: usize = meta["epochs_done"].parse().unwrap();
+        let stopping: EarlyStopping = serde_json::from_str(&meta["stopping"]).unwrap();
+        assert!(done < 200 && done == stopping.best_epoch + 2, "stopped after {done}, best {}", stopping.best_epoch);
+        let model = sel.model.as_ref().unwrap();
+        let seqs: Vec<Vec<u32>> = sel.item_sequences(&view).iter().map(|s| window(s, 4)).collect();
+        let kept = validation.evaluate(&view, 10, 4, |users, out| score_shared(model, &seqs, users, 8, out)).unwrap();
+        assert_eq!(kept.ndcg, stopping.best, "the best epoch's weights are the ones kept");
+    }
+}
