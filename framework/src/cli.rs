@@ -116,14 +116,14 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
         }
         #[cfg(feature = "local-llm")]
         Command::ServeLlm { model, addr, batch, gather_ms, no_dense } => {
-            let opts = crate::serve::ServeOptions {
+            let opts = crate::serve_llm::ServeOptions {
                 model,
                 addr,
                 batch,
                 gather: std::time::Duration::from_millis(gather_ms),
                 dense: !no_dense,
             };
-            let server = crate::serve::spawn(opts)?;
+            let server = crate::serve_llm::spawn(opts)?;
             writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;
             out.flush()?;
             server.wait()?;

@@ -21,7 +21,7 @@ pub mod plot;
 pub mod registry;
 pub mod runstore;
 #[cfg(feature = "local-llm")]
-pub mod serve;
+pub mod serve_llm;
 pub mod split;
 pub mod stages;
 

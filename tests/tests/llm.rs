@@ -2,7 +2,7 @@
 //! protocol, the `chatgpt` fuser against it over real HTTP, and the in-process `local-llm`
 //! fuser on the same model (SmolLM2-135M-Instruct, `scripts/fetch-data.sh smollm2`).
 
-use recfuse::serve::{spawn, ServeOptions};
+use recfuse::serve_llm::{spawn, ServeOptions};
 use recfuse_e2e::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
