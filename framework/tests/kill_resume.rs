@@ -86,3 +86,66 @@ fn kill_dash_nine_mid_fusion_repeats_only_calls_in_flight() {
     assert_eq!(answered.len(), USERS);
     assert!(answered.values().sum::<usize>() <= USERS + CONCURRENCY, "{answered:?}");
 }
+
+/// `epochs_done` of a checkpoint, read from the safetensors header (0 while none is complete).
+fn epochs_done(path: &std::path::Path) -> usize {
+    let Ok(bytes) = std::fs::read(path) else { return 0 };
+    if bytes.len() < 8 {
+        return 0;
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let Some(header) = bytes.get(8..8 + n) else { return 0 };
+    let v: serde_json::Value = serde_json::from_slice(header).unwrap_or_default();
+    v["__metadata__"]["epochs_done"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// `kill -9` in the middle of a ranker's fit: the rerun resumes from the last epoch checkpoint
+/// and ends with exactly the report of a run that was never interrupted.
+#[test]
+fn kill_dash_nine_mid_fit_resumes_from_the_epoch_checkpoint() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/ml-100k");
+    assert!(data.join(".complete").exists(), "MovieLens-100K missing: run scripts/fetch-data.sh");
+    const EPOCHS: usize = 12;
+    let d = tempfile::tempdir().unwrap();
+    let config = |name: &str| {
+        let path = d.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[run]\nname = \"{name}\"\ndir = \"{runs}\"\n\n\
+                 [source]\nkind = \"recbole-atomic\"\ndir = \"{data}\"\nname = \"ml-100k\"\n\n\
+                 [eval]\nmax_users = 200\n\n\
+                 [[rankers]]\nkind = \"bpr\"\ndim = 32\nepochs = {EPOCHS}\npatience = 0\noptimizer = \"sgd\"\nlearning_rate = 0.05\n",
+                runs = d.path().join("runs").display(),
+                data = data.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (killed, straight) = (config("killed"), config("straight"));
+    let checkpoint = d.path().join("runs/killed/rankers/bpr/checkpoint.safetensors");
+
+    let mut child = recfuse(&killed).spawn().unwrap();
+    let t = Instant::now();
+    while epochs_done(&checkpoint) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(300), "no epoch finished");
+        assert!(child.try_wait().unwrap().is_none(), "the fit ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let done = epochs_done(&checkpoint);
+    assert!((2..EPOCHS).contains(&done), "killed after {done} of {EPOCHS} epochs");
+    assert!(!d.path().join("runs/killed/reports/bpr.json").exists());
+
+    assert!(recfuse(&killed).status().unwrap().success());
+    assert!(recfuse(&straight).status().unwrap().success());
+    let report = |name: &str| {
+        let text = std::fs::read_to_string(d.path().join(format!("runs/{name}/reports/bpr.json"))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["segments"].clone()
+    };
+    assert_eq!(report("killed"), report("straight"), "the resumed fit must end where an uninterrupted one does");
+    assert_eq!(epochs_done(&checkpoint), EPOCHS);
+}

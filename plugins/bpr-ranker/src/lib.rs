@@ -421,15 +421,20 @@ export_plugin! {
 mod tests {
     use super::*;
 
+    /// `items` items and `users` users with ids "0", "1", ...; one behaviour kind.
+    fn catalog(items: u32, users: u32) -> Catalog {
+        Catalog {
+            items: (0..items).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
+            users: (0..users).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
+            kinds: vec!["click".into()],
+            ..Default::default()
+        }
+    }
+
     /// Two user groups with disjoint tastes: BPR must rank each group's items first.
     #[test]
     fn learns_disjoint_tastes() {
-        let catalog = Catalog {
-            items: (0..20).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
-            users: (0..20).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
-            kinds: vec!["click".into()],
-            ..Default::default()
-        };
+        let catalog = catalog(20, 20);
         let mut events = Vec::new();
         let mut offsets = vec![0u32];
         for u in 0..20u32 {
@@ -461,12 +466,7 @@ mod tests {
     /// uninterrupted fit ends; save + load restores the same scores.
     #[test]
     fn resumes_from_epoch_checkpoint_and_round_trips() {
-        let catalog = Catalog {
-            items: (0..12).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
-            users: (0..6).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
-            kinds: vec!["click".into()],
-            ..Default::default()
-        };
+        let catalog = catalog(12, 6);
         let mut events = Vec::new();
         let mut offsets = vec![0u32];
         for u in 0..6u32 {
@@ -513,12 +513,7 @@ mod tests {
     /// keeps the best epoch: the kept factors score exactly the best recorded validation NDCG.
     #[test]
     fn selects_the_best_epoch_on_validation_and_stops_early() {
-        let catalog = Catalog {
-            items: (0..30).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
-            users: (0..12).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
-            kinds: vec!["click".into()],
-            ..Default::default()
-        };
+        let catalog = catalog(30, 12);
         let (mut events, mut offsets) = (Vec::new(), vec![0u32]);
         for u in 0..12u32 {
             for k in 0..5u32 {

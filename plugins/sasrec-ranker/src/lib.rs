@@ -710,21 +710,7 @@ mod tests {
     #[test]
     fn learns_a_cycle() {
         let n_items = 8u32;
-        let catalog = Catalog {
-            items: (0..n_items).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
-            users: (0..16).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
-            kinds: vec!["click".into()],
-            ..Default::default()
-        };
-        let mut events = Vec::new();
-        let mut offsets = vec![0u32];
-        for u in 0..16u32 {
-            for t in 0..12u32 {
-                let item = (u + t) % n_items;
-                events.push(Event { user: u, item, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: t as i64 });
-            }
-            offsets.push(events.len() as u32);
-        }
+        let (catalog, events, offsets) = cycle_data(n_items, 16, 12);
         let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
         let cfg: SasRecConfig = serde_json::from_value(serde_json::json!({
             "dim": 16, "layers": 1, "heads": 1, "inner": 32, "max_len": 5, "dropout": 0.0,
