@@ -51,26 +51,16 @@ fn ok<T>(r: FfiResult<T>, what: &Provenance, action: &str) -> Result<T> {
     r.into_result().map_err(|e| e.into_anyhow()).with_context(|| format!("{} `{}` ({}) failed to {action}", what.kind, what.name, what.plugin))
 }
 
-pub struct SourceHandle {
+/// A component built from a plugin: its FFI object and where it came from.
+pub struct Handle<B> {
     pub provenance: Provenance,
-    inner: SourceBox,
+    inner: B,
 }
-pub struct FuserHandle {
-    pub provenance: Provenance,
-    inner: FuserBox,
-}
-pub struct InstructionsHandle {
-    pub provenance: Provenance,
-    inner: InstructionsBox,
-}
-pub struct TunerHandle {
-    pub provenance: Provenance,
-    inner: TunerBox,
-}
-pub struct RankerHandle {
-    pub provenance: Provenance,
-    inner: RankerBox,
-}
+pub type SourceHandle = Handle<SourceBox>;
+pub type FuserHandle = Handle<FuserBox>;
+pub type InstructionsHandle = Handle<InstructionsBox>;
+pub type TunerHandle = Handle<TunerBox>;
+pub type RankerHandle = Handle<RankerBox>;
 
 impl SourceHandle {
     pub fn load(&mut self) -> Result<Dataset> {
@@ -228,25 +218,17 @@ impl Registry {
         let inner = ok(constructor(&module, RStr::from_str(name), RStr::from_str(&json), host), &provenance, "start")?;
         Ok((provenance, inner))
     }
-
-    pub fn source(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<SourceHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Source, name, config, host, |m, n, c, h| m.create_source(n, c, h))?;
-        Ok(SourceHandle { provenance, inner })
-    }
-    pub fn fuser(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<FuserHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Fuser, name, config, host, |m, n, c, h| m.create_fuser(n, c, h))?;
-        Ok(FuserHandle { provenance, inner })
-    }
-    pub fn instructions(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<InstructionsHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Instructions, name, config, host, |m, n, c, h| m.create_instructions(n, c, h))?;
-        Ok(InstructionsHandle { provenance, inner })
-    }
-    pub fn tuner(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<TunerHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Tuner, name, config, host, |m, n, c, h| m.create_tuner(n, c, h))?;
-        Ok(TunerHandle { provenance, inner })
-    }
-    pub fn ranker(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<RankerHandle> {
-        let (provenance, inner) = self.create(ComponentKind::Ranker, name, config, host, |m, n, c, h| m.create_ranker(n, c, h))?;
-        Ok(RankerHandle { provenance, inner })
-    }
 }
+
+/// `registry.source(name, config, host)`, `registry.fuser(..)`, ...: one constructor per kind.
+macro_rules! handle_constructors {
+    ($(($kind:ident, $name:ident, $create:ident, $boxed:ident, $safe:ident, $shim:ident)),* $(,)?) => {
+        impl Registry {
+            $(pub fn $name(&self, name: &str, config: &serde_json::Value, host: HostFfiBox) -> Result<Handle<$boxed>> {
+                let (provenance, inner) = self.create(ComponentKind::$kind, name, config, host, |m, n, c, h| m.$create(n, c, h))?;
+                Ok(Handle { provenance, inner })
+            })*
+        }
+    };
+}
+recfuse_sdk::__for_each_component_kind!(handle_constructors);

@@ -60,24 +60,18 @@ pub enum Module {
 }
 
 macro_rules! constructors {
-    ($($method:ident -> $boxed:ty),* $(,)?) => {
+    ($(($kind:ident, $name:ident, $create:ident, $boxed:ident, $safe:ident, $shim:ident)),* $(,)?) => {
         impl Module {
-            $(pub fn $method(&self, name: RStr<'_>, config: RStr<'_>, host: HostFfiBox) -> FfiResult<$boxed> {
+            $(pub fn $create(&self, name: RStr<'_>, config: RStr<'_>, host: HostFfiBox) -> FfiResult<$boxed> {
                 match self {
-                    Module::Current(m) => (m.$method())(name, config, host),
-                    Module::V1_0(m) => m.$method(name, config, host),
+                    Module::Current(m) => (m.$create())(name, config, host),
+                    Module::V1_0(m) => m.$create(name, config, host),
                 }
             })*
         }
     };
 }
-constructors! {
-    create_source -> SourceBox,
-    create_fuser -> FuserBox,
-    create_instructions -> InstructionsBox,
-    create_tuner -> TunerBox,
-    create_ranker -> RankerBox,
-}
+recfuse_sdk::__for_each_component_kind!(constructors);
 
 impl Plugin {
     fn from_module(module: PluginModuleRef, origin: Origin) -> Result<Plugin> {

@@ -9,6 +9,24 @@ use abi_stable::sabi_types::VersionStrings;
 use abi_stable::std_types::{RStr, RString, RVec};
 use abi_stable::{declare_root_module_statics, StableAbi};
 
+/// The one table of component kinds: calls `$callback!` with, per kind, its `ComponentKind`
+/// variant, config name, root-module constructor, FFI box, safe trait and shim constructor.
+/// Code that does the same thing for every kind (host constructors, handles, the 1.0 adapters)
+/// is generated from it, so a new kind or constructor is one edit here.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! __for_each_component_kind {
+    ($callback:ident) => {
+        $callback! {
+            (Source, source, create_source, SourceBox, BehaviorSource, new_source),
+            (Fuser, fuser, create_fuser, FuserBox, KnowledgeFuser, new_fuser),
+            (Instructions, instructions, create_instructions, InstructionsBox, InstructionBuilder, new_instructions),
+            (Tuner, tuner, create_tuner, TunerBox, Tuner, new_tuner),
+            (Ranker, ranker, create_ranker, RankerBox, Ranker, new_ranker),
+        }
+    };
+}
+
 /// The five component kinds, as named in configs and listings.
 #[repr(u8)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
