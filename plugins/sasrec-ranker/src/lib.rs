@@ -334,9 +334,17 @@ impl Model {
             let rows = if at + 1 == n { 1 } else { l }; // queries kept: the last block needs one
             let heads = |t: Tensor, rows: usize| -> Result<Tensor> { Ok(t.reshape((batch, rows, h, hd))?.transpose(1, 2)?.contiguous()?) };
             let xq = if rows == 1 { x.reshape((batch, l, d))?.narrow(1, l - 1, 1)?.reshape((batch, d))? } else { x.clone() };
-            let q = heads(linear(&xq, &blk.wq, &blk.bq)?, rows)?;
-            let k = heads(linear(&x, &blk.wk, &blk.bk)?, l)?;
-            let v = heads(linear(&x, &blk.wv, &blk.bv)?, l)?;
+            // One matmul for the projections read from every position (K and V, and Q unless
+            // only the last position is queried): fewer passes over `x`.
+            let cat_w = |ws: &[&Var]| Tensor::cat(&ws.iter().map(|w| w.as_tensor()).collect::<Vec<_>>(), 1);
+            let cat_b = |bs: &[&Var]| Tensor::cat(&bs.iter().map(|b| b.as_tensor()).collect::<Vec<_>>(), 0);
+            let (q, k, v) = if rows == 1 {
+                let kv = x.matmul(&cat_w(&[&blk.wk, &blk.wv])?)?.broadcast_add(&cat_b(&[&blk.bk, &blk.bv])?)?;
+                (heads(linear(&xq, &blk.wq, &blk.bq)?, rows)?, heads(kv.narrow(1, 0, d)?, l)?, heads(kv.narrow(1, d, d)?, l)?)
+            } else {
+                let qkv = x.matmul(&cat_w(&[&blk.wq, &blk.wk, &blk.wv])?)?.broadcast_add(&cat_b(&[&blk.bq, &blk.bk, &blk.bv])?)?;
+                (heads(qkv.narrow(1, 0, d)?, l)?, heads(qkv.narrow(1, d, d)?, l)?, heads(qkv.narrow(1, 2 * d, d)?, l)?)
+            };
             let bias = if rows == 1 { &last_row } else { &causal };
             let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?.broadcast_add(bias)?;
             let ctx = softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((batch * rows, d))?;
@@ -429,8 +437,10 @@ impl AdamW {
         let (c1, c2) = (1.0 - Self::B1.powi(self.step as i32), 1.0 - Self::B2.powi(self.step as i32));
         for ((var, m), v) in self.vars.iter().zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
-            *m = ((&*m * Self::B1)? + (g * (1.0 - Self::B1))?)?;
-            *v = ((&*v * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
+            // detach: gradients derive from the variables, so without it every moment would
+            // keep the whole history of computations alive (memory grows each step).
+            *m = ((&*m * Self::B1)? + (g * (1.0 - Self::B1))?)?.detach();
+            *v = ((&*v * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?.detach();
             let decayed = (var.as_tensor() * (1.0 - self.lr * self.weight_decay))?;
             let update = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + Self::EPS)?)?;
             var.set(&(decayed - (update * self.lr)?)?)?;
@@ -661,6 +671,23 @@ mod tests {
 
     /// Autograd gradients against central finite differences, in f64, for every parameter
     /// tensor (a few entries each): guards against ops whose backward is silently zero.
+    /// The optimizer's moments keep no computation history (else memory grows every step: a
+    /// one-epoch ML-1M fit was OOM-killed before they were detached).
+    #[test]
+    fn adamw_moments_keep_no_graph() {
+        let cfg: SasRecConfig = serde_json::from_value(serde_json::json!({
+            "dim": 4, "layers": 1, "heads": 1, "inner": 6, "max_len": 3, "dropout": 0.0, "epochs": 1, "seed": 5
+        }))
+        .unwrap();
+        let model = Model::new(&cfg, 5, &mut SeededRng::new(1), DType::F32).unwrap();
+        let mut opt = AdamW::new(model.vars(), 0.01, 0.0).unwrap();
+        for _ in 0..2 {
+            let loss = model.loss(&[0, 1, 2, 3, 4, 1], &[1, 2, 3, 4, 1, 2], 2, None).unwrap();
+            opt.backward_step(&loss).unwrap();
+        }
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
+    }
+
     /// The inference path (fused ops, last position only) equals the training forward.
     #[test]
     fn encode_last_equals_the_training_forward() {
