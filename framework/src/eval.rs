@@ -310,6 +310,18 @@ pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx],
         .collect()
 }
 
+/// Sets (or clears) the items the host masks for `user` under full ranking: its train items
+/// and its validation item, which are not candidates for the test item.
+fn mark_seen(masked: &mut [bool], split: &SplitData, user: UserIdx, on: bool) {
+    let t = split.targets[user as usize];
+    for e in split.train.view().history(user).iter().filter(|e| e.item != NONE) {
+        masked[e.item as usize] = on;
+    }
+    if t.valid != NONE && t.valid != t.test {
+        masked[t.valid as usize] = on;
+    }
+}
+
 /// What every ranker of a run is evaluated on.
 pub struct EvalContext<'a> {
     pub split: &'a SplitData,
@@ -347,15 +359,7 @@ pub fn evaluate(
     let mut second_items: Vec<ItemIdx> = Vec::new();
     let mut tops: Vec<Vec<usize>> = Vec::new();
     let started = std::time::Instant::now();
-    // Items the host masks for `u` under full ranking: train items and the validation item.
-    let seen = |u: UserIdx| -> HashSet<usize> {
-        let t = split.targets[u as usize];
-        let mut s: HashSet<usize> = split.train.view().history(u).iter().filter(|e| e.item != NONE).map(|e| e.item as usize).collect();
-        if t.valid != NONE && t.valid != t.test {
-            s.insert(t.valid as usize);
-        }
-        s
-    };
+    let mut masked = vec![false; n_items];
     for (chunk_no, chunk) in users.chunks(batch_size).enumerate() {
         let negs = &negatives[chunk_no * batch_size..chunk_no * batch_size + chunk.len()];
         let out = &mut scores[..chunk.len() * per_user];
@@ -383,8 +387,10 @@ pub fn evaluate(
                 let s = &out[row * per_user..(row + 1) * per_user];
                 let top = match cfg.protocol {
                     Protocol::Full => {
-                        let seen = seen(u);
-                        top_n(s, |i| seen.contains(&i), info.top)
+                        mark_seen(&mut masked, split, u, true);
+                        let top = top_n(s, |i| masked[i], info.top);
+                        mark_seen(&mut masked, split, u, false);
+                        top
                     }
                     Protocol::Sampled => top_n(s, |_| false, info.top),
                 };
@@ -408,8 +414,10 @@ pub fn evaluate(
                 let s = &mut out[row * per_user..(row + 1) * per_user];
                 let composed = match cfg.protocol {
                     Protocol::Full => {
-                        let seen = seen(u);
-                        compose_two_stage(s, |i| seen.contains(&i), &tops[row], s2)
+                        mark_seen(&mut masked, split, u, true);
+                        let composed = compose_two_stage(s, |i| masked[i], &tops[row], s2);
+                        mark_seen(&mut masked, split, u, false);
+                        composed
                     }
                     Protocol::Sampled => compose_two_stage(s, |_| false, &tops[row], s2),
                 };
@@ -431,20 +439,11 @@ pub fn evaluate(
                 }
                 let t = split.targets[u as usize];
                 let history = split.train.view().history(u);
-                // Train items and the validation item are not candidates (set, rank, then reset).
-                let mark = |masked: &mut [bool], on: bool| {
-                    for e in history.iter().filter(|e| e.item != NONE) {
-                        masked[e.item as usize] = on;
-                    }
-                    if t.valid != NONE && t.valid != t.test {
-                        masked[t.valid as usize] = on;
-                    }
-                };
                 let (rank, positive) = match cfg.protocol {
                     Protocol::Full => {
-                        mark(&mut masked, true);
+                        mark_seen(&mut masked, split, u, true);
                         let rank = rank_of(s, t.test as usize, &masked);
-                        mark(&mut masked, false);
+                        mark_seen(&mut masked, split, u, false);
                         neg_scores.clear();
                         neg_scores.extend(neg.iter().map(|&i| s[i as usize]));
                         (rank, s[t.test as usize])

@@ -191,11 +191,7 @@ pub fn validate(cfg: &LoadedConfig) -> Result<Vec<Provenance>> {
     .into_ffi();
     let mut c = build_components(cfg, &registry, &host_for)?;
     // The data too: a source that cannot read its files, and the work the rankers would do.
-    let dataset = c.source.load().map_err(|e| ConfigErrors(vec![cfg.key_error("source", format!("{e:#}"))]))?;
-    let dataset = match cfg.pipeline.run.sample_users.filter(|&n| n > 0) {
-        Some(n) => sample_users(dataset, n, cfg.pipeline.run.seed),
-        None => dataset,
-    };
+    let dataset = load_dataset(&mut c.source, &cfg.pipeline).map_err(|e| ConfigErrors(vec![cfg.key_error("source", format!("{e:#}"))]))?;
     let split = split_dataset(&dataset, &cfg.pipeline.split);
     check_costs(cfg, &c.rankers, eval::pick_users(&split, cfg.pipeline.eval.max_users).len(), dataset.catalog.items.len())?;
     Ok(c.provenance())
@@ -352,13 +348,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
 
     // Source: always read (cheap next to the stages after it); its content hash keys the rest.
     let t = Instant::now();
-    let mut dataset = c.source.load()?;
-    if let Some(n) = p.run.sample_users.filter(|&n| n > 0) {
-        dataset = sample_users(dataset, n, p.run.seed);
-    }
-    if dataset.events.is_empty() {
-        bail!("source `{}` yielded no events", p.source.kind);
-    }
+    let dataset = load_dataset(&mut c.source, p)?;
     for input in &dataset.inputs {
         let path = Path::new(input);
         if path.is_file() {
@@ -385,13 +375,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     let users = eval::pick_users(&split, p.eval.max_users);
     check_costs(cfg, &c.rankers, users.len(), dataset.catalog.items.len())?;
     // From here on rankers may ask the host to render their task's prompts.
-    let history = Arc::new(ViewData::new(
-        split.history.catalog.clone(),
-        split.history.catalog_ffi.clone(),
-        split.history.events.clone(),
-        split.history.offsets.clone(),
-    ));
-    let _ = tasks.set(Tasks::new(c.instructions.clone(), history));
+    let _ = tasks.set(Tasks::new(c.instructions.clone(), split.history.clone()));
 
     let version_of = |prov: &Provenance| format!("{}@{}", prov.plugin, prov.version);
     let spec_json = |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();
@@ -406,8 +390,15 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         r.stage("fuse", &key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch))?;
         r.record_usage()?;
     }
-    // Read once, for every stage after fusion that runs.
-    let knowledge = KnowledgeBase::load(&r.run.root)?;
+    // Read at most once, and only if a stage after fusion runs.
+    let knowledge_cell = std::cell::OnceCell::new();
+    let run_root = r.run.root.clone();
+    let knowledge = || -> Result<&KnowledgeBase> {
+        if knowledge_cell.get().is_none() {
+            let _ = knowledge_cell.set(KnowledgeBase::load(&run_root)?);
+        }
+        Ok(knowledge_cell.get().expect("just set"))
+    };
 
     if !c.instructions.is_empty() {
         let parts: Vec<String> = p
@@ -419,14 +410,14 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         key = hash_parts(&[key.as_bytes(), b"instructions", parts.join("\n").as_bytes(), &p.run.seed.to_le_bytes()]);
         let seed = derive_seed(p.run.seed, "negatives");
         r.stage("instructions", &key, &[stages::instructions::OUTPUT], |r, _| {
-            stages::instructions::run(r, &c.instructions, &split, &dataset, &knowledge, seed)
+            stages::instructions::run(r, &c.instructions, &split, &dataset, knowledge()?, seed)
         })?;
     }
 
     let mut artifact: Option<Artifact> = None;
     if let (Some(spec), Some(tuner)) = (&p.tuner, c.tuner.as_mut()) {
         key = hash_parts(&[key.as_bytes(), b"tune", spec_json(spec).as_bytes(), version_of(&tuner.provenance).as_bytes()]);
-        r.stage("tune", &key, &stages::tune::OUTPUTS, |r, _| stages::tune::run(r, tuner, &split.history, &knowledge))?;
+        r.stage("tune", &key, &stages::tune::OUTPUTS, |r, _| stages::tune::run(r, tuner, &split.history, knowledge()?))?;
         artifact = Some(stages::tune::artifact(&r)?);
     }
 
@@ -442,16 +433,6 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             .filter(|&u| split.targets[u as usize].valid != NONE)
             .map(|u| (u, split.targets[u as usize].valid))
             .unzip();
-        let fit_data = FitData {
-            train: &split.train,
-            context: &split.context,
-            knowledge: &knowledge.users,
-            item_knowledge: &knowledge.items,
-            artifact: artifact.as_ref(),
-            model_dir: None,
-            valid_users: &valid_users,
-            valid_items: &valid_items,
-        };
         let mut slots: Vec<stages::rank::RankerSlot> = p
             .rankers
             .iter()
@@ -480,6 +461,17 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             let first_key = first.map(|(f, top)| format!("{}|{top}", slots[f].fit_key)).unwrap_or_default();
             let stage_key = hash_parts(&[slots[i].fit_key.as_bytes(), b"evaluate", eval_json.as_bytes(), first_key.as_bytes()]);
             r.stage(&stage, &stage_key, &[&json_name], |r, _| {
+                let kb = knowledge()?;
+                let fit_data = FitData {
+                    train: &split.train,
+                    context: &split.context,
+                    knowledge: &kb.users,
+                    item_knowledge: &kb.items,
+                    artifact: artifact.as_ref(),
+                    model_dir: None,
+                    valid_users: &valid_users,
+                    valid_items: &valid_items,
+                };
                 let rep = stages::rank::evaluate(r, &mut slots, i, first, &fit_data, &ctx)?;
                 write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&rep)?.as_bytes())
             })?;
@@ -500,6 +492,19 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
 
     r.save_manifest()?;
     Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models })
+}
+
+/// The source's dataset as the run uses it: the seeded user sample (`run.sample_users`), and
+/// never empty.
+fn load_dataset(source: &mut SourceHandle, p: &PipelineConfig) -> Result<Dataset> {
+    let mut dataset = source.load()?;
+    if let Some(n) = p.run.sample_users.filter(|&n| n > 0) {
+        dataset = sample_users(dataset, n, p.run.seed);
+    }
+    if dataset.events.is_empty() {
+        bail!("source `{}` yielded no events", p.source.kind);
+    }
+    Ok(dataset)
 }
 
 /// A seeded random sample of `n` users with all their events (users renumbered in their

@@ -43,8 +43,9 @@ pub struct Targets {
 pub struct SplitData {
     /// Everything before each user's validation event.
     pub train: ViewData,
-    /// Train minus each user's train target: what knowledge is built from.
-    pub history: ViewData,
+    /// Train minus each user's train target: what knowledge is built from. Shared with the
+    /// host service that renders instruction prompts for rankers.
+    pub history: Arc<ViewData>,
     /// Each user's events before the test event (train plus validation): what a sequence
     /// model conditions on when it predicts the test item. Never trained on.
     pub context: ViewData,
@@ -113,7 +114,7 @@ fn finish(
         let (events, offsets) = group(n_users, per_user);
         ViewData::new(shared.clone(), shared_ffi.clone(), events, offsets)
     };
-    SplitData { train: view(&train), history: view(&history), context: view(&context), targets, method: SplitMethod::default() }
+    SplitData { train: view(&train), history: Arc::new(view(&history)), context: view(&context), targets, method: SplitMethod::default() }
 }
 
 pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
