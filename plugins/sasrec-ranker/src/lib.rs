@@ -383,19 +383,23 @@ fn score_shared(model: &Model, sequences: &[Vec<u32>], users: &[u32], n_items: u
     Ok(())
 }
 
-/// Writes tensors and string metadata as safetensors, atomically (temp file, sync, rename).
+/// Writes tensors (all f32) and string metadata as safetensors, atomically (temp file, sync,
+/// rename), in one pass (candle's own writer has no metadata).
 fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>, meta: HashMap<String, String>) -> Result<()> {
+    let data = tensors
+        .iter()
+        .map(|(k, t)| {
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok((k.as_str(), t.dims().to_vec(), values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views = data
+        .iter()
+        .map(|(k, shape, bytes)| Ok((*k, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let out = safetensors::serialize(views, (!meta.is_empty()).then_some(meta))?;
     let tmp = path.with_extension("tmp");
-    let data: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    candle_core::safetensors::save(&data.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<HashMap<_, _>>(), &tmp)?;
-    // candle writes no metadata: add ours by rewriting the header with the safetensors crate.
-    if !meta.is_empty() {
-        let bytes = std::fs::read(&tmp)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
-        let out = safetensors::serialize(views, Some(meta))?;
-        std::fs::write(&tmp, out)?;
-    }
+    std::fs::write(&tmp, out).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
