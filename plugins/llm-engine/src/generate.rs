@@ -86,6 +86,13 @@ pub struct Llm {
     pub name: String,
 }
 
+/// A chat template (Jinja, as Hugging Face writes them) parsed once, as template `chat`.
+pub(crate) fn chat_environment(template: String) -> Result<minijinja::Environment<'static>> {
+    let mut chat = minijinja::Environment::new();
+    chat.add_template_owned("chat", template).context("the chat template does not parse")?;
+    Ok(chat)
+}
+
 impl Llm {
     /// Loads a GGUF model; `dense` keeps f32 copies of the weights for fast prefill and batches.
     pub fn load(path: &Path, dense: bool) -> Result<Self> {
@@ -93,9 +100,7 @@ impl Llm {
         let content = Content::read(&mut file).with_context(|| format!("{} is not a GGUF file", path.display()))?;
         let mut load = || -> Result<Self> {
             let tokenizer = GgufTokenizer::from_gguf(&content)?;
-            let mut chat = minijinja::Environment::new();
-            chat.add_template_owned("chat", meta(&content, "tokenizer.chat_template")?.to_string()?.clone())
-                .context("the GGUF chat template does not parse")?;
+            let chat = chat_environment(meta(&content, "tokenizer.chat_template")?.to_string()?.clone())?;
             let model = Model::from_gguf(&content, &mut file, dense)?;
             let name = content
                 .metadata

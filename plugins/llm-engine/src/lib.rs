@@ -1,11 +1,13 @@
 //! In-process LLM for recfuse: a llama-architecture GGUF model (SmolLM2-135M-Instruct by
 //! default) run with candle, with its tokenizer and chat template taken from the GGUF metadata,
 //! and batched greedy or sampled generation across many prompts. Used by the `local-llm` fuser
-//! and by `recfuse serve-llm`.
+//! and by `recfuse serve-llm`. [`tunable`] holds the trainable f32 models (Llama from GGUF,
+//! ChatGLM2/3 from a checkpoint directory) and LoRA adapters the `lora` tuner trains.
 
 mod generate;
 mod model;
 mod tokenizer;
+pub mod tunable;
 
 pub use generate::{Completion, FinishReason, GenParams, Llm, Message};
 pub use model::Hyper;

@@ -101,11 +101,15 @@ impl GgufTokenizer {
     /// Encodes text in which control tokens (`<|im_start|>` ...) are written literally, as a
     /// rendered chat template is.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        ids.extend(self.bos);
-        ids.extend_from_slice(enc.get_ids());
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.encode_continuation(text)?);
         Ok(ids)
+    }
+
+    /// Encodes text that continues a sequence (no beginning-of-sequence token).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -1,0 +1,257 @@
+//! Trainable causal LMs for instruction tuning: f32 models written from differentiable ops
+//! ([`ops`]), LoRA adapters ([`lora`]), and the base-model bundle ([`Base`]) that renders an
+//! instruction into prompt and answer tokens the same way for training and for scoring.
+//!
+//! Families: Llama (from a GGUF file, e.g. SmolLM2) and ChatGLM2/3 (from a Hugging Face
+//! checkpoint directory). Both take input embeddings as well as token ids, so soft tokens
+//! (collaborative embeddings mapped into the token space) can replace placeholder tokens.
+
+pub mod chatglm;
+pub mod llama;
+pub mod lora;
+pub mod ops;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+use crate::tokenizer::{meta, GgufTokenizer};
+use crate::Message;
+use lora::LoraStack;
+
+/// A linear module LoRA can target, as PEFT names it, with its shape.
+#[derive(Clone, Debug)]
+pub struct ModuleInfo {
+    pub name: &'static str,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+/// A decoder-only LM whose forward is differentiable end to end. Base weights are plain
+/// tensors (no gradient is computed for them); only adapters are variables.
+pub trait CausalLm: Send + Sync {
+    /// `llama` or `chatglm`.
+    fn family(&self) -> &'static str;
+    fn layers(&self) -> usize;
+    /// The linear modules of every layer.
+    fn modules(&self) -> &[ModuleInfo];
+    /// PEFT's name of a module (`base_model.model.model.layers.3.self_attn.q_proj`).
+    fn peft_key(&self, layer: usize, module: &str) -> String;
+    fn context(&self) -> usize;
+    /// Token embeddings `[b, t, dim]` of ids `[b, t]`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+    /// The final (normalised) hidden states `[b, t, dim]` of input embeddings `[b, t, dim]`,
+    /// causally attended from position 0.
+    fn hidden(&self, embeds: &Tensor, lora: &LoraStack) -> Result<Tensor>;
+    /// Vocabulary logits of hidden states `[.., dim]`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+}
+
+/// A prompt followed by its answer: the model is trained (and a candidate scored) on the
+/// answer tokens only.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    /// `ids[answer_start..]` is the answer; at least 1.
+    pub answer_start: usize,
+}
+
+impl Sequence {
+    pub fn answer_len(&self) -> usize {
+        self.ids.len() - self.answer_start
+    }
+}
+
+/// `log p(answer token | everything before it)` for every answer token of every sequence, in
+/// order (`[Σ answer lengths]`). Rows are right-padded; causal attention keeps padding out of
+/// every real position. `embeds`: input embeddings to use instead of the ids' own (soft tokens).
+pub fn answer_log_probs(model: &dyn CausalLm, seqs: &[Sequence], embeds: Option<Tensor>, lora: &LoraStack) -> Result<Tensor> {
+    ensure!(!seqs.is_empty(), "no sequences");
+    let longest = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(seqs.len() * longest);
+    let (mut positions, mut targets) = (Vec::new(), Vec::new());
+    for (row, s) in seqs.iter().enumerate() {
+        ensure!(s.answer_start >= 1 && s.answer_start < s.ids.len(), "a sequence needs a prompt and an answer");
+        ids.extend(&s.ids);
+        ids.extend(std::iter::repeat_n(0u32, longest - s.ids.len()));
+        for p in s.answer_start..s.ids.len() {
+            positions.push((row * longest + p - 1) as u32); // the position that predicts token p
+            targets.push(s.ids[p]);
+        }
+    }
+    let ids = Tensor::from_vec(ids, (seqs.len(), longest), &Device::Cpu)?;
+    let embeds = match embeds {
+        Some(e) => e,
+        None => model.embed(&ids)?,
+    };
+    let hidden = model.hidden(&embeds, lora)?;
+    let dim = hidden.dim(2)?;
+    let n = positions.len();
+    // Vocabulary logits for the answer positions only: the output layer is the widest matmul
+    // of a small model (49k × 576 for SmolLM2), and prompts are most of every sequence.
+    let picked = hidden.reshape((seqs.len() * longest, dim))?.index_select(&Tensor::from_vec(positions, n, &Device::Cpu)?, 0)?;
+    let logp = ops::log_softmax_last(&model.logits(&picked)?)?;
+    let targets = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
+    Ok(logp.gather(&targets, 1)?.squeeze(1)?)
+}
+
+enum TextTokenizer {
+    Gguf(GgufTokenizer),
+    Hf(Box<tokenizers::Tokenizer>),
+}
+
+impl TextTokenizer {
+    fn encode(&self, text: &str, first: bool) -> Result<Vec<u32>> {
+        match self {
+            TextTokenizer::Gguf(t) if first => t.encode(text),
+            TextTokenizer::Gguf(t) => t.encode_continuation(text),
+            TextTokenizer::Hf(t) => {
+                Ok(t.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+            }
+        }
+    }
+}
+
+/// A base model with its tokenizer and prompt format, identified by path and sha256.
+pub struct Base {
+    pub model: Box<dyn CausalLm>,
+    tokenizer: TextTokenizer,
+    chat: minijinja::Environment<'static>,
+    /// Appended after every answer (the end-of-turn token), so the model learns to stop.
+    end_of_answer: Vec<u32>,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub name: String,
+}
+
+/// ChatGLM3's conversation format, used when a checkpoint's tokenizer_config.json has no
+/// `chat_template`.
+const CHATGLM_TEMPLATE: &str = "[gMASK]sop{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+
+impl Base {
+    /// A GGUF file (Llama family) or a Hugging Face checkpoint directory (ChatGLM2/3).
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::load_checkpoint_dir(path);
+        }
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+        let content = Content::read(&mut file)
+            .with_context(|| format!("{} is not a GGUF file (a checkpoint directory with config.json also works)", path.display()))?;
+        let mut load = || -> Result<Self> {
+            let tokenizer = GgufTokenizer::from_gguf(&content)?;
+            let end = tokenizer.stop.last().copied().unwrap_or(tokenizer.eos);
+            let chat = crate::generate::chat_environment(meta(&content, "tokenizer.chat_template")?.to_string()?.clone())?;
+            let model = llama::Llama::from_gguf(&content, &mut file)?;
+            let name = content
+                .metadata
+                .get("general.name")
+                .and_then(|v| v.to_string().ok().cloned())
+                .unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned());
+            Ok(Self {
+                model: Box::new(model),
+                tokenizer: TextTokenizer::Gguf(tokenizer),
+                chat,
+                end_of_answer: vec![end],
+                path: path.to_path_buf(),
+                sha256: sha256_of(&[path.to_path_buf()])?,
+                name,
+            })
+        };
+        load().with_context(|| format!("loading model {}", path.display()))
+    }
+
+    fn load_checkpoint_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{} is a directory without config.json: not a checkpoint", dir.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", config_path.display()))?;
+        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        if model_type != "chatglm" {
+            bail!("{}: model_type {model_type:?}; checkpoint directories of `chatglm` (ChatGLM2/3) are supported, Llama-family models load from GGUF", config_path.display());
+        }
+        let model = chatglm::ChatGlm::load(dir)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e} (ChatGLM checkpoints need a tokenizer.json)", tok_path.display()))?;
+        let template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string))
+            .unwrap_or_else(|| CHATGLM_TEMPLATE.to_string());
+        let eos = match config.get("eos_token_id") {
+            Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_u64()),
+            Some(v) => v.as_u64(),
+            None => None,
+        }
+        .with_context(|| format!("{}: no eos_token_id", config_path.display()))?;
+        let mut files = vec![config_path.clone()];
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        shards.sort();
+        files.extend(shards);
+        Ok(Self {
+            model: Box::new(model),
+            tokenizer: TextTokenizer::Hf(Box::new(tokenizer)),
+            chat: crate::generate::chat_environment(template)?,
+            end_of_answer: vec![eos as u32],
+            path: dir.to_path_buf(),
+            sha256: sha256_of(&files)?,
+            name: dir.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+        })
+    }
+
+    /// The prompt of an instruction example: one user turn (`instruction`, a blank line,
+    /// `input`) in the model's chat format, ending where the assistant's answer begins.
+    pub fn prompt_ids(&self, instruction: &str, input: &str) -> Result<Vec<u32>> {
+        let content = match (instruction.is_empty(), input.is_empty()) {
+            (true, _) => input.to_string(),
+            (false, true) => instruction.to_string(),
+            (false, false) => format!("{instruction}\n\n{input}"),
+        };
+        let messages = [Message { role: "user".into(), content }];
+        let text = self
+            .chat
+            .get_template("chat")?
+            .render(minijinja::context! { messages => messages, add_generation_prompt => true })
+            .context("rendering the chat template")?;
+        self.tokenizer.encode(&text, true)
+    }
+
+    /// The answer's tokens, ending with the end-of-turn token.
+    pub fn answer_ids(&self, output: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode(output, false)?;
+        ids.extend(&self.end_of_answer);
+        Ok(ids)
+    }
+
+    /// Prompt and answer of an example as one sequence.
+    pub fn sequence(&self, instruction: &str, input: &str, output: &str) -> Result<Sequence> {
+        let mut ids = self.prompt_ids(instruction, input)?;
+        let answer_start = ids.len();
+        ids.extend(self.answer_ids(output)?);
+        Ok(Sequence { ids, answer_start })
+    }
+}
+
+/// sha256 over the files' bytes, in order.
+fn sha256_of(files: &[PathBuf]) -> Result<String> {
+    use std::io::Read;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in files {
+        let mut f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
