@@ -12,7 +12,15 @@ use recfuse_sdk::SeededRng;
 use std::path::PathBuf;
 
 fn tiny_llama() -> Llama {
-    let d = LlamaDims { layers: 2, dim: 32, heads: 4, kv_heads: 2, ffn: 48, vocab: 40, context: 64 };
+    let d = LlamaDims {
+        layers: 2,
+        dim: 32,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 48,
+        vocab: 40,
+        context: 64,
+    };
     Llama::random(&d, &mut SeededRng::new(1)).unwrap()
 }
 
@@ -23,7 +31,12 @@ fn tiny_chatglm() -> ChatGlm {
 }
 
 fn all_modules(model: &dyn CausalLm) -> LoraSpec {
-    LoraSpec { r: 2, alpha: 4.0, dropout: 0.0, targets: model.modules().iter().map(|m| m.name.to_string()).collect() }
+    LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: model.modules().iter().map(|m| m.name.to_string()).collect(),
+    }
 }
 
 /// An adapter with B random too (a fresh one has B = 0, which zeroes A's gradient).
@@ -32,8 +45,11 @@ fn random_adapter(model: &dyn CausalLm, seed: u64) -> Adapter {
     let a = Adapter::new("default", &all_modules(model), model, &mut rng).unwrap();
     for (name, var) in a.named_vars(model) {
         if name.ends_with("lora_B.weight") {
-            let v: Vec<f32> = (0..var.elem_count()).map(|_| (rng.normal() * 0.3) as f32).collect();
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let v: Vec<f32> = (0..var.elem_count())
+                .map(|_| (rng.normal() * 0.3) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
     a
@@ -41,8 +57,14 @@ fn random_adapter(model: &dyn CausalLm, seed: u64) -> Adapter {
 
 fn seqs() -> Vec<Sequence> {
     vec![
-        Sequence { ids: vec![3, 5, 7, 9, 11, 13, 2], answer_start: 4 },
-        Sequence { ids: vec![4, 6, 8, 10, 12], answer_start: 3 },
+        Sequence {
+            ids: vec![3, 5, 7, 9, 11, 13, 2],
+            answer_start: 4,
+        },
+        Sequence {
+            ids: vec![4, 6, 8, 10, 12],
+            answer_start: 3,
+        },
     ]
 }
 
@@ -57,28 +79,50 @@ fn check_gradients(model: &dyn CausalLm) {
     let vars = adapter.named_vars(model);
     assert_eq!(vars.len(), model.layers() * model.modules().len() * 2);
     for (name, var) in &vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm > 0.0, "{name}: zero gradient");
     }
     // Central differences on a few entries of every tensor of layer 0 (its gradient passes
     // through every later layer's norms, rotary embedding and softmax) and the last layer.
     let mut checked = 0;
-    for (name, var) in vars.iter().filter(|(n, _)| n.contains(".layers.0.") || n.contains(&format!(".layers.{}.", model.layers() - 1))) {
-        let g: Vec<f32> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for (name, var) in vars.iter().filter(|(n, _)| {
+        n.contains(".layers.0.") || n.contains(&format!(".layers.{}.", model.layers() - 1))
+    }) {
+        let g: Vec<f32> = grads
+            .get(var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let base: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
         for idx in [0, base.len() / 2, base.len() - 1] {
             let eps = 1e-2f32;
             let at = |delta: f32| {
                 let mut v = base.clone();
                 v[idx] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss(model, &adapter).to_scalar::<f32>().unwrap()
             };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let err = (numeric - g[idx]).abs();
-            assert!(err <= 2e-3 + 0.05 * g[idx].abs(), "{name}[{idx}]: backprop {} vs finite difference {numeric}", g[idx]);
+            assert!(
+                err <= 2e-3 + 0.05 * g[idx].abs(),
+                "{name}[{idx}]: backprop {} vs finite difference {numeric}",
+                g[idx]
+            );
             checked += 1;
         }
     }
@@ -100,9 +144,27 @@ fn soft_tokens_replace_embeddings() {
     let model = tiny_llama();
     let s = seqs();
     let plain = answer_log_probs(&model, &s[..1], None, &LoraStack::none()).unwrap();
-    let ids = Tensor::new(s[0].ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let same = answer_log_probs(&model, &s[..1], Some(model.embed(&ids).unwrap()), &LoraStack::none()).unwrap();
-    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let ids = Tensor::new(s[0].ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let same = answer_log_probs(
+        &model,
+        &s[..1],
+        Some(model.embed(&ids).unwrap()),
+        &LoraStack::none(),
+    )
+    .unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     assert!(diff(&plain, &same) < 1e-6);
     // A different vector at a prompt position changes the answer's likelihood.
     let mut e = model.embed(&ids).unwrap();
@@ -118,13 +180,23 @@ fn peft_round_trip_and_mismatch_errors() {
     let adapter = random_adapter(&model, 3);
     let dir = tempfile::tempdir().unwrap();
     adapter.save_peft(dir.path(), &model, "tiny").unwrap();
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
     assert_eq!(cfg["r"], 2);
     let bytes = std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    assert_eq!(meta.metadata().as_ref().unwrap().get("format").map(String::as_str), Some("pt"));
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .unwrap()
+            .get("format")
+            .map(String::as_str),
+        Some("pt")
+    );
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let a = st.tensor("base_model.model.transformer.encoder.layers.1.self_attention.query_key_value.lora_A.weight").unwrap();
     assert_eq!(a.shape(), [2, 32]);
@@ -136,15 +208,33 @@ fn peft_round_trip_and_mismatch_errors() {
     let l2 = loss(&model, &back).to_scalar::<f32>().unwrap();
     assert_eq!(l1, l2, "a reloaded adapter computes exactly the same");
     // An adapter of another family does not load, and says why.
-    let err = Adapter::load_peft("default", dir.path(), &tiny_llama()).err().unwrap();
-    assert!(format!("{err:#}").contains("no module `query_key_value`"), "{err:#}");
-    let spec = LoraSpec { r: 0, ..all_modules(&model) };
-    assert!(format!("{:#}", Adapter::new("x", &spec, &model, &mut SeededRng::new(0)).err().unwrap()).contains("`rank`"));
+    let err = Adapter::load_peft("default", dir.path(), &tiny_llama())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("no module `query_key_value`"),
+        "{err:#}"
+    );
+    let spec = LoraSpec {
+        r: 0,
+        ..all_modules(&model)
+    };
+    assert!(format!(
+        "{:#}",
+        Adapter::new("x", &spec, &model, &mut SeededRng::new(0))
+            .err()
+            .unwrap()
+    )
+    .contains("`rank`"));
 }
 
 fn smollm2() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)"
+    );
     p
 }
 
@@ -155,14 +245,41 @@ fn smollm2_trainable_forward_matches_the_inference_engine() {
     let base = Base::load(&smollm2()).unwrap();
     assert_eq!(base.model.family(), "llama");
     assert_eq!(base.sha256.len(), 64);
-    let prompt = base.prompt_ids("Answer Yes or No.", "Does the user like thrillers?").unwrap();
+    let prompt = base
+        .prompt_ids("Answer Yes or No.", "Does the user like thrillers?")
+        .unwrap();
     let llm = recfuse_llm_engine::Llm::load(&smollm2(), true).unwrap();
-    let expected = &llm.next_token_logits(std::slice::from_ref(&prompt)).unwrap()[0];
-    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let hidden = base.model.hidden(&base.model.embed(&ids).unwrap(), &LoraStack::none()).unwrap();
-    let last = hidden.narrow(1, prompt.len() - 1, 1).unwrap().squeeze(1).unwrap();
-    let ours: Vec<f32> = base.model.logits(&last).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let expected = &llm
+        .next_token_logits(std::slice::from_ref(&prompt))
+        .unwrap()[0];
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let hidden = base
+        .model
+        .hidden(&base.model.embed(&ids).unwrap(), &LoraStack::none())
+        .unwrap();
+    let last = hidden
+        .narrow(1, prompt.len() - 1, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let ours: Vec<f32> = base
+        .model
+        .logits(&last)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
     assert_eq!(argmax(&ours), argmax(expected));
     let dot: f32 = ours.iter().zip(expected).map(|(a, b)| a * b).sum();
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -172,4 +289,46 @@ fn smollm2_trainable_forward_matches_the_inference_engine() {
     // The answer ends with the chat's end-of-turn token.
     let answer = base.answer_ids("Yes").unwrap();
     assert_eq!(answer.last(), llm.tokenizer.stop.last());
+}
+
+/// The block-by-block backward the tuner uses computes the gradients one whole-graph
+/// `backward()` does.
+#[test]
+fn blockwise_backward_equals_whole_graph_backward() {
+    for model in [&tiny_llama() as &dyn CausalLm, &tiny_chatglm()] {
+        let adapter = random_adapter(model, 5);
+        let vars: Vec<_> = adapter
+            .named_vars(model)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        let whole = loss(model, &adapter).backward().unwrap();
+        let n = seqs().iter().map(Sequence::answer_len).sum::<usize>() as f64;
+        let mut grads = vec![None; vars.len()];
+        let value = recfuse_llm_engine::tunable::answer_loss_backward(
+            model,
+            &seqs(),
+            None,
+            &LoraStack::eval(vec![&adapter]),
+            1.0 / n,
+            &vars,
+            &mut grads,
+        )
+        .unwrap();
+        assert!((value - loss(model, &adapter).to_scalar::<f32>().unwrap() as f64).abs() < 1e-5);
+        for (var, g) in vars.iter().zip(&grads) {
+            let expected = whole.get(var).unwrap();
+            let diff = (expected - g.as_ref().expect("a gradient"))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{} gradient differs by {diff}", model.family());
+        }
+    }
 }

@@ -44,7 +44,10 @@ pub struct Llama {
 /// `(head, hd/2, 2)`, Hugging Face's is `(head, 2, hd/2)`.
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    Ok(w.reshape((heads, out / heads / 2, 2, inp))?.transpose(1, 2)?.reshape((out, inp))?.contiguous()?)
+    Ok(w.reshape((heads, out / heads / 2, 2, inp))?
+        .transpose(1, 2)?
+        .reshape((out, inp))?
+        .contiguous()?)
 }
 
 /// The shape of a Llama model, for [`Llama::random`].
@@ -63,7 +66,9 @@ impl Llama {
     /// A model with random weights (tests, benchmarks of shapes without a file).
     pub fn random(d: &LlamaDims, rng: &mut recfuse_sdk::SeededRng) -> Result<Self> {
         let mut w = |rows: usize, cols: usize, scale: f64| -> Result<Tensor> {
-            let v: Vec<f32> = (0..rows * cols).map(|_| (rng.normal() * scale) as f32).collect();
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| (rng.normal() * scale) as f32)
+                .collect();
             Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
         };
         let hd = d.dim / d.heads;
@@ -84,7 +89,9 @@ impl Llama {
         }
         let embedding = w(d.vocab, d.dim, 1.0)?;
         let norm = (w(1, d.dim, 0.1)?.squeeze(0)? + 1.0)?;
-        Self::assemble(layers, embedding, norm, None, d.heads, d.kv_heads, 1e-5, d.context, 10_000.0)
+        Self::assemble(
+            layers, embedding, norm, None, d.heads, d.kv_heads, 1e-5, d.context, 10_000.0,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -103,7 +110,11 @@ impl Llama {
         let head_dim = dim / heads;
         let ffn = layers[0].gate.dim(0)?;
         let kv = kv_heads * head_dim;
-        let m = |name, inputs, outputs| ModuleInfo { name, inputs, outputs };
+        let m = |name, inputs, outputs| ModuleInfo {
+            name,
+            inputs,
+            outputs,
+        };
         let modules = vec![
             m("q_proj", dim, dim),
             m("k_proj", dim, kv),
@@ -114,27 +125,58 @@ impl Llama {
             m("down_proj", ffn, dim),
         ];
         let (cos, sin) = ops::rope_tables(context, head_dim / 2, head_dim, rope_base)?;
-        Ok(Self { layers, embedding, norm, output, heads, kv_heads, head_dim, eps, context, cos, sin, modules })
+        Ok(Self {
+            layers,
+            embedding,
+            norm,
+            output,
+            heads,
+            kv_heads,
+            head_dim,
+            eps,
+            context,
+            cos,
+            sin,
+            modules,
+        })
     }
 
-    pub fn from_gguf<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R) -> Result<Self> {
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        content: &Content,
+        reader: &mut R,
+    ) -> Result<Self> {
         let arch = meta(content, "general.architecture")?.to_string()?.clone();
         if arch != "llama" {
-            bail!("general.architecture = {arch:?}: only llama-architecture GGUF models can be tuned");
+            bail!(
+                "general.architecture = {arch:?}: only llama-architecture GGUF models can be tuned"
+            );
         }
         let u = |key: &str| -> Result<usize> {
-            Ok(meta(content, &format!("llama.{key}"))?.to_u32().with_context(|| key.to_string())? as usize)
+            Ok(meta(content, &format!("llama.{key}"))?
+                .to_u32()
+                .with_context(|| key.to_string())? as usize)
         };
         let (heads, kv_heads) = (u("attention.head_count")?, u("attention.head_count_kv")?);
         let context = u("context_length")?;
-        let rope_base = content.metadata.get("llama.rope.freq_base").map(|v| v.to_f32()).transpose()?.unwrap_or(10_000.0);
+        let rope_base = content
+            .metadata
+            .get("llama.rope.freq_base")
+            .map(|v| v.to_f32())
+            .transpose()?
+            .unwrap_or(10_000.0);
         let eps = meta(content, "llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
         let mut t = |name: &str| -> Result<Tensor> {
-            let q = content.tensor(reader, name, &Device::Cpu).with_context(|| format!("GGUF tensor `{name}`"))?;
+            let q = content
+                .tensor(reader, name, &Device::Cpu)
+                .with_context(|| format!("GGUF tensor `{name}`"))?;
             Ok(q.dequantize(&Device::Cpu)?)
         };
         let embedding = t("token_embd.weight")?;
-        let output = if content.tensor_infos.contains_key("output.weight") { Some(t("output.weight")?) } else { None };
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            Some(t("output.weight")?)
+        } else {
+            None
+        };
         let norm = t("output_norm.weight")?;
         let mut layers = Vec::new();
         for i in 0..u("block_count")? {
@@ -151,7 +193,17 @@ impl Llama {
                 down: w("ffn_down")?,
             });
         }
-        Self::assemble(layers, embedding, norm, output, heads, kv_heads, eps, context, rope_base as f64)
+        Self::assemble(
+            layers,
+            embedding,
+            norm,
+            output,
+            heads,
+            kv_heads,
+            eps,
+            context,
+            rope_base as f64,
+        )
     }
 }
 
@@ -166,7 +218,11 @@ impl CausalLm for Llama {
         &self.modules
     }
     fn peft_key(&self, layer: usize, module: &str) -> String {
-        let block = if matches!(module, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+        let block = if matches!(module, "gate_proj" | "up_proj" | "down_proj") {
+            "mlp"
+        } else {
+            "self_attn"
+        };
         format!("base_model.model.model.layers.{layer}.{block}.{module}")
     }
     fn context(&self) -> usize {
@@ -174,36 +230,44 @@ impl CausalLm for Llama {
     }
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self.embedding.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.embedding.dim(1)?))?)
+        Ok(self
+            .embedding
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.embedding.dim(1)?))?)
     }
 
-    fn hidden(&self, embeds: &Tensor, lora: &LoraStack) -> Result<Tensor> {
-        let (b, t, _) = embeds.dims3()?;
-        if t > self.context {
-            bail!("sequence of {t} tokens exceeds the model context of {}", self.context);
-        }
+    fn layer(&self, i: usize, x: &Tensor, lora: &LoraStack) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
         let hd = self.head_dim;
-        let mut x = embeds.clone();
-        for (i, l) in self.layers.iter().enumerate() {
-            let lin = |x: &Tensor, w: &Tensor, name: &str| lora.apply(i, name, x, ops::linear(x, w, None)?);
-            let n = ops::rms_norm(&x, &l.attn_norm, self.eps)?;
-            let heads = |w: &Tensor, name: &str, count: usize| -> Result<Tensor> {
-                Ok(lin(&n, w, name)?.reshape((b, t, count, hd))?.transpose(1, 2)?)
-            };
-            let q = ops::rope_half(&heads(&l.q, "q_proj", self.heads)?, &cos, &sin)?;
-            let k = ops::rope_half(&heads(&l.k, "k_proj", self.kv_heads)?, &cos, &sin)?;
-            let v = heads(&l.v, "v_proj", self.kv_heads)?;
-            let attn = ops::causal_attention(&q, &k, &v)?;
-            x = (x + lin(&attn, &l.o, "o_proj")?)?;
-            let n = ops::rms_norm(&x, &l.ffn_norm, self.eps)?;
-            let mlp = (lin(&n, &l.gate, "gate_proj")?.silu()? * lin(&n, &l.up, "up_proj")?)?;
-            x = (x + lin(&mlp, &l.down, "down_proj")?)?;
-        }
-        Ok(ops::rms_norm(&x, &self.norm, self.eps)?)
+        let l = &self.layers[i];
+        let lin =
+            |x: &Tensor, w: &Tensor, name: &str| lora.apply(i, name, x, ops::linear(x, w, None)?);
+        let n = ops::rms_norm(x, &l.attn_norm, self.eps)?;
+        let heads = |w: &Tensor, name: &str, count: usize| -> Result<Tensor> {
+            Ok(lin(&n, w, name)?
+                .reshape((b, t, count, hd))?
+                .transpose(1, 2)?)
+        };
+        let q = ops::rope_half(&heads(&l.q, "q_proj", self.heads)?, &cos, &sin)?;
+        let k = ops::rope_half(&heads(&l.k, "k_proj", self.kv_heads)?, &cos, &sin)?;
+        let v = heads(&l.v, "v_proj", self.kv_heads)?;
+        let attn = ops::causal_attention(&q, &k, &v)?;
+        let x = (x + lin(&attn, &l.o, "o_proj")?)?;
+        let n = ops::rms_norm(&x, &l.ffn_norm, self.eps)?;
+        let mlp = (lin(&n, &l.gate, "gate_proj")?.silu()? * lin(&n, &l.up, "up_proj")?)?;
+        Ok((x + lin(&mlp, &l.down, "down_proj")?)?)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::rms_norm(x, &self.norm, self.eps)?)
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(ops::linear(hidden, self.output.as_ref().unwrap_or(&self.embedding), None)?)
+        Ok(ops::linear(
+            hidden,
+            self.output.as_ref().unwrap_or(&self.embedding),
+            None,
+        )?)
     }
 }

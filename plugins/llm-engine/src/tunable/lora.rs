@@ -32,7 +32,11 @@ impl LoraSpec {
     /// Checks the spec against a model; errors name the tuner config key at fault.
     pub fn check(&self, model: &dyn CausalLm) -> Result<()> {
         ensure!(self.r > 0, "`rank` must be at least 1");
-        ensure!((0.0..1.0).contains(&self.dropout), "`dropout` must be in [0, 1), got {}", self.dropout);
+        ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "`dropout` must be in [0, 1), got {}",
+            self.dropout
+        );
         ensure!(!self.targets.is_empty(), "`target_modules` is empty");
         let known: Vec<&str> = model.modules().iter().map(|m| m.name).collect();
         for t in &self.targets {
@@ -58,19 +62,34 @@ pub struct Adapter {
 impl Adapter {
     /// A fresh adapter initialised as PEFT does: A Kaiming-uniform (bound 1/√in), B zero, so
     /// the adapted model starts equal to the base.
-    pub fn new(name: &str, spec: &LoraSpec, model: &dyn CausalLm, rng: &mut SeededRng) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        spec: &LoraSpec,
+        model: &dyn CausalLm,
+        rng: &mut SeededRng,
+    ) -> Result<Self> {
         spec.check(model)?;
         let mut pairs = BTreeMap::new();
         for layer in 0..model.layers() {
-            for m in model.modules().iter().filter(|m| spec.targets.iter().any(|t| t == m.name)) {
+            for m in model
+                .modules()
+                .iter()
+                .filter(|m| spec.targets.iter().any(|t| t == m.name))
+            {
                 let bound = 1.0 / (m.inputs as f32).sqrt();
-                let a: Vec<f32> = (0..spec.r * m.inputs).map(|_| ((rng.unit() as f32) * 2.0 - 1.0) * bound).collect();
+                let a: Vec<f32> = (0..spec.r * m.inputs)
+                    .map(|_| ((rng.unit() as f32) * 2.0 - 1.0) * bound)
+                    .collect();
                 let a = Var::from_tensor(&Tensor::from_vec(a, (spec.r, m.inputs), &Device::Cpu)?)?;
                 let b = Var::zeros((m.outputs, spec.r), DType::F32, &Device::Cpu)?;
                 pairs.insert((layer, m.name.to_string()), (a, b));
             }
         }
-        Ok(Self { name: name.to_string(), spec: spec.clone(), pairs })
+        Ok(Self {
+            name: name.to_string(),
+            spec: spec.clone(),
+            pairs,
+        })
     }
 
     /// Every trainable tensor with a stable name (`{peft key}.lora_A.weight`, ...).
@@ -92,8 +111,11 @@ impl Adapter {
     /// `adapter_config.json` into `dir`.
     pub fn save_peft(&self, dir: &Path, model: &dyn CausalLm, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tensors: Vec<(String, Tensor)> =
-            self.named_vars(model).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let tensors: Vec<(String, Tensor)> = self
+            .named_vars(model)
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect();
         write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, &[("format", "pt")])?;
         let config = serde_json::json!({
             "peft_type": "LORA",
@@ -111,14 +133,18 @@ impl Adapter {
             "use_rslora": false,
             "use_dora": false,
         });
-        write_file(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config)?.as_bytes())
+        write_file(
+            &dir.join(CONFIG_FILE),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )
     }
 
     /// Reads an adapter saved in PEFT's format, checking that it fits `model`: every tensor it
     /// should have is there with the right shape, and it has no others.
     pub fn load_peft(name: &str, dir: &Path, model: &dyn CausalLm) -> Result<Self> {
         let cfg_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
         #[derive(Deserialize)]
         struct PeftConfig {
             peft_type: String,
@@ -128,16 +154,39 @@ impl Adapter {
             lora_dropout: f32,
             target_modules: Vec<String>,
         }
-        let c: PeftConfig = serde_json::from_str(&text).with_context(|| format!("{} is not a PEFT adapter config", cfg_path.display()))?;
-        ensure!(c.peft_type == "LORA", "{}: peft_type {:?}, only LORA is supported", cfg_path.display(), c.peft_type);
-        let spec = LoraSpec { r: c.r, alpha: c.lora_alpha, dropout: c.lora_dropout, targets: c.target_modules };
-        spec.check(model).with_context(|| format!("adapter {} does not fit the {} model", dir.display(), model.family()))?;
+        let c: PeftConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a PEFT adapter config", cfg_path.display()))?;
+        ensure!(
+            c.peft_type == "LORA",
+            "{}: peft_type {:?}, only LORA is supported",
+            cfg_path.display(),
+            c.peft_type
+        );
+        let spec = LoraSpec {
+            r: c.r,
+            alpha: c.lora_alpha,
+            dropout: c.lora_dropout,
+            targets: c.target_modules,
+        };
+        spec.check(model).with_context(|| {
+            format!(
+                "adapter {} does not fit the {} model",
+                dir.display(),
+                model.family()
+            )
+        })?;
         let path = dir.join(WEIGHTS_FILE);
         let mut tensors: HashMap<String, Tensor> =
-            candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+            candle_core::safetensors::load(&path, &Device::Cpu)
+                .with_context(|| format!("reading {}", path.display()))?;
         let mut adapter = Self::new(name, &spec, model, &mut SeededRng::new(0))?;
         for (key, var) in adapter.named_vars(model) {
-            let t = tensors.remove(&key).with_context(|| format!("{}: tensor `{key}` is missing (adapter for another model?)", path.display()))?;
+            let t = tensors.remove(&key).with_context(|| {
+                format!(
+                    "{}: tensor `{key}` is missing (adapter for another model?)",
+                    path.display()
+                )
+            })?;
             ensure!(
                 t.dims() == var.dims(),
                 "{}: `{key}` has shape {:?}, the model needs {:?} (adapter for another model?)",
@@ -164,29 +213,46 @@ pub struct LoraStack<'a> {
 impl<'a> LoraStack<'a> {
     /// The base model alone.
     pub fn none() -> Self {
-        Self { adapters: vec![], dropout: None }
+        Self {
+            adapters: vec![],
+            dropout: None,
+        }
     }
 
     /// For scoring: adapters without dropout.
     pub fn eval(adapters: Vec<&'a Adapter>) -> Self {
-        Self { adapters, dropout: None }
+        Self {
+            adapters,
+            dropout: None,
+        }
     }
 
     /// For training: dropout masks drawn from `seed`, so a step can be replayed exactly.
     pub fn train(adapters: Vec<&'a Adapter>, seed: u64) -> Self {
-        Self { adapters, dropout: Some(RefCell::new(SeededRng::new(seed))) }
+        Self {
+            adapters,
+            dropout: Some(RefCell::new(SeededRng::new(seed))),
+        }
     }
 
     /// `base` (the module's output for `x`) plus every active adapter's update.
     pub fn apply(&self, layer: usize, module: &str, x: &Tensor, base: Tensor) -> Result<Tensor> {
         let mut out = base;
         for adapter in &self.adapters {
-            let Some((a, b)) = adapter.pair(layer, module) else { continue };
+            let Some((a, b)) = adapter.pair(layer, module) else {
+                continue;
+            };
             let x = match &self.dropout {
-                Some(rng) if adapter.spec.dropout > 0.0 => dropout(x, adapter.spec.dropout, &mut rng.borrow_mut())?,
+                Some(rng) if adapter.spec.dropout > 0.0 => {
+                    dropout(x, adapter.spec.dropout, &mut rng.borrow_mut())?
+                }
                 _ => x.clone(),
             };
-            let update = super::ops::linear(&super::ops::linear(&x, a.as_tensor(), None)?, b.as_tensor(), None)?;
+            let update = super::ops::linear(
+                &super::ops::linear(&x, a.as_tensor(), None)?,
+                b.as_tensor(),
+                None,
+            )?;
             out = (out + (update * adapter.spec.scale())?)?;
         }
         Ok(out)
@@ -197,24 +263,46 @@ impl<'a> LoraStack<'a> {
 /// cannot be seeded per call, and a resumed run must draw the same masks).
 fn dropout(x: &Tensor, p: f32, rng: &mut SeededRng) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if (rng.unit() as f32) < p { 0.0 } else { keep }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if (rng.unit() as f32) < p { 0.0 } else { keep })
+        .collect();
     Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
 }
 
 /// Writes f32 tensors as safetensors with string metadata, synced.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(&str, &str)]) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &[(&str, &str)],
+) -> Result<()> {
     let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(k, t)| -> Result<_> {
             let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            Ok((k.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec()))
+            Ok((
+                k.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.dims().to_vec(),
+            ))
         })
         .collect::<Result<_>>()?;
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
-        .map(|(k, bytes, shape)| Ok((k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?)))
+        .map(|(k, bytes, shape)| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytes,
+                )?,
+            ))
+        })
         .collect::<Result<_>>()?;
-    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let meta: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let bytes = safetensors::serialize(views, Some(meta))?;
     write_file(path, &bytes)
 }
@@ -224,7 +312,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;

@@ -7,13 +7,14 @@
 //! (collaborative embeddings mapped into the token space) can replace placeholder tokens.
 
 pub mod chatglm;
+pub mod fused;
 pub mod llama;
 pub mod lora;
 pub mod ops;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::Content;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -42,9 +43,25 @@ pub trait CausalLm: Send + Sync {
     fn context(&self) -> usize;
     /// Token embeddings `[b, t, dim]` of ids `[b, t]`.
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+    /// Transformer block `i` on hidden states `[b, t, dim]` at positions `0..t`.
+    fn layer(&self, i: usize, x: &Tensor, lora: &LoraStack) -> Result<Tensor>;
+    /// The normalisation after the last block.
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
     /// The final (normalised) hidden states `[b, t, dim]` of input embeddings `[b, t, dim]`,
     /// causally attended from position 0.
-    fn hidden(&self, embeds: &Tensor, lora: &LoraStack) -> Result<Tensor>;
+    fn hidden(&self, embeds: &Tensor, lora: &LoraStack) -> Result<Tensor> {
+        let t = embeds.dim(1)?;
+        ensure!(
+            t <= self.context(),
+            "sequence of {t} tokens exceeds the model context of {}",
+            self.context()
+        );
+        let mut x = embeds.clone();
+        for i in 0..self.layers() {
+            x = self.layer(i, &x, lora)?;
+        }
+        self.final_norm(&x)
+    }
     /// Vocabulary logits of hidden states `[.., dim]`.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
 }
@@ -64,37 +81,167 @@ impl Sequence {
     }
 }
 
+/// Where the answer tokens of right-padded sequences are: the padded ids `[b, longest]`, the
+/// flat position predicting each answer token, and that token.
+struct AnswerIndex {
+    ids: Tensor,
+    positions: Tensor,
+    targets: Tensor,
+}
+
+impl AnswerIndex {
+    fn new(seqs: &[Sequence]) -> Result<Self> {
+        ensure!(!seqs.is_empty(), "no sequences");
+        let longest = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * longest);
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        for (row, s) in seqs.iter().enumerate() {
+            ensure!(
+                s.answer_start >= 1 && s.answer_start < s.ids.len(),
+                "a sequence needs a prompt and an answer"
+            );
+            ids.extend(&s.ids);
+            ids.extend(std::iter::repeat_n(0u32, longest - s.ids.len()));
+            for p in s.answer_start..s.ids.len() {
+                positions.push((row * longest + p - 1) as u32); // the position that predicts token p
+                targets.push(s.ids[p]);
+            }
+        }
+        let n = positions.len();
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (seqs.len(), longest), &Device::Cpu)?,
+            positions: Tensor::from_vec(positions, n, &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, n, &Device::Cpu)?,
+        })
+    }
+
+    /// Log-probabilities of the answer tokens from the last block's output `[b, t, dim]`.
+    /// Vocabulary logits are computed at the answer positions only: the output layer is the
+    /// widest matmul of a small model (49k × 576 for SmolLM2), and prompts are most of every
+    /// sequence.
+    fn log_probs(&self, model: &dyn CausalLm, last: &Tensor) -> Result<Tensor> {
+        let hidden = model.final_norm(last)?;
+        let (b, t, dim) = hidden.dims3()?;
+        let picked = hidden
+            .reshape((b * t, dim))?
+            .index_select(&self.positions, 0)?;
+        Ok(model
+            .logits(&picked)?
+            .contiguous()?
+            .apply_op2(&self.targets, fused::TargetLogProb)?)
+    }
+}
+
 /// `log p(answer token | everything before it)` for every answer token of every sequence, in
 /// order (`[Σ answer lengths]`). Rows are right-padded; causal attention keeps padding out of
 /// every real position. `embeds`: input embeddings to use instead of the ids' own (soft tokens).
-pub fn answer_log_probs(model: &dyn CausalLm, seqs: &[Sequence], embeds: Option<Tensor>, lora: &LoraStack) -> Result<Tensor> {
-    ensure!(!seqs.is_empty(), "no sequences");
-    let longest = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(seqs.len() * longest);
-    let (mut positions, mut targets) = (Vec::new(), Vec::new());
-    for (row, s) in seqs.iter().enumerate() {
-        ensure!(s.answer_start >= 1 && s.answer_start < s.ids.len(), "a sequence needs a prompt and an answer");
-        ids.extend(&s.ids);
-        ids.extend(std::iter::repeat_n(0u32, longest - s.ids.len()));
-        for p in s.answer_start..s.ids.len() {
-            positions.push((row * longest + p - 1) as u32); // the position that predicts token p
-            targets.push(s.ids[p]);
-        }
-    }
-    let ids = Tensor::from_vec(ids, (seqs.len(), longest), &Device::Cpu)?;
+pub fn answer_log_probs(
+    model: &dyn CausalLm,
+    seqs: &[Sequence],
+    embeds: Option<Tensor>,
+    lora: &LoraStack,
+) -> Result<Tensor> {
+    let index = AnswerIndex::new(seqs)?;
     let embeds = match embeds {
         Some(e) => e,
-        None => model.embed(&ids)?,
+        None => model.embed(&index.ids)?,
     };
-    let hidden = model.hidden(&embeds, lora)?;
-    let dim = hidden.dim(2)?;
-    let n = positions.len();
-    // Vocabulary logits for the answer positions only: the output layer is the widest matmul
-    // of a small model (49k × 576 for SmolLM2), and prompts are most of every sequence.
-    let picked = hidden.reshape((seqs.len() * longest, dim))?.index_select(&Tensor::from_vec(positions, n, &Device::Cpu)?, 0)?;
-    let logp = ops::log_softmax_last(&model.logits(&picked)?)?;
-    let targets = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
-    Ok(logp.gather(&targets, 1)?.squeeze(1)?)
+    let t = embeds.dim(1)?;
+    ensure!(
+        t <= model.context(),
+        "sequence of {t} tokens exceeds the model context of {}",
+        model.context()
+    );
+    let mut x = embeds;
+    for i in 0..model.layers() {
+        x = model.layer(i, &x, lora)?;
+    }
+    index.log_probs(model, &x)
+}
+
+/// Backpropagates `scale × Σ −log p(answer tokens)` into `grads` (added to what they hold,
+/// one slot per variable of `vars`) and returns that loss.
+///
+/// The backward runs block by block, last first: each block's input is cut from the graph
+/// as a variable, so a block's gradient store lives only while that block is processed
+/// (candle keeps every node's gradient until a `backward()` returns, which doubled the peak
+/// memory of one whole-model pass). The chain rule joins the blocks: block i's output
+/// gradient is fed back as the weights of a surrogate `Σ out · grad`.
+pub fn answer_loss_backward(
+    model: &dyn CausalLm,
+    seqs: &[Sequence],
+    embeds: Option<Tensor>,
+    lora: &LoraStack,
+    scale: f64,
+    vars: &[Var],
+    grads: &mut [Option<Tensor>],
+) -> Result<f64> {
+    let index = AnswerIndex::new(seqs)?;
+    let embeds = match embeds {
+        Some(e) => e,
+        None => model.embed(&index.ids)?,
+    };
+    let t = embeds.dim(1)?;
+    ensure!(
+        t <= model.context(),
+        "sequence of {t} tokens exceeds the model context of {}",
+        model.context()
+    );
+    // Block i's (input variable, output); block 0's input stays as given (it may depend on
+    // variables of its own, e.g. soft tokens from a trainable mapping).
+    let mut blocks: Vec<(Option<Var>, Tensor)> = Vec::with_capacity(model.layers());
+    let mut x = embeds;
+    for i in 0..model.layers() {
+        let input = if i == 0 {
+            None
+        } else {
+            Some(Var::from_tensor(&x.detach())?)
+        };
+        let out = model.layer(i, input.as_ref().map_or(&x, |v| v.as_tensor()), lora)?;
+        x = out.clone();
+        blocks.push((input, out));
+    }
+    let head_input = Var::from_tensor(&x.detach())?;
+    let loss = (index
+        .log_probs(model, head_input.as_tensor())?
+        .sum_all()?
+        .neg()?
+        * scale)?;
+    let value = loss.to_scalar::<f32>()? as f64;
+    let store = loss.backward()?;
+    collect(&store, vars, grads)?;
+    let mut upstream = store
+        .get(head_input.as_tensor())
+        .context("no gradient reaches the last block")?
+        .detach();
+    drop(store);
+    while let Some((input, out)) = blocks.pop() {
+        let store = (out * &upstream)?.sum_all()?.backward()?;
+        collect(&store, vars, grads)?;
+        if let Some(input) = input {
+            upstream = store
+                .get(input.as_tensor())
+                .context("no gradient reaches a block input")?
+                .detach();
+        }
+    }
+    Ok(value)
+}
+
+fn collect(
+    store: &candle_core::backprop::GradStore,
+    vars: &[Var],
+    grads: &mut [Option<Tensor>],
+) -> Result<()> {
+    for (slot, var) in grads.iter_mut().zip(vars) {
+        if let Some(g) = store.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + g)?.detach(),
+                None => g.detach(),
+            });
+        }
+    }
+    Ok(())
 }
 
 enum TextTokenizer {
@@ -107,9 +254,11 @@ impl TextTokenizer {
         match self {
             TextTokenizer::Gguf(t) if first => t.encode(text),
             TextTokenizer::Gguf(t) => t.encode_continuation(text),
-            TextTokenizer::Hf(t) => {
-                Ok(t.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
-            }
+            TextTokenizer::Hf(t) => Ok(t
+                .encode(text, false)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+                .get_ids()
+                .to_vec()),
         }
     }
 }
@@ -136,19 +285,33 @@ impl Base {
         if path.is_dir() {
             return Self::load_checkpoint_dir(path);
         }
-        let mut file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
-        let content = Content::read(&mut file)
-            .with_context(|| format!("{} is not a GGUF file (a checkpoint directory with config.json also works)", path.display()))?;
+        let mut file = std::fs::File::open(path)
+            .with_context(|| format!("opening model {}", path.display()))?;
+        let content = Content::read(&mut file).with_context(|| {
+            format!(
+                "{} is not a GGUF file (a checkpoint directory with config.json also works)",
+                path.display()
+            )
+        })?;
         let mut load = || -> Result<Self> {
             let tokenizer = GgufTokenizer::from_gguf(&content)?;
             let end = tokenizer.stop.last().copied().unwrap_or(tokenizer.eos);
-            let chat = crate::generate::chat_environment(meta(&content, "tokenizer.chat_template")?.to_string()?.clone())?;
+            let chat = crate::generate::chat_environment(
+                meta(&content, "tokenizer.chat_template")?
+                    .to_string()?
+                    .clone(),
+            )?;
             let model = llama::Llama::from_gguf(&content, &mut file)?;
             let name = content
                 .metadata
                 .get("general.name")
                 .and_then(|v| v.to_string().ok().cloned())
-                .unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned());
+                .unwrap_or_else(|| {
+                    path.file_stem()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned()
+                });
             Ok(Self {
                 model: Box::new(model),
                 tokenizer: TextTokenizer::Gguf(tokenizer),
@@ -164,21 +327,37 @@ impl Base {
 
     fn load_checkpoint_dir(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("{} is a directory without config.json: not a checkpoint", dir.display()))?;
-        let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", config_path.display()))?;
-        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let text = std::fs::read_to_string(&config_path).with_context(|| {
+            format!(
+                "{} is a directory without config.json: not a checkpoint",
+                dir.display()
+            )
+        })?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}", config_path.display()))?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         if model_type != "chatglm" {
             bail!("{}: model_type {model_type:?}; checkpoint directories of `chatglm` (ChatGLM2/3) are supported, Llama-family models load from GGUF", config_path.display());
         }
         let model = chatglm::ChatGlm::load(dir)?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e} (ChatGLM checkpoints need a tokenizer.json)", tok_path.display()))?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+            anyhow::anyhow!(
+                "reading {}: {e} (ChatGLM checkpoints need a tokenizer.json)",
+                tok_path.display()
+            )
+        })?;
         let template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string))
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| CHATGLM_TEMPLATE.to_string());
         let eos = match config.get("eos_token_id") {
             Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_u64()),
@@ -201,7 +380,11 @@ impl Base {
             end_of_answer: vec![eos as u32],
             path: dir.to_path_buf(),
             sha256: sha256_of(&files)?,
-            name: dir.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+            name: dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
         })
     }
 
@@ -213,7 +396,10 @@ impl Base {
             (false, true) => instruction.to_string(),
             (false, false) => format!("{instruction}\n\n{input}"),
         };
-        let messages = [Message { role: "user".into(), content }];
+        let messages = [Message {
+            role: "user".into(),
+            content,
+        }];
         let text = self
             .chat
             .get_template("chat")?

@@ -19,8 +19,15 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// `x / sqrt(mean(x²) + eps) * w` over the last axis (Llama, ChatGLM2/3).
+/// `x / sqrt(mean(x²) + eps) * w` over the last axis (Llama, ChatGLM2/3), fused.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, super::fused::RmsNorm { eps: eps as f32 })
+}
+
+/// [`rms_norm`] composed from elementary ops: the reference the fused op is tested against.
+#[cfg(test)]
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
@@ -29,7 +36,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?;
+    let y = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(w)?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
@@ -40,7 +49,10 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Resul
 /// rotates against its second half. `x`: `[b, heads, t, hd]`; `cos`, `sin`: `[t, hd/2]`.
 pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
-    let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, half)?,
+        x.narrow(D::Minus1, half, half)?,
+    );
     let first = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
     let second = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
     Tensor::cat(&[first, second], D::Minus1)
@@ -51,7 +63,10 @@ pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub fn rope_pairs_prefix(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
     let (b, h, t, hd) = x.dims4()?;
     let pairs = x.narrow(3, 0, rot)?.reshape((b, h, t, rot / 2, 2))?;
-    let (x0, x1) = (pairs.narrow(4, 0, 1)?.squeeze(4)?, pairs.narrow(4, 1, 1)?.squeeze(4)?);
+    let (x0, x1) = (
+        pairs.narrow(4, 0, 1)?.squeeze(4)?,
+        pairs.narrow(4, 1, 1)?.squeeze(4)?,
+    );
     let o0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
     let o1 = (x1.broadcast_mul(cos)? + x0.broadcast_mul(sin)?)?;
     let rotated = Tensor::stack(&[o0, o1], 4)?.reshape((b, h, t, rot))?;
@@ -63,7 +78,9 @@ pub fn rope_pairs_prefix(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> 
 
 /// Cosine and sine tables `[positions, n]` for frequencies `base^(-2i/dim)`, `i < n`.
 pub fn rope_tables(positions: usize, n: usize, dim: usize, base: f64) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = (0..n).map(|i| (1.0 / base.powf(2.0 * i as f64 / dim as f64)) as f32).collect();
+    let inv: Vec<f32> = (0..n)
+        .map(|i| (1.0 / base.powf(2.0 * i as f64 / dim as f64)) as f32)
+        .collect();
     let inv = Tensor::from_vec(inv, (1, n), &candle_core::Device::Cpu)?;
     let pos = Tensor::arange(0u32, positions as u32, &candle_core::Device::Cpu)?
         .to_dtype(candle_core::DType::F32)?
@@ -81,17 +98,17 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let group = h / kvh;
     // Fold each kv head's query group into the row axis instead of copying keys and values.
     let q = q.contiguous()?.reshape((b, kvh, group * t, hd))?;
-    let scores = (q.matmul(&k.contiguous()?.t()?)? / (hd as f64).sqrt())?;
-    let scores = scores.reshape((b, kvh, group, t, t))?.broadcast_add(&causal_mask(t, q.device())?)?;
-    let probs = softmax_last(&scores.reshape((b, kvh, group * t, t))?)?;
-    probs.matmul(&v.contiguous()?)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))
-}
-
-/// `[t, t]`: 0 on and below the diagonal, a large negative number above (`-inf` would turn
-/// into NaN in gradients of rows that are all masked; none are, but a finite value is safe).
-fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
-    Tensor::from_vec(m, (t, t), device)
+    let scores = q.matmul(&k.contiguous()?.t()?)?;
+    // Rows of `scores` are query positions `0..t` of each group in turn: what the fused
+    // causal softmax expects.
+    let probs = scores.apply_op1(super::fused::CausalSoftmax {
+        scale: 1.0 / (hd as f32).sqrt(),
+    })?;
+    probs
+        .matmul(&v.contiguous()?)?
+        .reshape((b, h, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * hd))
 }
 
 /// `x [.., in] · wᵀ (+ bias)` with `w` `[out, in]`, computed as one 2-D GEMM.
@@ -114,7 +131,16 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// Each op agrees with candle-nn's fused kernel in value (so the model computes what the
@@ -127,26 +153,69 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
         let (cos, sin) = rope_tables(5, 4, 8, 10_000.0).unwrap();
         let cases: Vec<(Tensor, Tensor)> = vec![
-            (softmax_last(&x).unwrap(), candle_nn::ops::softmax_last_dim(&x).unwrap()),
-            (rms_norm(&x, &w, 1e-5).unwrap(), candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap()),
-            (layer_norm(&x, &w, Some(&b), 1e-5).unwrap(), candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap()),
-            (rope_half(&x, &cos, &sin).unwrap(), candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap()),
-            (rope_pairs_prefix(&x, &cos, &sin, 8).unwrap(), candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap()),
+            (
+                softmax_last(&x).unwrap(),
+                candle_nn::ops::softmax_last_dim(&x).unwrap(),
+            ),
+            (
+                rms_norm(&x, &w, 1e-5).unwrap(),
+                candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap(),
+            ),
+            (
+                layer_norm(&x, &w, Some(&b), 1e-5).unwrap(),
+                candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap(),
+            ),
+            (
+                rope_half(&x, &cos, &sin).unwrap(),
+                candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap(),
+            ),
+            (
+                rope_pairs_prefix(&x, &cos, &sin, 8).unwrap(),
+                candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap(),
+            ),
         ];
         for (i, (ours, theirs)) in cases.iter().enumerate() {
-            assert!(close(ours, theirs) < 1e-4, "op {i} differs from candle's kernel");
-            let g = (ours * &theirs.detach()).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(
+                close(ours, theirs) < 1e-4,
+                "op {i} differs from candle's kernel"
+            );
+            let g = (ours * &theirs.detach())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let gx = g.get(&x).expect("gradient reaches the input");
-            assert!(gx.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "op {i}: zero gradient");
+            assert!(
+                gx.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0,
+                "op {i}: zero gradient"
+            );
         }
         // The half-rotation of a prefix: only the first `rot` dimensions change.
-        let part = rope_pairs_prefix(&x, &cos.narrow(1, 0, 2).unwrap(), &sin.narrow(1, 0, 2).unwrap(), 4).unwrap();
+        let part = rope_pairs_prefix(
+            &x,
+            &cos.narrow(1, 0, 2).unwrap(),
+            &sin.narrow(1, 0, 2).unwrap(),
+            4,
+        )
+        .unwrap();
         assert!(close(&part.narrow(3, 4, 4).unwrap(), &x.narrow(3, 4, 4).unwrap()) == 0.0);
     }
 
     #[test]
     fn log_softmax_is_log_of_softmax() {
         let x = Tensor::randn(0f32, 3.0, (4, 7), &Device::Cpu).unwrap();
-        assert!(close(&log_softmax_last(&x).unwrap().exp().unwrap(), &softmax_last(&x).unwrap()) < 1e-6);
+        assert!(
+            close(
+                &log_softmax_last(&x).unwrap().exp().unwrap(),
+                &softmax_last(&x).unwrap()
+            ) < 1e-6
+        );
     }
 }
