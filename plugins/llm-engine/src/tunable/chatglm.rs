@@ -281,7 +281,7 @@ impl CausalLm for ChatGlm {
         let n = self.norm(&x, &l.post_norm)?;
         let up = lora.apply(i, "dense_h_to_4h", &n, ops::linear(&n, &l.h_to_4h, None)?)?;
         let f = self.cfg.ffn_hidden_size;
-        let act = (up.narrow(2, 0, f)?.silu()? * up.narrow(2, f, f)?)?;
+        let act = ops::swiglu(&up.narrow(2, 0, f)?, &up.narrow(2, f, f)?)?;
         Ok((x + lora.apply(
             i,
             "dense_4h_to_h",

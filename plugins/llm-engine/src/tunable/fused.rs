@@ -174,6 +174,54 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+/// SwiGLU: `silu(gate) · up`, elementwise over two tensors of one shape.
+pub struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32_slice(s1, l1, "swiglu")?, f32_slice(s2, l2, "swiglu")?);
+        let row = l1.dims()[l1.dims().len() - 1];
+        let mut out = vec![0f32; g.len()];
+        par_rows(&mut out, row, |r, o| {
+            for (j, v) in o.iter_mut().enumerate() {
+                let x = g[r * row + j];
+                *v = x * sigmoid(x) * u[r * row + j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u) = (gate.contiguous()?.flatten_all()?.to_vec1::<f32>()?, up.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+        let d = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let row = gate.dim(candle_core::D::Minus1)?;
+        let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        // d silu(x)/dx = σ(x)·(1 + x·(1 − σ(x)))
+        par_rows(&mut dg, row, |r, o| {
+            for (j, v) in o.iter_mut().enumerate() {
+                let (x, i) = (g[r * row + j], r * row + j);
+                let s = sigmoid(x);
+                *v = d[i] * u[i] * s * (1.0 + x * (1.0 - s));
+            }
+        });
+        par_rows(&mut du, row, |r, o| {
+            for (j, v) in o.iter_mut().enumerate() {
+                let (x, i) = (g[r * row + j], r * row + j);
+                *v = d[i] * x * sigmoid(x);
+            }
+        });
+        Ok((Some(tensor(dg, gate)?), Some(tensor(du, up)?)))
+    }
+}
+
 /// `log softmax(logits)[target]` per row: logits `[n, vocab]`, targets `[n]` (u32) → `[n]`.
 /// The backward (`g · (onehot − softmax)`) recomputes the softmax instead of keeping
 /// `[n, vocab]` intermediates.
@@ -325,6 +373,14 @@ mod tests {
             .backward()
             .unwrap();
         assert!(max_diff(ga.get(&w).unwrap(), gb.get(&w).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn swiglu_matches_silu_times_up_in_both_inputs() {
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 7), &Device::Cpu).unwrap()).unwrap();
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7), &Device::Cpu).unwrap()).unwrap();
+        agree(&g, |g| g.apply_op2(&u, SwiGlu).unwrap(), |g| (g.silu().unwrap() * u.as_tensor()).unwrap());
+        agree(&u, |u| g.apply_op2(u, SwiGlu).unwrap(), |u| (g.silu().unwrap() * u).unwrap());
     }
 
     #[test]

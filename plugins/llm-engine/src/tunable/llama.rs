@@ -255,7 +255,7 @@ impl CausalLm for Llama {
         let attn = ops::causal_attention(&q, &k, &v)?;
         let x = (x + lin(&attn, &l.o, "o_proj")?)?;
         let n = ops::rms_norm(&x, &l.ffn_norm, self.eps)?;
-        let mlp = (lin(&n, &l.gate, "gate_proj")?.silu()? * lin(&n, &l.up, "up_proj")?)?;
+        let mlp = ops::swiglu(&lin(&n, &l.gate, "gate_proj")?, &lin(&n, &l.up, "up_proj")?)?;
         Ok((x + lin(&mlp, &l.down, "down_proj")?)?)
     }
 
