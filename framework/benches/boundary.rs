@@ -30,14 +30,7 @@ fn build_dynamic_plugin() -> PathBuf {
     let target = root().join("target/bench-plugins");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root())
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "recfuse-plugin-popularity-ranker",
-            "--target-dir",
-        ])
+        .args(["build", "--quiet", "--release", "-p", "recfuse-plugin-popularity-ranker", "--target-dir"])
         .arg(&target)
         .status()
         .expect("cargo runs");
@@ -51,27 +44,18 @@ fn host() -> HostServices {
 
 fn main() {
     let data = root().join(".cache/data/ml-100k");
-    assert!(
-        data.join(".complete").exists(),
-        "run scripts/fetch-data.sh first"
-    );
+    assert!(data.join(".complete").exists(), "run scripts/fetch-data.sh first");
     let lib = build_dynamic_plugin();
 
     // Real data: ML-100K, leave-one-out train view.
     let builtins = Registry::with_builtins().unwrap();
     let src_cfg = serde_json::json!({"dir": data, "name": "ml-100k"});
-    let dataset = builtins
-        .source("recbole-atomic", &src_cfg, host().into_ffi())
-        .unwrap()
-        .load()
-        .unwrap();
+    let dataset = builtins.source("recbole-atomic", &src_cfg, host().into_ffi()).unwrap().load().unwrap();
     let split = split_dataset(&dataset, &SplitSection::default());
     let n_items = dataset.catalog.items.len() as u64;
 
     // Per-user candidate lists (sampled-ranking layout), deterministic.
-    let users: Vec<u32> = (0..USERS as u32)
-        .map(|u| u % dataset.catalog.users.len() as u32)
-        .collect();
+    let users: Vec<u32> = (0..USERS as u32).map(|u| u % dataset.catalog.users.len() as u32).collect();
     let mut x = 0x2545F4914F6CDD1Du64;
     let items: Vec<u32> = (0..USERS * CANDIDATES)
         .map(|_| {
@@ -81,49 +65,24 @@ fn main() {
             (x % n_items) as u32
         })
         .collect();
-    let batch = ScoreBatch {
-        users: &users,
-        items: &items,
-        shared: false,
-    };
+    let batch = ScoreBatch { users: &users, items: &items, shared: false };
 
-    let mut direct = Popularity::new(
-        PopularityConfig::default(),
-        Host::standalone(std::env::temp_dir(), 1),
-    )
-    .unwrap();
-    direct
-        .fit(&split.train.view(), &FitInputs::default())
-        .unwrap();
-    let mut builtin = builtins
-        .ranker("popularity", &serde_json::json!({}), host().into_ffi())
-        .unwrap();
-    builtin
-        .fit(&FitData::views(&split.train, &split.context))
-        .unwrap();
+    let mut direct = Popularity::new(PopularityConfig::default(), Host::standalone(std::env::temp_dir(), 1)).unwrap();
+    direct.fit(&split.train.view(), &FitInputs::default()).unwrap();
+    let mut builtin = builtins.ranker("popularity", &serde_json::json!({}), host().into_ffi()).unwrap();
+    builtin.fit(&FitData::views(&split.train, &split.context)).unwrap();
     let mut dynamic_reg = Registry::empty();
     dynamic_reg.load_library(&lib).unwrap();
-    let mut dynamic = dynamic_reg
-        .ranker("popularity", &serde_json::json!({}), host().into_ffi())
-        .unwrap();
-    dynamic
-        .fit(&FitData::views(&split.train, &split.context))
-        .unwrap();
+    let mut dynamic = dynamic_reg.ranker("popularity", &serde_json::json!({}), host().into_ffi()).unwrap();
+    dynamic.fit(&FitData::views(&split.train, &split.context)).unwrap();
 
     // All paths must agree; then all are timed writing into one buffer, so that where a buffer
     // landed in memory (huge pages or not) cannot favour one path.
-    let mut check = [
-        vec![0f32; USERS * CANDIDATES],
-        vec![0f32; USERS * CANDIDATES],
-        vec![0f32; USERS * CANDIDATES],
-    ];
+    let mut check = [vec![0f32; USERS * CANDIDATES], vec![0f32; USERS * CANDIDATES], vec![0f32; USERS * CANDIDATES]];
     direct.score(&batch, &mut check[0]).unwrap();
     builtin.score(&batch, &mut check[1]).unwrap();
     dynamic.score(&batch, &mut check[2]).unwrap();
-    assert!(
-        check[0] == check[1] && check[0] == check[2],
-        "all three paths must give the same scores"
-    );
+    assert!(check[0] == check[1] && check[0] == check[2], "all three paths must give the same scores");
     drop(check);
     let mut out = vec![0f32; USERS * CANDIDATES];
     let (mut t_static, mut t_builtin, mut t_dynamic) = (vec![], vec![], vec![]);
@@ -158,18 +117,7 @@ fn main() {
     println!();
     println!("| path | median ms/call | median ratio to static (paired) |");
     println!("|---|---:|---:|");
-    println!(
-        "| static (safe trait, linked) | {:.3} | 1.000 |",
-        median(t_static.clone()) * 1e3
-    );
-    println!(
-        "| builtin (FFI shim, linked) | {:.3} | {:.3} |",
-        median(t_builtin.clone()) * 1e3,
-        median(r_builtin.clone())
-    );
-    println!(
-        "| dynamic (cdylib via abi_stable) | {:.3} | {:.3} |",
-        median(t_dynamic.clone()) * 1e3,
-        median(r_dynamic.clone())
-    );
+    println!("| static (safe trait, linked) | {:.3} | 1.000 |", median(t_static.clone()) * 1e3);
+    println!("| builtin (FFI shim, linked) | {:.3} | {:.3} |", median(t_builtin.clone()) * 1e3, median(r_builtin.clone()));
+    println!("| dynamic (cdylib via abi_stable) | {:.3} | {:.3} |", median(t_dynamic.clone()) * 1e3, median(r_dynamic.clone()));
 }

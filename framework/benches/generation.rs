@@ -24,28 +24,11 @@ const PARALLEL: [usize; 3] = [1, 4, 16];
 
 /// (PP tokens/s, TG tokens/s) of this engine.
 fn ours(llm: &Llm, npl: usize, npp: usize, ntg: usize, corpus: &[u32]) -> (f64, f64) {
-    let prompts: Vec<Vec<u32>> = (0..npl)
-        .map(|i| {
-            corpus
-                .iter()
-                .cycle()
-                .skip(i * 7)
-                .take(npp)
-                .copied()
-                .collect()
-        })
-        .collect();
+    let prompts: Vec<Vec<u32>> = (0..npl).map(|i| corpus.iter().cycle().skip(i * 7).take(npp).copied().collect()).collect();
     let t = Instant::now();
     llm.next_token_logits(&prompts).unwrap();
     let pp = t.elapsed().as_secs_f64();
-    let params = vec![
-        GenParams {
-            max_new_tokens: ntg,
-            ignore_stop: true,
-            ..Default::default()
-        };
-        npl
-    ];
+    let params = vec![GenParams { max_new_tokens: ntg, ignore_stop: true, ..Default::default() }; npl];
     let t = Instant::now();
     llm.generate(&prompts, &params, npl, |_, c| {
         assert_eq!(c.completion_tokens, ntg);
@@ -60,39 +43,14 @@ fn ours(llm: &Llm, npl: usize, npp: usize, ntg: usize, corpus: &[u32]) -> (f64, 
 fn llama_cpp(bin: &PathBuf, model: &PathBuf, npp: usize, ntg: usize) -> Vec<(f64, f64)> {
     let npl: Vec<String> = PARALLEL.iter().map(|n| n.to_string()).collect();
     let out = Command::new(bin)
-        .args([
-            "-m",
-            model.to_str().unwrap(),
-            "-c",
-            "8192",
-            "-b",
-            "2048",
-            "-ub",
-            "512",
-            "-t",
-            "2",
-            "--output-format",
-            "jsonl",
-        ])
-        .args([
-            "-npp",
-            &npp.to_string(),
-            "-ntg",
-            &ntg.to_string(),
-            "-npl",
-            &npl.join(","),
-        ])
+        .args(["-m", model.to_str().unwrap(), "-c", "8192", "-b", "2048", "-ub", "512", "-t", "2", "--output-format", "jsonl"])
+        .args(["-npp", &npp.to_string(), "-ntg", &ntg.to_string(), "-npl", &npl.join(",")])
         .output()
         .expect("llama-batched-bench runs");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| {
-            (
-                v["speed_pp"].as_f64().unwrap(),
-                v["speed_tg"].as_f64().unwrap(),
-            )
-        })
+        .map(|v| (v["speed_pp"].as_f64().unwrap(), v["speed_tg"].as_f64().unwrap()))
         .collect()
 }
 
@@ -111,10 +69,7 @@ fn copy_bandwidth() -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let rounds = args.first().copied().unwrap_or(3);
     let npp = args.get(1).copied().unwrap_or(256);
     let ntg = args.get(2).copied().unwrap_or(64);
@@ -141,52 +96,29 @@ fn main() {
             }
         }
     }
-    println!(
-        "{npp} prompt tokens, {ntg} generated, medians of {rounds} interleaved rounds, 2 threads\n"
-    );
+    println!("{npp} prompt tokens, {ntg} generated, medians of {rounds} interleaved rounds, 2 threads\n");
     println!("| parallel | recfuse PP t/s | llama.cpp PP t/s | PP ratio | recfuse TG t/s | llama.cpp TG t/s | TG ratio |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for (i, npl) in PARALLEL.iter().enumerate() {
-        let (pp, tg) = (
-            median(mine[i].iter().map(|r| r.0).collect()),
-            median(mine[i].iter().map(|r| r.1).collect()),
-        );
+        let (pp, tg) = (median(mine[i].iter().map(|r| r.0).collect()), median(mine[i].iter().map(|r| r.1).collect()));
         if theirs[i].is_empty() {
             println!("| {npl} | {pp:.0} | – | – | {tg:.1} | – | – |");
         } else {
-            let (lpp, ltg) = (
-                median(theirs[i].iter().map(|r| r.0).collect()),
-                median(theirs[i].iter().map(|r| r.1).collect()),
-            );
-            println!(
-                "| {npl} | {pp:.0} | {lpp:.0} | {:.2} | {tg:.1} | {ltg:.1} | {:.2} |",
-                pp / lpp,
-                tg / ltg
-            );
+            let (lpp, ltg) = (median(theirs[i].iter().map(|r| r.0).collect()), median(theirs[i].iter().map(|r| r.1).collect()));
+            println!("| {npl} | {pp:.0} | {lpp:.0} | {:.2} | {tg:.1} | {ltg:.1} | {:.2} |", pp / lpp, tg / ltg);
         }
     }
     if !bin.exists() {
         println!("\nllama.cpp not built (scripts/build-llama-cpp.sh): no comparison.");
     }
     let med = |runs: &[Vec<(f64, f64)>], pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
-        runs.iter()
-            .map(|r| {
-                if r.is_empty() {
-                    0.0
-                } else {
-                    median(r.iter().map(pick).collect())
-                }
-            })
-            .collect()
+        runs.iter().map(|r| if r.is_empty() { 0.0 } else { median(r.iter().map(pick).collect()) }).collect()
     };
     let categories: Vec<String> = PARALLEL.iter().map(|n| format!("{n} parallel")).collect();
     let panel = |title: &str, pick: fn(&(f64, f64)) -> f64| Panel {
         title: title.to_string(),
         categories: categories.clone(),
-        series: vec![
-            ("recfuse (candle)".into(), med(&mine, pick)),
-            ("llama.cpp".into(), med(&theirs, pick)),
-        ],
+        series: vec![("recfuse (candle)".into(), med(&mine, pick)), ("llama.cpp".into(), med(&theirs, pick))],
         y_label: "tokens/s".into(),
     };
     let chart = root.join("target/bench-results/local-generation.png");

@@ -11,11 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "recfuse",
-    version,
-    about = "LLM-powered recommendation from plugins, wired by config"
-)]
+#[command(name = "recfuse", version, about = "LLM-powered recommendation from plugins, wired by config")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -35,11 +31,7 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     pub fn load(&self) -> Result<LoadedConfig> {
-        LoadedConfig::load(&ConfigSources {
-            base: self.config.clone(),
-            overlays: self.overlays.clone(),
-            sets: self.sets.clone(),
-        })
+        LoadedConfig::load(&ConfigSources { base: self.config.clone(), overlays: self.overlays.clone(), sets: self.sets.clone() })
     }
 }
 
@@ -98,26 +90,14 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
         }
     };
     match cli.command {
-        Command::Run {
-            config,
-            run_dir,
-            quiet,
-        } => {
+        Command::Run { config, run_dir, quiet } => {
             let cfg = config.load()?;
             let cancel = Arc::new(AtomicBool::new(false));
             install_ctrlc(cancel.clone());
-            let opts = RunOptions {
-                run_dir,
-                show_progress: !quiet,
-                cancel,
-            };
+            let opts = RunOptions { run_dir, show_progress: !quiet, cancel };
             let outcome = pipeline::run(&cfg, &opts)?;
             for (stage, how) in &outcome.stages {
-                writeln!(
-                    out,
-                    "stage {stage:<24} {}",
-                    format!("{how:?}").to_lowercase()
-                )?;
+                writeln!(out, "stage {stage:<24} {}", format!("{how:?}").to_lowercase())?;
             }
             if !outcome.reports.is_empty() {
                 writeln!(out, "\n{}", crate::eval::markdown(&outcome.reports))?;
@@ -130,22 +110,12 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             let comps = pipeline::validate(&cfg)?;
             writeln!(out, "{}: ok", config.config.display())?;
             for c in comps {
-                writeln!(
-                    out,
-                    "  {:<13} {:<16} {} {} ({})",
-                    c.kind, c.name, c.plugin, c.version, c.origin
-                )?;
+                writeln!(out, "  {:<13} {:<16} {} {} ({})", c.kind, c.name, c.plugin, c.version, c.origin)?;
             }
             Ok(0)
         }
         #[cfg(feature = "local-llm")]
-        Command::ServeLlm {
-            model,
-            addr,
-            batch,
-            gather_ms,
-            no_dense,
-        } => {
+        Command::ServeLlm { model, addr, batch, gather_ms, no_dense } => {
             let opts = crate::serve_llm::ServeOptions {
                 model,
                 addr,
@@ -154,11 +124,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                 dense: !no_dense,
             };
             let server = crate::serve_llm::spawn(opts)?;
-            writeln!(
-                out,
-                "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops",
-                server.model_id, server.addr
-            )?;
+            writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;
             out.flush()?;
             server.wait()?;
             Ok(0)
@@ -174,11 +140,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                 }
             }
             problems.extend(reg.load_env_path()?);
-            writeln!(
-                out,
-                "{:<13} {:<16} {:<20} {:<8} {:<4} origin",
-                "kind", "name", "plugin", "version", "abi"
-            )?;
+            writeln!(out, "{:<13} {:<16} {:<20} {:<8} {:<4} origin", "kind", "name", "plugin", "version", "abi")?;
             for plugin in reg.plugins() {
                 for c in &plugin.components {
                     writeln!(

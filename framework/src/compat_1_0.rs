@@ -28,10 +28,7 @@ pub use old::PluginModuleRef as ModuleRef;
 /// from the frozen 1.0 sources and from the current sources where that definition did not
 /// change (abi_stable verified the plugin's layout against the 1.0 one when it loaded).
 unsafe fn same_layout<A, B>(a: A) -> B {
-    assert_eq!(
-        (std::mem::size_of::<A>(), std::mem::align_of::<A>()),
-        (std::mem::size_of::<B>(), std::mem::align_of::<B>())
-    );
+    assert_eq!((std::mem::size_of::<A>(), std::mem::align_of::<A>()), (std::mem::size_of::<B>(), std::mem::align_of::<B>()));
     let a = std::mem::ManuallyDrop::new(a);
     unsafe { std::ptr::read(&*a as *const A as *const B) }
 }
@@ -39,10 +36,7 @@ unsafe fn same_layout<A, B>(a: A) -> B {
 fn result<T, U>(r: old::FfiResult<T>, f: impl FnOnce(T) -> U) -> FfiResult<U> {
     match r {
         RResult::ROk(v) => RResult::ROk(f(v)),
-        RResult::RErr(e) => RResult::RErr(now::ErrorFfi {
-            message: e.message,
-            causes: e.causes,
-        }),
+        RResult::RErr(e) => RResult::RErr(now::ErrorFfi { message: e.message, causes: e.causes }),
     }
 }
 
@@ -58,9 +52,7 @@ impl CatalogCache {
         let key = c as *const now::CatalogFfi as usize;
         if self.key != Some(key) || self.catalog.is_none() {
             // SAFETY: CatalogFfi and everything in it are unchanged since 1.0.
-            self.catalog = Some(Box::new(unsafe {
-                same_layout::<now::CatalogFfi, old::CatalogFfi>(c.clone())
-            }));
+            self.catalog = Some(Box::new(unsafe { same_layout::<now::CatalogFfi, old::CatalogFfi>(c.clone()) }));
             self.key = Some(key);
         }
         self.catalog.as_deref().expect("just set")
@@ -70,11 +62,7 @@ impl CatalogCache {
 fn view<'a>(cache: &'a mut CatalogCache, v: &now::TrainViewFfi<'a>) -> old::TrainViewFfi<'a> {
     // SAFETY: Event is unchanged since 1.0.
     let events: RSlice<'a, recfuse_sdk_1_0::records::Event> = unsafe { same_layout(v.events) };
-    old::TrainViewFfi {
-        catalog: cache.get(v.catalog),
-        events,
-        offsets: v.offsets,
-    }
+    old::TrainViewFfi { catalog: cache.get(v.catalog), events, offsets: v.offsets }
 }
 
 /// The current host services, offered to a 1.0 plugin as the 1.0 trait.
@@ -125,11 +113,7 @@ impl now::FuserFfi for Fuser {
         let v = view(&mut cache, &v);
         result(self.0.prepare(v), |x| x)
     }
-    fn fuse(
-        &mut self,
-        v: now::TrainViewFfi<'_>,
-        users: RSlice<'_, u32>,
-    ) -> FfiResult<RVec<now::KnowledgeFfi>> {
+    fn fuse(&mut self, v: now::TrainViewFfi<'_>, users: RSlice<'_, u32>) -> FfiResult<RVec<now::KnowledgeFfi>> {
         let mut cache = self.1.lock().expect("catalog cache");
         let v = view(&mut cache, &v);
         // SAFETY: KnowledgeFfi is unchanged since 1.0.
@@ -139,11 +123,7 @@ impl now::FuserFfi for Fuser {
 
 struct Instructions(old::InstructionsBox, Mutex<CatalogCache>);
 impl now::InstructionsFfi for Instructions {
-    fn build(
-        &mut self,
-        v: now::TrainViewFfi<'_>,
-        requests: RSlice<'_, now::InstructionRequestFfi>,
-    ) -> FfiResult<RVec<now::InstructionFfi>> {
+    fn build(&mut self, v: now::TrainViewFfi<'_>, requests: RSlice<'_, now::InstructionRequestFfi>) -> FfiResult<RVec<now::InstructionFfi>> {
         let mut cache = self.1.lock().expect("catalog cache");
         let v = view(&mut cache, &v);
         // SAFETY: InstructionRequestFfi and InstructionFfi (and Split, LabeledItem) are unchanged since 1.0.
@@ -165,9 +145,7 @@ impl now::TunerFfi for Tuner {
         let v = view(&mut cache, &v);
         // SAFETY: InstructionFfi and ArtifactFfi are unchanged since 1.0.
         let (train, valid) = unsafe { (same_layout(train), same_layout(valid)) };
-        result(self.0.tune(v, train, valid, out_dir), |a| unsafe {
-            same_layout(a)
-        })
+        result(self.0.tune(v, train, valid, out_dir), |a| unsafe { same_layout(a) })
     }
 }
 
@@ -180,22 +158,13 @@ impl now::RankerFfi for Ranker {
         knowledge: RSlice<'_, now::KnowledgeFfi>,
         artifact: ROption<now::ArtifactFfi>,
     ) -> FfiResult<()> {
-        let (mut a, mut b) = (
-            self.1.lock().expect("catalog cache"),
-            self.2.lock().expect("catalog cache"),
-        );
+        let (mut a, mut b) = (self.1.lock().expect("catalog cache"), self.2.lock().expect("catalog cache"));
         let (v, context) = (view(&mut a, &v), view(&mut b, &context));
         // SAFETY: KnowledgeFfi and ArtifactFfi are unchanged since 1.0.
         let (knowledge, artifact) = unsafe { (same_layout(knowledge), same_layout(artifact)) };
         result(self.0.fit(v, context, knowledge, artifact), |x| x)
     }
-    fn score(
-        &self,
-        users: RSlice<'_, u32>,
-        items: RSlice<'_, u32>,
-        shared: bool,
-        out: RSliceMut<'_, f32>,
-    ) -> FfiResult<()> {
+    fn score(&self, users: RSlice<'_, u32>, items: RSlice<'_, u32>, shared: bool, out: RSliceMut<'_, f32>) -> FfiResult<()> {
         result(self.0.score(users, items, shared, out), |x| x)
     }
 }
@@ -211,64 +180,28 @@ impl Module {
             .components
             .iter()
             // SAFETY: ComponentKind is unchanged since 1.0.
-            .map(|c| {
-                (
-                    unsafe { same_layout::<old::ComponentKind, now::ComponentKind>(c.kind) },
-                    c.name.to_string(),
-                    c.description.to_string(),
-                )
-            })
+            .map(|c| (unsafe { same_layout::<old::ComponentKind, now::ComponentKind>(c.kind) }, c.name.to_string(), c.description.to_string()))
             .collect();
         (info.name.to_string(), info.version.to_string(), components)
     }
-    pub fn create_source(
-        &self,
-        name: RStr<'_>,
-        config: RStr<'_>,
-        h: now::HostFfiBox,
-    ) -> FfiResult<now::SourceBox> {
-        result((self.0.create_source())(name, config, host(h)), |b| {
-            now::SourceBox::from_value(Source(b), TD_Opaque)
-        })
+    pub fn create_source(&self, name: RStr<'_>, config: RStr<'_>, h: now::HostFfiBox) -> FfiResult<now::SourceBox> {
+        result((self.0.create_source())(name, config, host(h)), |b| now::SourceBox::from_value(Source(b), TD_Opaque))
     }
-    pub fn create_fuser(
-        &self,
-        name: RStr<'_>,
-        config: RStr<'_>,
-        h: now::HostFfiBox,
-    ) -> FfiResult<now::FuserBox> {
-        result((self.0.create_fuser())(name, config, host(h)), |b| {
-            now::FuserBox::from_value(Fuser(b, Default::default()), TD_Opaque)
-        })
+    pub fn create_fuser(&self, name: RStr<'_>, config: RStr<'_>, h: now::HostFfiBox) -> FfiResult<now::FuserBox> {
+        result((self.0.create_fuser())(name, config, host(h)), |b| now::FuserBox::from_value(Fuser(b, Default::default()), TD_Opaque))
     }
-    pub fn create_instructions(
-        &self,
-        name: RStr<'_>,
-        config: RStr<'_>,
-        h: now::HostFfiBox,
-    ) -> FfiResult<now::InstructionsBox> {
+    pub fn create_instructions(&self, name: RStr<'_>, config: RStr<'_>, h: now::HostFfiBox) -> FfiResult<now::InstructionsBox> {
         result((self.0.create_instructions())(name, config, host(h)), |b| {
             now::InstructionsBox::from_value(Instructions(b, Default::default()), TD_Opaque)
         })
     }
-    pub fn create_tuner(
-        &self,
-        name: RStr<'_>,
-        config: RStr<'_>,
-        h: now::HostFfiBox,
-    ) -> FfiResult<now::TunerBox> {
-        result((self.0.create_tuner())(name, config, host(h)), |b| {
-            now::TunerBox::from_value(Tuner(b, Default::default()), TD_Opaque)
-        })
+    pub fn create_tuner(&self, name: RStr<'_>, config: RStr<'_>, h: now::HostFfiBox) -> FfiResult<now::TunerBox> {
+        result((self.0.create_tuner())(name, config, host(h)), |b| now::TunerBox::from_value(Tuner(b, Default::default()), TD_Opaque))
     }
-    pub fn create_ranker(
-        &self,
-        name: RStr<'_>,
-        config: RStr<'_>,
-        h: now::HostFfiBox,
-    ) -> FfiResult<now::RankerBox> {
+    pub fn create_ranker(&self, name: RStr<'_>, config: RStr<'_>, h: now::HostFfiBox) -> FfiResult<now::RankerBox> {
         result((self.0.create_ranker())(name, config, host(h)), |b| {
             now::RankerBox::from_value(Ranker(b, Default::default(), Default::default()), TD_Opaque)
         })
     }
 }
+

@@ -251,18 +251,8 @@ impl std::fmt::Display for ConfigErrors {
 }
 impl std::error::Error for ConfigErrors {}
 
-const TOP_LEVEL: [&str; 10] = [
-    "run",
-    "plugins",
-    "source",
-    "fusers",
-    "instructions",
-    "tuner",
-    "ranker",
-    "rankers",
-    "split",
-    "eval",
-];
+const TOP_LEVEL: [&str; 10] =
+    ["run", "plugins", "source", "fusers", "instructions", "tuner", "ranker", "rankers", "split", "eval"];
 
 fn to_config_value(v: Value) -> config::Value {
     use config::ValueKind as K;
@@ -276,31 +266,17 @@ fn to_config_value(v: Value) -> config::Value {
         },
         Value::String(s) => K::String(s),
         Value::Array(a) => K::Array(a.into_iter().map(to_config_value).collect()),
-        Value::Object(o) => K::Table(
-            o.into_iter()
-                .map(|(k, v)| (k, to_config_value(v)))
-                .collect(),
-        ),
+        Value::Object(o) => K::Table(o.into_iter().map(|(k, v)| (k, to_config_value(v))).collect()),
     };
     config::Value::new(Some(&"--set".to_string()), kind)
 }
 
-fn from_config_value(
-    v: &config::Value,
-    path: &str,
-    origins: &mut BTreeMap<String, String>,
-) -> Value {
+fn from_config_value(v: &config::Value, path: &str, origins: &mut BTreeMap<String, String>) -> Value {
     use config::ValueKind as K;
     if let Some(o) = v.origin() {
         origins.insert(path.to_string(), o.to_string());
     }
-    let join = |k: &str| {
-        if path.is_empty() {
-            k.to_string()
-        } else {
-            format!("{path}.{k}")
-        }
-    };
+    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
     match &v.kind {
         K::Nil => Value::Null,
         K::Boolean(b) => Value::Bool(*b),
@@ -313,17 +289,10 @@ fn from_config_value(
         K::Table(t) => {
             let mut keys: Vec<&String> = t.keys().collect();
             keys.sort();
-            Value::Object(
-                keys.into_iter()
-                    .map(|k| (k.clone(), from_config_value(&t[k], &join(k), origins)))
-                    .collect(),
-            )
+            Value::Object(keys.into_iter().map(|k| (k.clone(), from_config_value(&t[k], &join(k), origins))).collect())
         }
         K::Array(a) => Value::Array(
-            a.iter()
-                .enumerate()
-                .map(|(i, x)| from_config_value(x, &format!("{path}[{i}]"), origins))
-                .collect(),
+            a.iter().enumerate().map(|(i, x)| from_config_value(x, &format!("{path}[{i}]"), origins)).collect(),
         ),
     }
 }
@@ -341,21 +310,13 @@ impl LoadedConfig {
             builder = builder.add_source(File::from(f.as_path()).required(true));
         }
         builder = builder.add_source(
-            Environment::with_prefix("RECFUSE")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
+            Environment::with_prefix("RECFUSE").prefix_separator("__").separator("__").try_parsing(true),
         );
         let mut set_keys = Vec::new();
         for s in &sources.sets {
-            let (k, v) = s
-                .split_once('=')
-                .with_context(|| format!("--set `{s}`: expected key=value"))?;
-            let value =
-                serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string()));
-            builder = builder
-                .set_override(k.trim(), to_config_value(value))
-                .with_context(|| format!("--set `{s}`"))?;
+            let (k, v) = s.split_once('=').with_context(|| format!("--set `{s}`: expected key=value"))?;
+            let value = serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string()));
+            builder = builder.set_override(k.trim(), to_config_value(value)).with_context(|| format!("--set `{s}`"))?;
             set_keys.push(k.trim().to_string());
         }
         let cfg = builder.build().map_err(|e| anyhow!("{e}"))?;
@@ -364,12 +325,7 @@ impl LoadedConfig {
         for k in set_keys {
             origins.insert(k, "--set".into());
         }
-        let mut partial = LoadedConfig {
-            pipeline: placeholder(),
-            tree,
-            origins,
-            files,
-        };
+        let mut partial = LoadedConfig { pipeline: placeholder(), tree, origins, files };
         partial.pipeline = partial.parse().map_err(anyhow::Error::new)?;
         Ok(partial)
     }
@@ -386,33 +342,19 @@ impl LoadedConfig {
                 None => break,
             }
         }
-        self.files
-            .first()
-            .map(|f| f.display().to_string())
-            .unwrap_or_default()
+        self.files.first().map(|f| f.display().to_string()).unwrap_or_default()
     }
 
     /// An error about one config key, naming the key and where its value came from.
     pub fn key_error(&self, key: &str, message: impl std::fmt::Display) -> String {
-        format!(
-            "config key `{key}` (from {}): {message}",
-            self.origin_of(key)
-        )
+        format!("config key `{key}` (from {}): {message}", self.origin_of(key))
     }
 
-    fn section<T: DeserializeOwned>(
-        &self,
-        key: &str,
-        default: Option<T>,
-        errors: &mut Vec<String>,
-    ) -> Option<T> {
+    fn section<T: DeserializeOwned>(&self, key: &str, default: Option<T>, errors: &mut Vec<String>) -> Option<T> {
         match self.tree.get(key) {
             None | Some(Value::Null) => {
                 if default.is_none() {
-                    errors.push(format!(
-                        "missing section `[{key}]` in {}",
-                        self.files[0].display()
-                    ));
+                    errors.push(format!("missing section `[{key}]` in {}", self.files[0].display()));
                 }
                 default
             }
@@ -427,12 +369,7 @@ impl LoadedConfig {
         }
     }
 
-    fn component(
-        &self,
-        key: &str,
-        value: &Value,
-        errors: &mut Vec<String>,
-    ) -> Option<ComponentSpec> {
+    fn component(&self, key: &str, value: &Value, errors: &mut Vec<String>) -> Option<ComponentSpec> {
         let Some(table) = value.as_object() else {
             errors.push(self.key_error(key, "expected a table with `kind = \"...\"`"));
             return None;
@@ -458,15 +395,10 @@ impl LoadedConfig {
         if key.starts_with("ranker") {
             if let Some(v) = settings.remove("rerank") {
                 match serde_path_to_error::deserialize::<_, Rerank>(v) {
-                    Ok(r) if r.top == 0 => errors
-                        .push(self.key_error(&format!("{key}.rerank.top"), "must be at least 1")),
+                    Ok(r) if r.top == 0 => errors.push(self.key_error(&format!("{key}.rerank.top"), "must be at least 1")),
                     Ok(r) => rerank = Some(r),
                     Err(e) => {
-                        let (full, msg) = locate(
-                            &format!("{key}.rerank"),
-                            &e.path().to_string(),
-                            &e.inner().to_string(),
-                        );
+                        let (full, msg) = locate(&format!("{key}.rerank"), &e.path().to_string(), &e.inner().to_string());
                         errors.push(self.key_error(&full, msg));
                     }
                 }
@@ -481,15 +413,11 @@ impl LoadedConfig {
                 settings: Value::Object(settings),
             }),
             Some(_) => {
-                errors.push(self.key_error(
-                    &format!("{key}.kind"),
-                    "expected a string naming a component",
-                ));
+                errors.push(self.key_error(&format!("{key}.kind"), "expected a string naming a component"));
                 None
             }
             None => {
-                errors
-                    .push(self.key_error(key, "missing `kind`, the name of the component to use"));
+                errors.push(self.key_error(key, "missing `kind`, the name of the component to use"));
                 None
             }
         }
@@ -498,15 +426,11 @@ impl LoadedConfig {
     fn component_list(&self, key: &str, errors: &mut Vec<String>) -> Vec<ComponentSpec> {
         match self.tree.get(key) {
             None | Some(Value::Null) => vec![],
-            Some(Value::Array(a)) => a
-                .iter()
-                .enumerate()
-                .filter_map(|(i, v)| self.component(&format!("{key}[{i}]"), v, errors))
-                .collect(),
+            Some(Value::Array(a)) => {
+                a.iter().enumerate().filter_map(|(i, v)| self.component(&format!("{key}[{i}]"), v, errors)).collect()
+            }
             Some(_) => {
-                errors.push(
-                    self.key_error(key, format!("expected an array of tables (`[[{key}]]`)")),
-                );
+                errors.push(self.key_error(key, format!("expected an array of tables (`[[{key}]]`)")));
                 vec![]
             }
         }
@@ -524,106 +448,59 @@ impl LoadedConfig {
         if let Some(obj) = self.tree.as_object() {
             for k in obj.keys() {
                 if !TOP_LEVEL.contains(&k.as_str()) {
-                    errors.push(self.key_error(
-                        k,
-                        format!("unknown section; expected one of {}", TOP_LEVEL.join(", ")),
-                    ));
+                    errors.push(self.key_error(k, format!("unknown section; expected one of {}", TOP_LEVEL.join(", "))));
                 }
             }
         }
         let run = self.section::<RunSection>("run", None, &mut errors);
-        let plugins = self
-            .section("plugins", Some(PluginsSection::default()), &mut errors)
-            .unwrap_or_default();
-        let split = self
-            .section("split", Some(SplitSection::default()), &mut errors)
-            .unwrap_or_default();
-        let eval = self
-            .section("eval", Some(EvalSection::default()), &mut errors)
-            .unwrap_or_default();
+        let plugins = self.section("plugins", Some(PluginsSection::default()), &mut errors).unwrap_or_default();
+        let split = self.section("split", Some(SplitSection::default()), &mut errors).unwrap_or_default();
+        let eval = self.section("eval", Some(EvalSection::default()), &mut errors).unwrap_or_default();
         let source = match self.tree.get("source") {
             Some(v) => self.component("source", v, &mut errors),
             None => {
-                errors.push(format!(
-                    "missing section `[source]` in {}",
-                    self.files[0].display()
-                ));
+                errors.push(format!("missing section `[source]` in {}", self.files[0].display()));
                 None
             }
         };
         let fusers = self.component_list("fusers", &mut errors);
         let instructions = match self.tree.get("instructions") {
-            Some(Value::Object(_)) => self
-                .optional_component("instructions", &mut errors)
-                .into_iter()
-                .collect(),
+            Some(Value::Object(_)) => self.optional_component("instructions", &mut errors).into_iter().collect(),
             _ => self.component_list("instructions", &mut errors),
         };
         for (i, t) in instructions.iter().enumerate() {
             if instructions[..i].iter().any(|o| o.label == t.label) {
-                errors.push(self.key_error(
-                    &t.key,
-                    format!(
-                        "two instruction builders serve task `{}`; give each a distinct `task`",
-                        t.label
-                    ),
-                ));
+                errors.push(self.key_error(&t.key, format!("two instruction builders serve task `{}`; give each a distinct `task`", t.label)));
             }
         }
         let tuner = self.optional_component("tuner", &mut errors);
-        let mut rankers: Vec<ComponentSpec> = self
-            .optional_component("ranker", &mut errors)
-            .into_iter()
-            .collect();
+        let mut rankers: Vec<ComponentSpec> = self.optional_component("ranker", &mut errors).into_iter().collect();
         if self.tree.get("rankers").is_some() && !rankers.is_empty() {
-            errors.push(self.key_error(
-                "rankers",
-                "use either `[ranker]` or `[[rankers]]`, not both",
-            ));
+            errors.push(self.key_error("rankers", "use either `[ranker]` or `[[rankers]]`, not both"));
         }
         rankers.extend(self.component_list("rankers", &mut errors));
         for (i, r) in rankers.iter().enumerate() {
             if rankers[..i].iter().any(|o| o.label == r.label) {
-                errors.push(self.key_error(
-                    &r.key,
-                    format!(
-                        "two rankers are labelled `{}`; give each a distinct `label`",
-                        r.label
-                    ),
-                ));
+                errors.push(self.key_error(&r.key, format!("two rankers are labelled `{}`; give each a distinct `label`", r.label)));
             }
             if let Some(rr) = &r.rerank {
                 // The first stage must be evaluated first: it is an earlier ranker of the list.
-                if !rankers[..i]
-                    .iter()
-                    .any(|o| o.label == rr.from && o.rerank.is_none())
-                {
-                    let earlier: Vec<&str> = rankers[..i]
-                        .iter()
-                        .filter(|o| o.rerank.is_none())
-                        .map(|o| o.label.as_str())
-                        .collect();
+                if !rankers[..i].iter().any(|o| o.label == rr.from && o.rerank.is_none()) {
+                    let earlier: Vec<&str> = rankers[..i].iter().filter(|o| o.rerank.is_none()).map(|o| o.label.as_str()).collect();
                     errors.push(self.key_error(
                         &format!("{}.rerank.from", r.key),
                         format!(
                             "`{}` is not a single-stage ranker listed before `{}` (earlier: {})",
                             rr.from,
                             r.label,
-                            if earlier.is_empty() {
-                                "none".to_string()
-                            } else {
-                                earlier.join(", ")
-                            }
+                            if earlier.is_empty() { "none".to_string() } else { earlier.join(", ") }
                         ),
                     ));
                 }
             }
         }
         if tuner.is_some() && instructions.is_empty() {
-            errors.push(self.key_error(
-                "tuner",
-                "a tuner needs an `[instructions]` stage to learn from",
-            ));
+            errors.push(self.key_error("tuner", "a tuner needs an `[instructions]` stage to learn from"));
         }
         if let Some(run) = &run {
             if run.batch_size == 0 {
@@ -634,33 +511,16 @@ impl LoadedConfig {
             errors.push(self.key_error("eval.ks", "needs at least one cut-off, each at least 1"));
         }
         let fractions_ok = |f: f64| f > 0.0 && f < 1.0;
-        if !fractions_ok(split.valid_fraction)
-            || !fractions_ok(split.test_fraction)
-            || split.valid_fraction + split.test_fraction >= 1.0
-        {
-            errors.push(self.key_error(
-                "split",
-                "valid_fraction and test_fraction must be in (0, 1) and sum to less than 1",
-            ));
+        if !fractions_ok(split.valid_fraction) || !fractions_ok(split.test_fraction) || split.valid_fraction + split.test_fraction >= 1.0 {
+            errors.push(self.key_error("split", "valid_fraction and test_fraction must be in (0, 1) and sum to less than 1"));
         }
         if split.min_events < 3 {
-            errors.push(self.key_error(
-                "split.min_events",
-                "leave-one-out needs at least 3 (train, validation, test)",
-            ));
+            errors.push(self.key_error("split.min_events", "leave-one-out needs at least 3 (train, validation, test)"));
         }
         match (errors.is_empty(), run, source) {
-            (true, Some(run), Some(source)) => Ok(PipelineConfig {
-                run,
-                plugins,
-                source,
-                fusers,
-                instructions,
-                tuner,
-                rankers,
-                split,
-                eval,
-            }),
+            (true, Some(run), Some(source)) => {
+                Ok(PipelineConfig { run, plugins, source, fusers, instructions, tuner, rankers, split, eval })
+            }
             _ => Err(ConfigErrors(errors)),
         }
     }
@@ -672,17 +532,8 @@ impl LoadedConfig {
                 Value::Object(o) => Value::Object(
                     o.iter()
                         .map(|(k, v)| {
-                            let secret = ["api_key", "secret", "password", "token"]
-                                .iter()
-                                .any(|s| k == s);
-                            (
-                                k.clone(),
-                                if secret && v.is_string() {
-                                    Value::String("***redacted***".into())
-                                } else {
-                                    walk(v)
-                                },
-                            )
+                            let secret = ["api_key", "secret", "password", "token"].iter().any(|s| k == s);
+                            (k.clone(), if secret && v.is_string() { Value::String("***redacted***".into()) } else { walk(v) })
                         })
                         .collect(),
                 ),
@@ -717,21 +568,9 @@ pub fn locate(section: &str, serde_path: &str, message: &str) -> (String, String
 
 fn placeholder() -> PipelineConfig {
     PipelineConfig {
-        run: RunSection {
-            name: String::new(),
-            dir: d_runs(),
-            seed: d_seed(),
-            batch_size: d_batch(),
-            sample_users: None,
-        },
+        run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch(), sample_users: None },
         plugins: PluginsSection::default(),
-        source: ComponentSpec {
-            key: "source".into(),
-            kind: String::new(),
-            label: String::new(),
-            rerank: None,
-            settings: Value::Null,
-        },
+        source: ComponentSpec { key: "source".into(), kind: String::new(), label: String::new(), rerank: None, settings: Value::Null },
         fusers: vec![],
         instructions: vec![],
         tuner: None,
@@ -748,10 +587,7 @@ mod tests {
 
     fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
         let p = dir.join(name);
-        std::fs::File::create(&p)
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
+        std::fs::File::create(&p).unwrap().write_all(body.as_bytes()).unwrap();
         p
     }
 
@@ -769,11 +605,7 @@ kind = "popularity"
     fn layers_overlay_and_set() {
         let d = tempfile::tempdir().unwrap();
         let base = write(d.path(), "base.toml", BASE);
-        let overlay = write(
-            d.path(),
-            "market.yaml",
-            "ranker:\n  kind: recency\n  half_life_days: 30\n",
-        );
+        let overlay = write(d.path(), "market.yaml", "ranker:\n  kind: recency\n  half_life_days: 30\n");
         let c = LoadedConfig::load(&ConfigSources {
             base,
             overlays: vec![overlay.clone()],
@@ -793,60 +625,27 @@ kind = "popularity"
     fn errors_name_key_and_file_and_are_all_reported() {
         let d = tempfile::tempdir().unwrap();
         let base = write(d.path(), "base.toml", BASE);
-        let bad = write(
-            d.path(),
-            "bad.toml",
-            "[run]\nseeed = 3\n[eval]\nks = \"five\"\n[rankr]\nkind = \"x\"\n",
-        );
-        let err = LoadedConfig::load(&ConfigSources {
-            base,
-            overlays: vec![bad],
-            sets: vec![],
-        })
-        .unwrap_err();
+        let bad = write(d.path(), "bad.toml", "[run]\nseeed = 3\n[eval]\nks = \"five\"\n[rankr]\nkind = \"x\"\n");
+        let err = LoadedConfig::load(&ConfigSources { base, overlays: vec![bad], sets: vec![] }).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains("config key `run.seeed`") && msg.contains("bad.toml"),
-            "{msg}"
-        );
+        assert!(msg.contains("config key `run.seeed`") && msg.contains("bad.toml"), "{msg}");
         assert!(msg.contains("config key `eval.ks`"), "{msg}");
-        assert!(
-            msg.contains("config key `rankr`") && msg.contains("unknown section"),
-            "{msg}"
-        );
+        assert!(msg.contains("config key `rankr`") && msg.contains("unknown section"), "{msg}");
     }
 
     #[test]
     fn missing_kind_is_reported() {
         let d = tempfile::tempdir().unwrap();
-        let base = write(
-            d.path(),
-            "base.json",
-            r#"{"run": {"name": "x"}, "source": {"events": "e"}}"#,
-        );
-        let msg = format!(
-            "{:#}",
-            LoadedConfig::load(&ConfigSources {
-                base,
-                ..Default::default()
-            })
-            .unwrap_err()
-        );
-        assert!(
-            msg.contains("config key `source`") && msg.contains("missing `kind`"),
-            "{msg}"
-        );
+        let base = write(d.path(), "base.json", r#"{"run": {"name": "x"}, "source": {"events": "e"}}"#);
+        let msg = format!("{:#}", LoadedConfig::load(&ConfigSources { base, ..Default::default() }).unwrap_err());
+        assert!(msg.contains("config key `source`") && msg.contains("missing `kind`"), "{msg}");
     }
 
     #[test]
     fn secrets_are_redacted() {
         let d = tempfile::tempdir().unwrap();
         let base = write(d.path(), "base.toml", &format!("{BASE}\n[[fusers]]\nkind = \"chatgpt\"\napi_key = \"sk-123\"\napi_key_env = \"OPENAI_API_KEY\"\n"));
-        let c = LoadedConfig::load(&ConfigSources {
-            base,
-            ..Default::default()
-        })
-        .unwrap();
+        let c = LoadedConfig::load(&ConfigSources { base, ..Default::default() }).unwrap();
         let r = c.redacted().to_string();
         assert!(!r.contains("sk-123") && r.contains("OPENAI_API_KEY"), "{r}");
     }

@@ -21,8 +21,8 @@ use recfuse_sdk::SeededRng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
-use recfuse_sdk::metrics::ndcg_at;
 pub use recfuse_sdk::metrics::rank_of;
+use recfuse_sdk::metrics::ndcg_at;
 
 /// Per-user metrics of one segment, summed, then averaged by `finish`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -67,18 +67,7 @@ impl Segment {
         if negatives.is_empty() {
             return;
         }
-        let wins: f64 = negatives
-            .iter()
-            .map(|&n| {
-                if positive > n {
-                    1.0
-                } else if positive == n {
-                    0.5
-                } else {
-                    0.0
-                }
-            })
-            .sum();
+        let wins: f64 = negatives.iter().map(|&n| if positive > n { 1.0 } else if positive == n { 0.5 } else { 0.0 }).sum();
         *self.uauc.get_or_insert(0.0) += wins / negatives.len() as f64;
         self.positives.push(positive);
         self.negatives.extend_from_slice(negatives);
@@ -111,10 +100,7 @@ impl Segment {
             self.metrics.insert("UAUC".into(), u / n);
         }
         if !self.positives.is_empty() {
-            self.metrics.insert(
-                "AUC".into(),
-                pooled_auc(&mut self.positives, &self.negatives),
-            );
+            self.metrics.insert("AUC".into(), pooled_auc(&mut self.positives, &self.negatives));
         }
         (self.positives, self.negatives) = (Vec::new(), Vec::new());
         self
@@ -144,19 +130,11 @@ pub fn pooled_auc(positives: &mut [f32], negatives: &[f32]) -> f64 {
             })
             .sum()
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let part = negatives.len().div_ceil(threads).max(1 << 16);
     let total: f64 = std::thread::scope(|scope| {
-        let handles: Vec<_> = negatives
-            .chunks(part)
-            .map(|c| scope.spawn(move || wins(c)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("AUC thread"))
-            .sum()
+        let handles: Vec<_> = negatives.chunks(part).map(|c| scope.spawn(move || wins(c))).collect();
+        handles.into_iter().map(|h| h.join().expect("AUC thread")).sum()
     });
     total / (p as f64 * negatives.len() as f64)
 }
@@ -188,21 +166,14 @@ pub struct RerankInfo {
 /// second-stage scores, above every other candidate, which keep the first stage's order.
 /// Returned as `-(final rank)`, ties kept as ties, so the single-stage metric code applies
 /// unchanged; masked candidates keep whatever value (they are skipped).
-pub fn compose_two_stage(
-    first: &[f32],
-    masked: impl Fn(usize) -> bool,
-    top: &[usize],
-    second: &[f32],
-) -> Vec<f32> {
+pub fn compose_two_stage(first: &[f32], masked: impl Fn(usize) -> bool, top: &[usize], second: &[f32]) -> Vec<f32> {
     let mut out = vec![f32::NEG_INFINITY; first.len()];
     let mut in_top = vec![false; first.len()];
     top.iter().for_each(|&i| in_top[i] = true);
     for (j, &i) in top.iter().enumerate() {
         out[i] = -(second.iter().filter(|&&x| x > second[j]).count() as f32);
     }
-    let mut rest: Vec<usize> = (0..first.len())
-        .filter(|&i| !in_top[i] && !masked(i))
-        .collect();
+    let mut rest: Vec<usize> = (0..first.len()).filter(|&i| !in_top[i] && !masked(i)).collect();
     rest.sort_by(|&a, &b| first[b].total_cmp(&first[a]));
     let mut rank = 0usize;
     for (pos, &i) in rest.iter().enumerate() {
@@ -225,33 +196,18 @@ pub fn top_n(scores: &[f32], masked: impl Fn(usize) -> bool, n: usize) -> Vec<us
 impl Report {
     /// Metric names by family, then cut-off: HR@5, HR@10, NDCG@5, ..., AUC, UAUC.
     pub fn metric_names(&self) -> Vec<String> {
-        let mut metrics: Vec<String> = self
-            .segments
-            .get("all")
-            .map(|s| s.metrics.keys().cloned().collect())
-            .unwrap_or_default();
-        let family = |m: &str| {
-            ["HR@", "NDCG@", "MRR@", "AUC", "UAUC"]
-                .iter()
-                .position(|f| m.starts_with(f))
-                .unwrap_or(5)
-        };
-        let cutoff = |m: &str| {
-            m.rsplit('@')
-                .next()
-                .and_then(|k| k.parse::<usize>().ok())
-                .unwrap_or(0)
-        };
+        let mut metrics: Vec<String> = self.segments.get("all").map(|s| s.metrics.keys().cloned().collect()).unwrap_or_default();
+        let family = |m: &str| ["HR@", "NDCG@", "MRR@", "AUC", "UAUC"].iter().position(|f| m.starts_with(f)).unwrap_or(5);
+        let cutoff = |m: &str| m.rsplit('@').next().and_then(|k| k.parse::<usize>().ok()).unwrap_or(0);
         metrics.sort_by_key(|m| (family(m), cutoff(m)));
         metrics
     }
+
 }
 
 /// All reports of a run as one Markdown document: a table per segment, a row per model.
 pub fn markdown(reports: &[Report]) -> String {
-    let Some(first) = reports.first() else {
-        return String::new();
-    };
+    let Some(first) = reports.first() else { return String::new() };
     let metrics = first.metric_names();
     let mut out = format!(
         "# Evaluation\n\n{} over {} items; cold-start = at most {} train events.\n",
@@ -259,11 +215,7 @@ pub fn markdown(reports: &[Report]) -> String {
     );
     for segment in ["all", "cold", "warm"] {
         let users = first.segments.get(segment).map(|s| s.users).unwrap_or(0);
-        out.push_str(&format!(
-            "\n## {segment} ({users} users)\n\n| model | {} |\n|---|{}\n",
-            metrics.join(" | "),
-            "---:|".repeat(metrics.len())
-        ));
+        out.push_str(&format!("\n## {segment} ({users} users)\n\n| model | {} |\n|---|{}\n", metrics.join(" | "), "---:|".repeat(metrics.len())));
         for r in reports {
             if let Some(s) = r.segments.get(segment) {
                 let vals: Vec<String> = metrics
@@ -290,9 +242,7 @@ pub fn pick_users(split: &SplitData, max_users: usize) -> Vec<UserIdx> {
     if max_users == 0 || all.len() <= max_users {
         return all;
     }
-    (0..max_users)
-        .map(|i| all[i * all.len() / max_users])
-        .collect()
+    (0..max_users).map(|i| all[i * all.len() / max_users]).collect()
 }
 
 /// Draws negatives for a user: items the user never interacted with (in any event of the
@@ -323,11 +273,7 @@ impl NegativeSampler {
                 *c = acc;
             }
         }
-        Self {
-            touched,
-            cumulative,
-            n_items,
-        }
+        Self { touched, cumulative, n_items }
     }
 
     /// Up to `want` distinct negatives for `user` (fewer only when the catalog runs out).
@@ -342,9 +288,7 @@ impl NegativeSampler {
             tries += 1;
             let item = if total > 0.0 {
                 let x = rng.unit() * total;
-                self.cumulative
-                    .partition_point(|&c| c <= x)
-                    .min(self.n_items - 1) as ItemIdx
+                self.cumulative.partition_point(|&c| c <= x).min(self.n_items - 1) as ItemIdx
             } else {
                 rng.below(self.n_items) as ItemIdx
             };
@@ -358,23 +302,11 @@ impl NegativeSampler {
 
 /// Evaluation negatives for each of `users`, drawn with the run's seed so every model sees the
 /// same ones.
-pub fn sample_negatives(
-    split: &SplitData,
-    dataset: &Dataset,
-    users: &[UserIdx],
-    cfg: &EvalSection,
-    seed: u64,
-) -> Vec<Vec<ItemIdx>> {
+pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx], cfg: &EvalSection, seed: u64) -> Vec<Vec<ItemIdx>> {
     let sampler = NegativeSampler::new(split, dataset, cfg.sampling);
     users
         .iter()
-        .map(|&u| {
-            sampler.sample(
-                u,
-                cfg.negatives,
-                &mut SeededRng::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9)),
-            )
-        })
+        .map(|&u| sampler.sample(u, cfg.negatives, &mut SeededRng::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9))))
         .collect()
 }
 
@@ -382,13 +314,7 @@ pub fn sample_negatives(
 /// and its validation item, which are not candidates for the test item.
 fn mark_seen(masked: &mut [bool], split: &SplitData, user: UserIdx, on: bool) {
     let t = split.targets[user as usize];
-    for e in split
-        .train
-        .view()
-        .history(user)
-        .iter()
-        .filter(|e| e.item != NONE)
-    {
+    for e in split.train.view().history(user).iter().filter(|e| e.item != NONE) {
         masked[e.item as usize] = on;
     }
     if t.valid != NONE && t.valid != t.test {
@@ -427,11 +353,8 @@ pub fn evaluate(
     let mut scores = vec![0f32; batch_size * per_user];
     let mut candidates: Vec<ItemIdx> = Vec::with_capacity(batch_size * per_user);
     let no_mask = vec![false; per_user];
-    let (mut all, mut cold, mut warm) =
-        (Segment::default(), Segment::default(), Segment::default());
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let (mut all, mut cold, mut warm) = (Segment::default(), Segment::default(), Segment::default());
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut second: Vec<f32> = Vec::new();
     let mut second_items: Vec<ItemIdx> = Vec::new();
     let mut tops: Vec<Vec<usize>> = Vec::new();
@@ -443,35 +366,17 @@ pub fn evaluate(
         // Without reranking the ranker scores every candidate; with it, the first stage does.
         let scorer = first_stage.map(|(f, _)| f).unwrap_or(ranker);
         match cfg.protocol {
-            Protocol::Full => scorer.score(
-                &ScoreBatch {
-                    users: chunk,
-                    items: &all_items,
-                    shared: true,
-                },
-                out,
-            )?,
+            Protocol::Full => scorer.score(&ScoreBatch { users: chunk, items: &all_items, shared: true }, out)?,
             Protocol::Sampled => {
                 candidates.clear();
                 for (&u, neg) in chunk.iter().zip(negs) {
                     if neg.len() != cfg.negatives {
-                        bail!(
-                            "user {u}: only {} items left to sample {} negatives from",
-                            neg.len(),
-                            cfg.negatives
-                        );
+                        bail!("user {u}: only {} items left to sample {} negatives from", neg.len(), cfg.negatives);
                     }
                     candidates.push(split.targets[u as usize].test);
                     candidates.extend_from_slice(neg);
                 }
-                scorer.score(
-                    &ScoreBatch {
-                        users: chunk,
-                        items: &candidates,
-                        shared: false,
-                    },
-                    out,
-                )?;
+                scorer.score(&ScoreBatch { users: chunk, items: &candidates, shared: false }, out)?;
             }
         }
         if let Some((first, info)) = first_stage {
@@ -490,12 +395,7 @@ pub fn evaluate(
                     Protocol::Sampled => top_n(s, |_| false, info.top),
                 };
                 if top.len() < info.top {
-                    bail!(
-                        "user {u}: the first stage `{}` has only {} candidates to rerank, {} asked",
-                        first.provenance.name,
-                        top.len(),
-                        info.top
-                    );
+                    bail!("user {u}: the first stage `{}` has only {} candidates to rerank, {} asked", first.provenance.name, top.len(), info.top);
                 }
                 let row_items = |j: usize| match cfg.protocol {
                     Protocol::Full => j as ItemIdx,
@@ -505,14 +405,7 @@ pub fn evaluate(
                 tops.push(top);
             }
             second.resize(second_items.len(), 0.0);
-            ranker.score(
-                &ScoreBatch {
-                    users: chunk,
-                    items: &second_items,
-                    shared: false,
-                },
-                &mut second,
-            )?;
+            ranker.score(&ScoreBatch { users: chunk, items: &second_items, shared: false }, &mut second)?;
             for (row, &u) in chunk.iter().enumerate() {
                 let s2 = &second[row * info.top..(row + 1) * info.top];
                 if let Some(bad) = s2.iter().position(|x| x.is_nan()) {
@@ -561,11 +454,7 @@ pub fn evaluate(
                         (rank_of(s, 0, &no_mask), s[0])
                     }
                 };
-                let which = if history.len() <= cfg.cold_start_max {
-                    1
-                } else {
-                    2
-                };
+                let which = if history.len() <= cfg.cold_start_max { 1 } else { 2 };
                 for i in [0, which] {
                     segs[i].add(rank, &cfg.ks);
                     segs[i].add_pairs(positive, &neg_scores);
@@ -574,21 +463,10 @@ pub fn evaluate(
             Ok(segs)
         };
         let parts = threads.min(chunk.len()).max(1);
-        let bounds: Vec<std::ops::Range<usize>> = (0..parts)
-            .map(|p| p * chunk.len() / parts..(p + 1) * chunk.len() / parts)
-            .collect();
+        let bounds: Vec<std::ops::Range<usize>> = (0..parts).map(|p| p * chunk.len() / parts..(p + 1) * chunk.len() / parts).collect();
         let results: Vec<Result<[Segment; 3]>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = bounds
-                .into_iter()
-                .map(|r| scope.spawn(move || rank_rows(r)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("evaluation thread panicked")))
-                })
-                .collect()
+            let handles: Vec<_> = bounds.into_iter().map(|r| scope.spawn(move || rank_rows(r))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("evaluation thread panicked")))).collect()
         });
         for part in results {
             let [a, c, w] = part?;
@@ -609,11 +487,7 @@ pub fn evaluate(
     };
     let protocol = match cfg.protocol {
         Protocol::Full => format!("{split_name}, full ranking (train and validation items masked)"),
-        Protocol::Sampled => format!(
-            "{split_name}, {} {:?}-sampled negatives",
-            cfg.negatives, cfg.sampling
-        )
-        .to_lowercase(),
+        Protocol::Sampled => format!("{split_name}, {} {:?}-sampled negatives", cfg.negatives, cfg.sampling).to_lowercase(),
     };
     Ok(Report {
         model: label.to_string(),
@@ -642,10 +516,7 @@ mod tests {
         let mut order: Vec<usize> = (0..6).filter(|&i| !masked(i)).collect();
         order.sort_by(|&a, &b| composed[b].total_cmp(&composed[a]));
         assert_eq!(order, vec![3, 0, 1, 4, 2]);
-        assert_eq!(
-            rank_of(&composed, 1, &[false, false, false, false, false, true]),
-            2
-        );
+        assert_eq!(rank_of(&composed, 1, &[false, false, false, false, false, true]), 2);
         // ties in the second stage stay ties
         let tied = compose_two_stage(&first, masked, &top, &[0.5, 0.5]);
         assert_eq!(tied[0], tied[3]);

@@ -3,8 +3,8 @@
 //! Built-in and dynamic plugins are driven through exactly the same handles.
 
 use crate::registry::{Origin, Registry};
-use abi_stable::std_types::{ROption, RSlice, RSliceMut, RStr, RVec};
 use anyhow::{Context, Result};
+use abi_stable::std_types::{ROption, RSlice, RSliceMut, RStr, RVec};
 use recfuse_sdk::ffi::*;
 use recfuse_sdk::records::*;
 use recfuse_sdk::SdkAbiVersion;
@@ -32,25 +32,11 @@ pub struct ViewData {
 }
 
 impl ViewData {
-    pub fn new(
-        catalog: Arc<Catalog>,
-        catalog_ffi: Arc<CatalogFfi>,
-        events: Vec<Event>,
-        offsets: Vec<u32>,
-    ) -> Self {
-        Self {
-            catalog,
-            catalog_ffi,
-            events,
-            offsets,
-        }
+    pub fn new(catalog: Arc<Catalog>, catalog_ffi: Arc<CatalogFfi>, events: Vec<Event>, offsets: Vec<u32>) -> Self {
+        Self { catalog, catalog_ffi, events, offsets }
     }
     pub fn view(&self) -> TrainView<'_> {
-        TrainView {
-            catalog: &self.catalog,
-            events: &self.events,
-            offsets: &self.offsets,
-        }
+        TrainView { catalog: &self.catalog, events: &self.events, offsets: &self.offsets }
     }
     fn ffi(&self) -> TrainViewFfi<'_> {
         TrainViewFfi {
@@ -62,14 +48,7 @@ impl ViewData {
 }
 
 fn ok<T>(r: FfiResult<T>, what: &Provenance, action: &str) -> Result<T> {
-    r.into_result()
-        .map_err(|e| e.into_anyhow())
-        .with_context(|| {
-            format!(
-                "{} `{}` ({}) failed to {action}",
-                what.kind, what.name, what.plugin
-            )
-        })
+    r.into_result().map_err(|e| e.into_anyhow()).with_context(|| format!("{} `{}` ({}) failed to {action}", what.kind, what.name, what.plugin))
 }
 
 /// A component built from a plugin: its FFI object and where it came from.
@@ -94,75 +73,34 @@ impl FuserHandle {
         ok(self.inner.prepare(data.ffi()), &self.provenance, "prepare")
     }
     pub fn fuse(&mut self, data: &ViewData, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
-        let out = ok(
-            self.inner.fuse(data.ffi(), RSlice::from_slice(users)),
-            &self.provenance,
-            "fuse",
-        )?;
+        let out = ok(self.inner.fuse(data.ffi(), RSlice::from_slice(users)), &self.provenance, "fuse")?;
         Ok(out.iter().map(KnowledgeFfi::to_knowledge).collect())
     }
     /// Item knowledge (ABI 1.1; a 1.0 fuser returns none).
     pub fn fuse_items(&mut self, data: &ViewData, items: &[ItemIdx]) -> Result<Vec<ItemKnowledge>> {
-        let out = ok(
-            self.inner.fuse_items(data.ffi(), RSlice::from_slice(items)),
-            &self.provenance,
-            "fuse items",
-        )?;
+        let out = ok(self.inner.fuse_items(data.ffi(), RSlice::from_slice(items)), &self.provenance, "fuse items")?;
         Ok(out.iter().map(ItemKnowledgeFfi::to_knowledge).collect())
     }
 }
 
 impl InstructionsHandle {
-    pub fn build(
-        &mut self,
-        data: &ViewData,
-        requests: &[InstructionRequest],
-    ) -> Result<Vec<Instruction>> {
+    pub fn build(&mut self, data: &ViewData, requests: &[InstructionRequest]) -> Result<Vec<Instruction>> {
         let reqs: Vec<TaskRequestFfi> = requests.iter().map(TaskRequestFfi::from_request).collect();
         let out = self.build_ffi(data, RSlice::from_slice(&reqs))?;
         Ok(out.iter().map(InstructionFfi::to_instruction).collect())
     }
     /// Requests already in FFI form (the host service that renders prompts for rankers).
-    pub fn build_ffi(
-        &mut self,
-        data: &ViewData,
-        requests: RSlice<'_, TaskRequestFfi>,
-    ) -> Result<RVec<InstructionFfi>> {
-        ok(
-            self.inner.build_tasks(data.ffi(), requests),
-            &self.provenance,
-            "build instructions",
-        )
+    pub fn build_ffi(&mut self, data: &ViewData, requests: RSlice<'_, TaskRequestFfi>) -> Result<RVec<InstructionFfi>> {
+        ok(self.inner.build_tasks(data.ffi(), requests), &self.provenance, "build instructions")
     }
 }
 
 impl TunerHandle {
-    pub fn tune(
-        &mut self,
-        data: &ViewData,
-        inputs: &TuneInputs<'_>,
-        out_dir: &Path,
-    ) -> Result<Artifact> {
-        let train: Vec<InstructionFfi> = inputs
-            .train
-            .iter()
-            .map(InstructionFfi::from_instruction)
-            .collect();
-        let valid: Vec<InstructionFfi> = inputs
-            .valid
-            .iter()
-            .map(InstructionFfi::from_instruction)
-            .collect();
-        let knowledge: Vec<KnowledgeFfi> = inputs
-            .knowledge
-            .iter()
-            .map(KnowledgeFfi::from_knowledge)
-            .collect();
-        let items: Vec<ItemKnowledgeFfi> = inputs
-            .item_knowledge
-            .iter()
-            .map(ItemKnowledgeFfi::from_knowledge)
-            .collect();
+    pub fn tune(&mut self, data: &ViewData, inputs: &TuneInputs<'_>, out_dir: &Path) -> Result<Artifact> {
+        let train: Vec<InstructionFfi> = inputs.train.iter().map(InstructionFfi::from_instruction).collect();
+        let valid: Vec<InstructionFfi> = inputs.valid.iter().map(InstructionFfi::from_instruction).collect();
+        let knowledge: Vec<KnowledgeFfi> = inputs.knowledge.iter().map(KnowledgeFfi::from_knowledge).collect();
+        let items: Vec<ItemKnowledgeFfi> = inputs.item_knowledge.iter().map(ItemKnowledgeFfi::from_knowledge).collect();
         let ffi = TuneInputsFfi {
             train: RSlice::from_slice(&train),
             valid: RSlice::from_slice(&valid),
@@ -170,11 +108,7 @@ impl TunerHandle {
             item_knowledge: RSlice::from_slice(&items),
         };
         let dir = out_dir.to_string_lossy();
-        let a = ok(
-            self.inner.tune_with(data.ffi(), ffi, RStr::from_str(&dir)),
-            &self.provenance,
-            "tune",
-        )?;
+        let a = ok(self.inner.tune_with(data.ffi(), ffi, RStr::from_str(&dir)), &self.provenance, "tune")?;
         Ok(a.to_artifact())
     }
 }
@@ -198,40 +132,15 @@ pub struct FitData<'a> {
 impl<'a> FitData<'a> {
     /// Train and context views only: no knowledge, artifact, model directory or validation.
     pub fn views(train: &'a ViewData, context: &'a ViewData) -> Self {
-        Self {
-            train,
-            context,
-            knowledge: &[],
-            item_knowledge: &[],
-            artifact: None,
-            model_dir: None,
-            valid_users: &[],
-            valid_items: &[],
-        }
+        Self { train, context, knowledge: &[], item_knowledge: &[], artifact: None, model_dir: None, valid_users: &[], valid_items: &[] }
     }
 }
 
 impl RankerHandle {
-    fn with_inputs<R>(
-        &mut self,
-        d: &FitData<'_>,
-        f: impl FnOnce(&mut RankerBox, FitInputsFfi<'_>) -> FfiResult<R>,
-        action: &str,
-    ) -> Result<R> {
-        let k: Vec<KnowledgeFfi> = d
-            .knowledge
-            .iter()
-            .map(KnowledgeFfi::from_knowledge)
-            .collect();
-        let items: Vec<ItemKnowledgeFfi> = d
-            .item_knowledge
-            .iter()
-            .map(ItemKnowledgeFfi::from_knowledge)
-            .collect();
-        let dir = d
-            .model_dir
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    fn with_inputs<R>(&mut self, d: &FitData<'_>, f: impl FnOnce(&mut RankerBox, FitInputsFfi<'_>) -> FfiResult<R>, action: &str) -> Result<R> {
+        let k: Vec<KnowledgeFfi> = d.knowledge.iter().map(KnowledgeFfi::from_knowledge).collect();
+        let items: Vec<ItemKnowledgeFfi> = d.item_knowledge.iter().map(ItemKnowledgeFfi::from_knowledge).collect();
+        let dir = d.model_dir.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         let inputs = FitInputsFfi {
             view: d.train.ffi(),
             context: d.context.ffi(),
@@ -254,20 +163,12 @@ impl RankerHandle {
     /// Restores a saved model from `dir`; `false` when the ranker cannot (the host then fits).
     pub fn load(&mut self, d: &FitData<'_>, dir: &Path) -> Result<bool> {
         let dir = dir.to_string_lossy().into_owned();
-        self.with_inputs(
-            d,
-            |r, inputs| r.load(inputs, RStr::from_str(&dir)),
-            "load its saved model",
-        )
+        self.with_inputs(d, |r, inputs| r.load(inputs, RStr::from_str(&dir)), "load its saved model")
     }
     /// Saves the fitted model into `dir`; `false` when the ranker does not support saving.
     pub fn save(&self, dir: &Path) -> Result<bool> {
         let dir = dir.to_string_lossy();
-        ok(
-            self.inner.save(RStr::from_str(&dir)),
-            &self.provenance,
-            "save",
-        )
+        ok(self.inner.save(RStr::from_str(&dir)), &self.provenance, "save")
     }
     /// Declared seconds per (user, candidate) pair; 0 = cheap.
     pub fn seconds_per_candidate(&self) -> f64 {
@@ -276,12 +177,7 @@ impl RankerHandle {
     /// Scores a batch (see [`ScoreBatch`]); `out` must hold `batch.out_len()` values.
     pub fn score(&self, batch: &ScoreBatch<'_>, out: &mut [f32]) -> Result<()> {
         ok(
-            self.inner.score(
-                RSlice::from_slice(batch.users),
-                RSlice::from_slice(batch.items),
-                batch.shared,
-                RSliceMut::from_mut_slice(out),
-            ),
+            self.inner.score(RSlice::from_slice(batch.users), RSlice::from_slice(batch.items), batch.shared, RSliceMut::from_mut_slice(out)),
             &self.provenance,
             "score",
         )
@@ -291,11 +187,7 @@ impl RankerHandle {
 /// Builds components from the registry: finds the plugin, hands it the component's own config
 /// table as JSON and a host handle.
 impl Registry {
-    fn provenance(
-        &self,
-        kind: ComponentKind,
-        name: &str,
-    ) -> Result<(Provenance, crate::registry::Module)> {
+    fn provenance(&self, kind: ComponentKind, name: &str) -> Result<(Provenance, crate::registry::Module)> {
         let found = self.find(kind, name)?;
         let p = found.plugin;
         let prov = Provenance {
@@ -319,20 +211,11 @@ impl Registry {
         name: &str,
         config: &serde_json::Value,
         host: HostFfiBox,
-        constructor: impl FnOnce(
-            &crate::registry::Module,
-            RStr<'_>,
-            RStr<'_>,
-            HostFfiBox,
-        ) -> FfiResult<T>,
+        constructor: impl FnOnce(&crate::registry::Module, RStr<'_>, RStr<'_>, HostFfiBox) -> FfiResult<T>,
     ) -> Result<(Provenance, T)> {
         let (provenance, module) = self.provenance(kind, name)?;
         let json = config.to_string();
-        let inner = ok(
-            constructor(&module, RStr::from_str(name), RStr::from_str(&json), host),
-            &provenance,
-            "start",
-        )?;
+        let inner = ok(constructor(&module, RStr::from_str(name), RStr::from_str(&json), host), &provenance, "start")?;
         Ok((provenance, inner))
     }
 }

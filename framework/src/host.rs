@@ -4,11 +4,9 @@
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RArc, RStr, RString};
-use abi_stable::std_types::{RResult, RSlice, RVec};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use recfuse_sdk::ffi::{
-    ErrorFfi, FfiResult, HostFfi, HostFfiBox, InstructionFfi, LogLevel, TaskRequestFfi,
-};
+use abi_stable::std_types::{RResult, RSlice, RVec};
+use recfuse_sdk::ffi::{ErrorFfi, FfiResult, HostFfi, HostFfiBox, InstructionFfi, LogLevel, TaskRequestFfi};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,37 +24,16 @@ pub struct Tasks {
 }
 
 impl Tasks {
-    pub fn new(
-        builders: Vec<(String, Arc<Mutex<InstructionsHandle>>)>,
-        view: Arc<ViewData>,
-    ) -> Self {
-        Self {
-            builders,
-            view: Some(view),
-        }
+    pub fn new(builders: Vec<(String, Arc<Mutex<InstructionsHandle>>)>, view: Arc<ViewData>) -> Self {
+        Self { builders, view: Some(view) }
     }
-    fn render(
-        &self,
-        task: &str,
-        requests: RSlice<'_, TaskRequestFfi>,
-    ) -> anyhow::Result<RVec<InstructionFfi>> {
+    fn render(&self, task: &str, requests: RSlice<'_, TaskRequestFfi>) -> anyhow::Result<RVec<InstructionFfi>> {
         let Some((_, builder)) = self.builders.iter().find(|(t, _)| t == task) else {
             let known: Vec<&str> = self.builders.iter().map(|(t, _)| t.as_str()).collect();
-            anyhow::bail!(
-                "the run has no instruction task `{task}` (tasks: {})",
-                if known.is_empty() {
-                    "none".into()
-                } else {
-                    known.join(", ")
-                }
-            );
+            anyhow::bail!("the run has no instruction task `{task}` (tasks: {})", if known.is_empty() { "none".into() } else { known.join(", ") });
         };
-        let view = self.view.as_ref().ok_or_else(|| {
-            anyhow::anyhow!("instructions are not available before the data is split")
-        })?;
-        let mut b = builder
-            .lock()
-            .map_err(|_| anyhow::anyhow!("instruction builder of `{task}` panicked earlier"))?;
+        let view = self.view.as_ref().ok_or_else(|| anyhow::anyhow!("instructions are not available before the data is split"))?;
+        let mut b = builder.lock().map_err(|_| anyhow::anyhow!("instruction builder of `{task}` panicked earlier"))?;
         let mut out = b.build_ffi(view, requests)?;
         // The task tag is the host's: the same builder kind may serve two tasks.
         for i in out.iter_mut() {
@@ -85,41 +62,23 @@ impl Default for Progress {
 
 impl Progress {
     pub fn new(visible: bool) -> Self {
-        let target = if visible {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        Self {
-            multi: MultiProgress::with_draw_target(target),
-            bars: Default::default(),
-            next: Default::default(),
-        }
+        let target = if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        Self { multi: MultiProgress::with_draw_target(target), bars: Default::default(), next: Default::default() }
     }
 
     /// A bar for `total` steps (a spinner when `total` is 0).
     pub fn bar(&self, label: &str, total: u64) -> ProgressBar {
-        let bar = if total == 0 {
-            ProgressBar::new_spinner()
-        } else {
-            ProgressBar::new(total)
-        };
-        let style =
-            ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
-        let bar = self
-            .multi
-            .add(bar.with_style(style).with_prefix(label.to_string()));
+        let bar = if total == 0 { ProgressBar::new_spinner() } else { ProgressBar::new(total) };
+        let style = ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let bar = self.multi.add(bar.with_style(style).with_prefix(label.to_string()));
         bar
     }
 
     fn begin(&self, label: &str, total: u64) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.bars
-            .lock()
-            .expect("progress lock")
-            .insert(id, self.bar(label, total));
+        self.bars.lock().expect("progress lock").insert(id, self.bar(label, total));
         id
     }
     fn advance(&self, id: u64, delta: u64) {
@@ -194,16 +153,9 @@ impl HostFfi for HostServices {
         self.seed
     }
     fn tasks(&self) -> RVec<abi_stable::std_types::RString> {
-        self.tasks
-            .get()
-            .map(|t| t.builders.iter().map(|(n, _)| n.as_str().into()).collect())
-            .unwrap_or_default()
+        self.tasks.get().map(|t| t.builders.iter().map(|(n, _)| n.as_str().into()).collect()).unwrap_or_default()
     }
-    fn render_instructions(
-        &self,
-        task: abi_stable::std_types::RStr<'_>,
-        requests: RSlice<'_, TaskRequestFfi>,
-    ) -> FfiResult<RVec<InstructionFfi>> {
+    fn render_instructions(&self, task: abi_stable::std_types::RStr<'_>, requests: RSlice<'_, TaskRequestFfi>) -> FfiResult<RVec<InstructionFfi>> {
         let result = match self.tasks.get() {
             Some(t) => t.render(task.as_str(), requests),
             None => Err(anyhow::anyhow!("instructions of task `{task}` are not available yet (asked before the run's data was split)")),

@@ -61,22 +61,13 @@ pub fn write_batch_vectors(dir: &Path, first: u32, vectors: &[(u32, &NamedVector
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let bytes: Vec<(String, Vec<u8>, usize)> = vectors
         .iter()
-        .map(|(i, v)| {
-            (
-                format!("{i}/{}", v.name),
-                v.values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                v.values.len(),
-            )
-        })
+        .map(|(i, v)| (format!("{i}/{}", v.name), v.values.iter().flat_map(|x| x.to_le_bytes()).collect(), v.values.len()))
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
         .map(|(name, data, n)| Ok((name.clone(), TensorView::new(Dtype::F32, vec![*n], data)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let meta = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "recfuse-knowledge".to_string(),
-    )]));
+    let meta = Some(std::collections::HashMap::from([("format".to_string(), "recfuse-knowledge".to_string())]));
     let data = safetensors::serialize(views, meta)?;
     write_atomic(&dir.join(format!("{first:010}.safetensors")), &data)
 }
@@ -84,39 +75,19 @@ pub fn write_batch_vectors(dir: &Path, first: u32, vectors: &[(u32, &NamedVector
 /// Every vector in `dir`, by (index, name).
 pub fn read_vectors(dir: &Path) -> Result<BTreeMap<(u32, String), Vec<f32>>> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(out);
-    };
-    let mut files: Vec<_> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(out) };
+    let mut files: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     files.sort();
     for path in files {
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
         for (name, view) in st.tensors() {
             let (index, vname) = name
                 .split_once('/')
                 .and_then(|(i, n)| Some((i.parse::<u32>().ok()?, n.to_string())))
-                .with_context(|| {
-                    format!(
-                        "{}: tensor `{name}` is not named <index>/<vector>",
-                        path.display()
-                    )
-                })?;
-            anyhow::ensure!(
-                view.dtype() == Dtype::F32,
-                "{}: tensor `{name}` is not f32",
-                path.display()
-            );
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+                .with_context(|| format!("{}: tensor `{name}` is not named <index>/<vector>", path.display()))?;
+            anyhow::ensure!(view.dtype() == Dtype::F32, "{}: tensor `{name}` is not f32", path.display());
+            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             out.insert((index, vname), values);
         }
     }
@@ -139,17 +110,9 @@ pub fn load_side(run_root: &Path, side: Side) -> Result<Vec<(KnowledgeRecord, Ve
                 .iter()
                 .map(|name| {
                     let values = vectors.remove(&(r.index, name.clone())).with_context(|| {
-                        format!(
-                            "{}: vector `{name}` of {} is missing from {}/",
-                            side.journal(),
-                            r.index,
-                            side.vector_dir()
-                        )
+                        format!("{}: vector `{name}` of {} is missing from {}/", side.journal(), r.index, side.vector_dir())
                     })?;
-                    Ok(NamedVector {
-                        name: name.clone(),
-                        values,
-                    })
+                    Ok(NamedVector { name: name.clone(), values })
                 })
                 .collect::<Result<Vec<_>>>()?;
             Ok((r, vs))
@@ -168,29 +131,18 @@ impl KnowledgeBase {
     pub fn load(run_root: &Path) -> Result<Self> {
         let mut users: Vec<Knowledge> = load_side(run_root, Side::Users)?
             .into_iter()
-            .map(|(r, vectors)| Knowledge {
-                user: r.index,
-                text: r.text,
-                vectors,
-            })
+            .map(|(r, vectors)| Knowledge { user: r.index, text: r.text, vectors })
             .collect();
         let mut items: Vec<ItemKnowledge> = load_side(run_root, Side::Items)?
             .into_iter()
-            .map(|(r, vectors)| ItemKnowledge {
-                item: r.index,
-                text: r.text,
-                vectors,
-            })
+            .map(|(r, vectors)| ItemKnowledge { item: r.index, text: r.text, vectors })
             .collect();
         users.sort_by_key(|k| k.user);
         items.sort_by_key(|k| k.item);
         Ok(Self { users, items })
     }
     pub fn view(&self) -> KnowledgeView<'_> {
-        KnowledgeView {
-            users: &self.users,
-            items: &self.items,
-        }
+        KnowledgeView { users: &self.users, items: &self.items }
     }
 }
 
@@ -201,14 +153,8 @@ mod tests {
     #[test]
     fn vectors_round_trip_through_side_files() {
         let d = tempfile::tempdir().unwrap();
-        let a = NamedVector {
-            name: "cf".into(),
-            values: vec![0.5, -1.25, 3.0],
-        };
-        let b = NamedVector {
-            name: "text".into(),
-            values: vec![1e-7; 384],
-        };
+        let a = NamedVector { name: "cf".into(), values: vec![0.5, -1.25, 3.0] };
+        let b = NamedVector { name: "text".into(), values: vec![1e-7; 384] };
         write_batch_vectors(d.path(), 0, &[(0, &a), (1, &b)]).unwrap();
         write_batch_vectors(d.path(), 2, &[(2, &a)]).unwrap();
         let v = read_vectors(d.path()).unwrap();
@@ -216,9 +162,7 @@ mod tests {
         assert_eq!(v[&(0, "cf".to_string())], a.values);
         assert_eq!(v[&(1, "text".to_string())], b.values);
         // Binary, not JSON floats: 384 floats take 1536 bytes plus a small header.
-        let size = std::fs::metadata(d.path().join("0000000000.safetensors"))
-            .unwrap()
-            .len();
+        let size = std::fs::metadata(d.path().join("0000000000.safetensors")).unwrap().len();
         assert!(size < 1536 + 12 + 400, "{size}");
     }
 }

@@ -14,8 +14,8 @@ pub mod compat_1_0;
 pub mod config;
 pub mod eval;
 pub mod handles;
-pub mod host;
 pub mod knowledge;
+pub mod host;
 pub mod pipeline;
 pub mod plot;
 pub mod registry;
@@ -31,16 +31,16 @@ mod builtins {
     use recfuse_plugin_atomic_source as _;
     use recfuse_plugin_bpr_ranker as _;
     use recfuse_plugin_chatgpt_fuser as _;
-    use recfuse_plugin_identity_tuner as _;
     use recfuse_plugin_instructions as _;
+    use recfuse_plugin_identity_tuner as _;
     use recfuse_plugin_jsonl_source as _;
     use recfuse_plugin_popularity_ranker as _;
     use recfuse_plugin_table_source as _;
     use recfuse_plugin_template_fuser as _;
 }
+#[cfg(feature = "sasrec")]
+use recfuse_plugin_sasrec_ranker as _;
 #[cfg(feature = "local-llm")]
 use recfuse_plugin_local_llm_fuser as _;
 #[cfg(feature = "lora")]
 use recfuse_plugin_lora_tuner as _;
-#[cfg(feature = "sasrec")]
-use recfuse_plugin_sasrec_ranker as _;

@@ -14,9 +14,7 @@ fn main() {
     // (page faults and zeroing) than with purging off (docs/benchmarks.md).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("RECFUSE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("RECFUSE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     let mut stdout = std::io::stdout();

@@ -35,11 +35,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self {
-            run_dir: None,
-            show_progress: false,
-            cancel: Arc::new(AtomicBool::new(false)),
-        }
+        Self { run_dir: None, show_progress: false, cancel: Arc::new(AtomicBool::new(false)) }
     }
 }
 
@@ -64,10 +60,7 @@ impl RunOutcome {
         self.stages.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
     }
     pub fn model(&self, label: &str) -> Option<stages::rank::ModelStart> {
-        self.models
-            .iter()
-            .find(|(n, _)| n == label)
-            .map(|(_, s)| *s)
+        self.models.iter().find(|(n, _)| n == label).map(|(_, s)| *s)
     }
 }
 
@@ -77,8 +70,7 @@ impl RunOutcome {
 pub fn registry_for(cfg: &PipelineConfig) -> Result<Registry> {
     let mut r = Registry::with_builtins()?;
     for p in &cfg.plugins.paths {
-        r.load_library(p)
-            .with_context(|| format!("config key `plugins.paths`: {}", p.display()))?;
+        r.load_library(p).with_context(|| format!("config key `plugins.paths`: {}", p.display()))?;
     }
     let mut problems = Vec::new();
     for d in &cfg.plugins.dirs {
@@ -126,11 +118,7 @@ impl Components {
     pub fn provenance(&self) -> Vec<Provenance> {
         let mut v = vec![self.source.provenance.clone()];
         v.extend(self.fusers.iter().map(|f| f.provenance.clone()));
-        v.extend(
-            self.instructions
-                .iter()
-                .map(|(_, b)| b.lock().expect("builder lock").provenance.clone()),
-        );
+        v.extend(self.instructions.iter().map(|(_, b)| b.lock().expect("builder lock").provenance.clone()));
         v.extend(self.tuner.iter().map(|f| f.provenance.clone()));
         v.extend(self.rankers.iter().map(|f| f.provenance.clone()));
         v
@@ -164,25 +152,10 @@ pub fn build_components(
         }};
     }
     let source = make!(&p.source, ComponentKind::Source, source);
-    let fusers: Vec<Option<FuserHandle>> = p
-        .fusers
-        .iter()
-        .map(|f| make!(f, ComponentKind::Fuser, fuser))
-        .collect();
-    let instructions: Vec<Option<InstructionsHandle>> = p
-        .instructions
-        .iter()
-        .map(|s| make!(s, ComponentKind::Instructions, instructions))
-        .collect();
-    let tuner = p
-        .tuner
-        .as_ref()
-        .map(|s| make!(s, ComponentKind::Tuner, tuner));
-    let rankers: Vec<Option<RankerHandle>> = p
-        .rankers
-        .iter()
-        .map(|r| make!(r, ComponentKind::Ranker, ranker))
-        .collect();
+    let fusers: Vec<Option<FuserHandle>> = p.fusers.iter().map(|f| make!(f, ComponentKind::Fuser, fuser)).collect();
+    let instructions: Vec<Option<InstructionsHandle>> = p.instructions.iter().map(|s| make!(s, ComponentKind::Instructions, instructions)).collect();
+    let tuner = p.tuner.as_ref().map(|s| make!(s, ComponentKind::Tuner, tuner));
+    let rankers: Vec<Option<RankerHandle>> = p.rankers.iter().map(|r| make!(r, ComponentKind::Ranker, ranker)).collect();
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -207,39 +180,26 @@ pub fn validate(cfg: &LoadedConfig) -> Result<Vec<Provenance>> {
     let progress = Progress::new(false);
     let cancel = Arc::new(AtomicBool::new(false));
     let tasks = TaskTable::default();
-    let host_for = |key: &str| {
-        HostServices {
-            component: Arc::from(key),
-            run_dir: scratch.clone(),
-            seed: 0,
-            cancel: cancel.clone(),
-            progress: progress.clone(),
-            tasks: tasks.clone(),
-        }
-        .into_ffi()
-    };
+    let host_for = |key: &str| HostServices {
+        component: Arc::from(key),
+        run_dir: scratch.clone(),
+        seed: 0,
+        cancel: cancel.clone(),
+        progress: progress.clone(),
+        tasks: tasks.clone(),
+    }
+    .into_ffi();
     let mut c = build_components(cfg, &registry, &host_for)?;
     // The data too: a source that cannot read its files, and the work the rankers would do.
-    let dataset = load_dataset(&mut c.source, &cfg.pipeline)
-        .map_err(|e| ConfigErrors(vec![cfg.key_error("source", format!("{e:#}"))]))?;
+    let dataset = load_dataset(&mut c.source, &cfg.pipeline).map_err(|e| ConfigErrors(vec![cfg.key_error("source", format!("{e:#}"))]))?;
     let split = split_dataset(&dataset, &cfg.pipeline.split);
-    check_costs(
-        cfg,
-        &c.rankers,
-        eval::pick_users(&split, cfg.pipeline.eval.max_users).len(),
-        dataset.catalog.items.len(),
-    )?;
+    check_costs(cfg, &c.rankers, eval::pick_users(&split, cfg.pipeline.eval.max_users).len(), dataset.catalog.items.len())?;
     Ok(c.provenance())
 }
 
 /// Refuses costly rankers asked to score more than the budget allows (`eval.max_ranker_seconds`),
 /// with the estimate, before any work starts.
-pub fn check_costs(
-    cfg: &LoadedConfig,
-    rankers: &[RankerHandle],
-    users: usize,
-    items: usize,
-) -> std::result::Result<(), ConfigErrors> {
+pub fn check_costs(cfg: &LoadedConfig, rankers: &[RankerHandle], users: usize, items: usize) -> std::result::Result<(), ConfigErrors> {
     let p = &cfg.pipeline;
     let mut errors = Vec::new();
     for (spec, ranker) in p.rankers.iter().zip(rankers) {
@@ -348,23 +308,16 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunOutcome> {
 
 pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> Result<RunOutcome> {
     let p = &cfg.pipeline;
-    let root = opts
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| p.run.dir.join(&p.run.name));
+    let root = opts.run_dir.clone().unwrap_or_else(|| p.run.dir.join(&p.run.name));
     let run = RunDir::create(root)?;
     let redacted = cfg.redacted();
-    let resolved = toml::to_string_pretty(&redacted)
-        .unwrap_or_else(|_| serde_json::to_string_pretty(&redacted).unwrap_or_default());
+    let resolved = toml::to_string_pretty(&redacted).unwrap_or_else(|_| serde_json::to_string_pretty(&redacted).unwrap_or_default());
     write_atomic(&run.path("config.resolved.toml"), resolved.as_bytes())?;
 
     let progress = Progress::new(opts.show_progress);
     let tasks = TaskTable::default();
     let host_for = |key: &str| {
-        let dir = run
-            .root
-            .join("components")
-            .join(key.replace(['[', ']'], ""));
+        let dir = run.root.join("components").join(key.replace(['[', ']'], ""));
         let _ = std::fs::create_dir_all(&dir);
         HostServices {
             component: Arc::from(key),
@@ -381,12 +334,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     let config_files = cfg
         .files
         .iter()
-        .map(|f| {
-            Ok(FileHash {
-                path: f.display().to_string(),
-                sha256: hash_file(f)?,
-            })
-        })
+        .map(|f| Ok(FileHash { path: f.display().to_string(), sha256: hash_file(f)? }))
         .collect::<Result<Vec<_>>>()?;
     let manifest = Manifest {
         recfuse_version: env!("CARGO_PKG_VERSION"),
@@ -401,14 +349,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         tuner: None,
         usage: BTreeMap::new(),
     };
-    let mut r = Runner {
-        cfg,
-        run,
-        opts,
-        progress,
-        manifest,
-        stages: vec![],
-    };
+    let mut r = Runner { cfg, run, opts, progress, manifest, stages: vec![] };
 
     // Source: always read (cheap next to the stages after it); its content hash keys the rest.
     let t = Instant::now();
@@ -416,10 +357,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     for input in &dataset.inputs {
         let path = Path::new(input);
         if path.is_file() {
-            r.manifest.inputs.push(FileHash {
-                path: input.clone(),
-                sha256: hash_file(path)?,
-            });
+            r.manifest.inputs.push(FileHash { path: input.clone(), sha256: hash_file(path)? });
         }
     }
     let split = split_dataset(&dataset, &p.split);
@@ -445,23 +383,16 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     let _ = tasks.set(Tasks::new(c.instructions.clone(), split.history.clone()));
 
     let version_of = |prov: &Provenance| format!("{}@{}", prov.plugin, prov.version);
-    let spec_json =
-        |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();
+    let spec_json = |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();
     let split_json = serde_json::to_string(&p.split)?;
     let mut key = hash_parts(&[r.manifest.dataset.sha256.as_bytes(), split_json.as_bytes()]);
 
     if !c.fusers.is_empty() {
-        let parts: Vec<String> = p
-            .fusers
-            .iter()
-            .zip(&c.fusers)
-            .map(|(s, f)| format!("{}|{}", spec_json(s), version_of(&f.provenance)))
-            .collect();
+        let parts: Vec<String> =
+            p.fusers.iter().zip(&c.fusers).map(|(s, f)| format!("{}|{}", spec_json(s), version_of(&f.provenance))).collect();
         key = hash_parts(&[key.as_bytes(), b"fuse", parts.join("\n").as_bytes()]);
         let batch = p.run.batch_size;
-        r.stage("fuse", &key, &stages::fuse::OUTPUTS, |r, _| {
-            stages::fuse::run(r, &mut c.fusers, &split.history, batch)
-        })?;
+        r.stage("fuse", &key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch))?;
         r.record_usage()?;
     }
     // Read at most once, and only if a stage after fusion runs.
@@ -479,45 +410,21 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             .instructions
             .iter()
             .zip(&c.instructions)
-            .map(|(s, (task, b))| {
-                format!(
-                    "{task}|{}|{}",
-                    spec_json(s),
-                    version_of(&b.lock().expect("builder lock").provenance)
-                )
-            })
+            .map(|(s, (task, b))| format!("{task}|{}|{}", spec_json(s), version_of(&b.lock().expect("builder lock").provenance)))
             .collect();
-        key = hash_parts(&[
-            key.as_bytes(),
-            b"instructions",
-            parts.join("\n").as_bytes(),
-            &p.run.seed.to_le_bytes(),
-        ]);
+        key = hash_parts(&[key.as_bytes(), b"instructions", parts.join("\n").as_bytes(), &p.run.seed.to_le_bytes()]);
         let seed = derive_seed(p.run.seed, "negatives");
-        r.stage(
-            "instructions",
-            &key,
-            &[stages::instructions::OUTPUT],
-            |r, _| {
-                stages::instructions::run(r, &c.instructions, &split, &dataset, knowledge()?, seed)
-            },
-        )?;
+        r.stage("instructions", &key, &[stages::instructions::OUTPUT], |r, _| {
+            stages::instructions::run(r, &c.instructions, &split, &dataset, knowledge()?, seed)
+        })?;
     }
 
     let mut artifact: Option<Artifact> = None;
     if let (Some(spec), Some(tuner)) = (&p.tuner, c.tuner.as_mut()) {
-        key = hash_parts(&[
-            key.as_bytes(),
-            b"tune",
-            spec_json(spec).as_bytes(),
-            version_of(&tuner.provenance).as_bytes(),
-        ]);
-        r.stage("tune", &key, &stages::tune::OUTPUTS, |r, _| {
-            stages::tune::run(r, tuner, &split.history, knowledge()?)
-        })?;
+        key = hash_parts(&[key.as_bytes(), b"tune", spec_json(spec).as_bytes(), version_of(&tuner.provenance).as_bytes()]);
+        r.stage("tune", &key, &stages::tune::OUTPUTS, |r, _| stages::tune::run(r, tuner, &split.history, knowledge()?))?;
         let a = stages::tune::artifact(&r)?;
-        let meta: serde_json::Value =
-            serde_json::from_str(&a.meta).unwrap_or(serde_json::Value::String(a.meta.clone()));
+        let meta: serde_json::Value = serde_json::from_str(&a.meta).unwrap_or(serde_json::Value::String(a.meta.clone()));
         r.manifest.tuner = Some(serde_json::json!({"kind": a.kind, "path": a.path, "meta": meta}));
         r.save_manifest()?;
         artifact = Some(a);
@@ -528,23 +435,10 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     let mut models = Vec::new();
     if !c.rankers.is_empty() {
         let eval_json = serde_json::to_string(&p.eval)?;
-        let negatives = eval::sample_negatives(
-            &split,
-            &dataset,
-            &users,
-            &p.eval,
-            derive_seed(p.run.seed, "eval"),
-        );
-        let ctx = eval::EvalContext {
-            split: &split,
-            cfg: &p.eval,
-            users: &users,
-            negatives: &negatives,
-            batch_size: p.run.batch_size,
-        };
+        let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
+        let ctx = eval::EvalContext { split: &split, cfg: &p.eval, users: &users, negatives: &negatives, batch_size: p.run.batch_size };
         // Validation targets for rankers that select on them (never the test items).
-        let (valid_users, valid_items): (Vec<UserIdx>, Vec<ItemIdx>) = (0..split.targets.len()
-            as u32)
+        let (valid_users, valid_items): (Vec<UserIdx>, Vec<ItemIdx>) = (0..split.targets.len() as u32)
             .filter(|&u| split.targets[u as usize].valid != NONE)
             .map(|u| (u, split.targets[u as usize].valid))
             .unzip();
@@ -568,23 +462,13 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         std::fs::create_dir_all(r.run.path("reports"))?;
         for (i, spec) in p.rankers.iter().enumerate() {
             let first = spec.rerank.as_ref().map(|rr| {
-                let f = slots
-                    .iter()
-                    .position(|s| s.label == rr.from)
-                    .expect("checked by config");
+                let f = slots.iter().position(|s| s.label == rr.from).expect("checked by config");
                 (f, rr.top)
             });
             let stage = format!("evaluate.{}", spec.label);
             let json_name = format!("reports/{}.json", spec.label);
-            let first_key = first
-                .map(|(f, top)| format!("{}|{top}", slots[f].fit_key))
-                .unwrap_or_default();
-            let stage_key = hash_parts(&[
-                slots[i].fit_key.as_bytes(),
-                b"evaluate",
-                eval_json.as_bytes(),
-                first_key.as_bytes(),
-            ]);
+            let first_key = first.map(|(f, top)| format!("{}|{top}", slots[f].fit_key)).unwrap_or_default();
+            let stage_key = hash_parts(&[slots[i].fit_key.as_bytes(), b"evaluate", eval_json.as_bytes(), first_key.as_bytes()]);
             r.stage(&stage, &stage_key, &[&json_name], |r, _| {
                 let kb = knowledge()?;
                 let fit_data = FitData {
@@ -598,29 +482,16 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
                     valid_items: &valid_items,
                 };
                 let rep = stages::rank::evaluate(r, &mut slots, i, first, &fit_data, &ctx)?;
-                write_atomic(
-                    &r.run.path(&json_name),
-                    serde_json::to_string_pretty(&rep)?.as_bytes(),
-                )
+                write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&rep)?.as_bytes())
             })?;
-            let text = std::fs::read_to_string(r.run.path(&json_name))
-                .with_context(|| format!("reading {json_name}"))?;
+            let text = std::fs::read_to_string(r.run.path(&json_name)).with_context(|| format!("reading {json_name}"))?;
             reports.push(serde_json::from_str::<Report>(&text).with_context(|| json_name.clone())?);
         }
-        models = slots
-            .iter()
-            .filter_map(|s| Some((s.label.clone(), s.obtained?)))
-            .collect();
-        write_atomic(
-            &r.run.path("report.json"),
-            serde_json::to_string_pretty(&reports)?.as_bytes(),
-        )?;
+        models = slots.iter().filter_map(|s| Some((s.label.clone(), s.obtained?))).collect();
+        write_atomic(&r.run.path("report.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
         let mut md = eval::markdown(&reports);
         if dataset.skipped > 0 {
-            md.push_str(&format!(
-                "\nThe source skipped {} malformed line(s) (lenient mode); see the log.\n",
-                dataset.skipped
-            ));
+            md.push_str(&format!("\nThe source skipped {} malformed line(s) (lenient mode); see the log.\n", dataset.skipped));
         }
         write_atomic(&r.run.path("report.md"), md.as_bytes())?;
         if let Err(e) = crate::plot::comparison_chart(&reports, &r.run.path("report.png")) {
@@ -629,12 +500,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     }
 
     r.save_manifest()?;
-    Ok(RunOutcome {
-        run_dir: r.run.root.clone(),
-        reports,
-        stages: r.stages,
-        models,
-    })
+    Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models })
 }
 
 /// The source's dataset as the run uses it: the seeded user sample (`run.sample_users`), and
@@ -671,8 +537,7 @@ fn sample_users(mut d: Dataset, n: usize, seed: u64) -> Dataset {
     }
     d.catalog.users = users;
     d.events.retain(|e| keep[e.user as usize]);
-    d.events
-        .iter_mut()
-        .for_each(|e| e.user = new_index[e.user as usize]);
+    d.events.iter_mut().for_each(|e| e.user = new_index[e.user as usize]);
     d
 }
+

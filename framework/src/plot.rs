@@ -22,22 +22,12 @@ const FONT_CANDIDATES: [&str; 4] = [
 fn ensure_font() -> Result<()> {
     static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
-        let mut candidates: Vec<PathBuf> = std::env::var_os("RECFUSE_FONT")
-            .map(PathBuf::from)
-            .into_iter()
-            .collect();
+        let mut candidates: Vec<PathBuf> = std::env::var_os("RECFUSE_FONT").map(PathBuf::from).into_iter().collect();
         candidates.extend(FONT_CANDIDATES.iter().map(PathBuf::from));
         let path = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
-            format!(
-                "no TrueType font found (set RECFUSE_FONT; looked in {})",
-                FONT_CANDIDATES.join(", ")
-            )
+            format!("no TrueType font found (set RECFUSE_FONT; looked in {})", FONT_CANDIDATES.join(", "))
         })?;
-        let bytes: &'static [u8] = Box::leak(
-            std::fs::read(path)
-                .map_err(|e| e.to_string())?
-                .into_boxed_slice(),
-        );
+        let bytes: &'static [u8] = Box::leak(std::fs::read(path).map_err(|e| e.to_string())?.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
             .map_err(|_| format!("{} is not a usable font", path.display()))
     })
@@ -70,13 +60,7 @@ pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     for (area, panel) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
         let n = panel.categories.len();
-        let top = panel
-            .series
-            .iter()
-            .flat_map(|s| s.1.iter().copied())
-            .fold(0.0, f64::max)
-            .max(1e-3)
-            * 1.15;
+        let top = panel.series.iter().flat_map(|s| s.1.iter().copied()).fold(0.0, f64::max).max(1e-3) * 1.15;
         let mut chart = ChartBuilder::on(area)
             .caption(&panel.title, ("sans-serif", 22))
             .margin(12)
@@ -92,11 +76,7 @@ pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
             .x_labels(n)
             .x_label_formatter(&move |x| {
                 let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 {
-                    names.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
+                if (x - i).abs() < 1e-6 && i >= 0.0 { names.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
             })
             .y_label_formatter(&move |y| format!("{y:.decimals$}"))
             .y_desc(&panel.y_label)
@@ -114,9 +94,7 @@ pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
                 .draw_series(bars)
                 .map_err(|e| anyhow!("{e}"))?
                 .label(name.clone())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
-                });
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         }
         chart
             .configure_series_labels()
@@ -127,8 +105,7 @@ pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
+    root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -139,38 +116,16 @@ pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
         bail!("no reports to draw");
     }
     // Ranking metrics only: AUC lives on another scale (0.5 = chance).
-    let metrics: Vec<String> = reports[0]
-        .metric_names()
-        .into_iter()
-        .filter(|m| m.contains('@'))
-        .collect();
+    let metrics: Vec<String> = reports[0].metric_names().into_iter().filter(|m| m.contains('@')).collect();
     let panels: Vec<Panel> = ["all", "cold"]
         .into_iter()
         .filter_map(|segment| {
-            let users = reports[0]
-                .segments
-                .get(segment)
-                .map(|s| s.users)
-                .filter(|&u| u > 0)?;
-            let value = |r: &Report, m: &str| {
-                r.segments
-                    .get(segment)
-                    .and_then(|s| s.metrics.get(m))
-                    .copied()
-                    .unwrap_or(0.0)
-            };
+            let users = reports[0].segments.get(segment).map(|s| s.users).filter(|&u| u > 0)?;
+            let value = |r: &Report, m: &str| r.segments.get(segment).and_then(|s| s.metrics.get(m)).copied().unwrap_or(0.0);
             Some(Panel {
                 title: format!("{segment} users ({users})"),
                 categories: metrics.clone(),
-                series: reports
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.model.clone(),
-                            metrics.iter().map(|m| value(r, m)).collect(),
-                        )
-                    })
-                    .collect(),
+                series: reports.iter().map(|r| (r.model.clone(), metrics.iter().map(|m| value(r, m)).collect())).collect(),
                 y_label: String::new(),
             })
         })

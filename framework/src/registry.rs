@@ -9,14 +9,11 @@
 //!
 //! Libraries are never unloaded (their code may still be referenced by trait objects).
 
-use abi_stable::library::{lib_header_from_raw_library, RawLibrary};
-use abi_stable::std_types::RStr;
 use anyhow::{anyhow, bail, Context, Result};
+use abi_stable::library::{lib_header_from_raw_library, RawLibrary};
 use recfuse_sdk::abi::{SdkAbiVersion, ABI_SYMBOL, SDK_ABI_VERSION};
-use recfuse_sdk::ffi::{
-    BuiltinPlugin, ComponentKind, FfiResult, FuserBox, HostFfiBox, InstructionsBox,
-    PluginModuleRef, RankerBox, SourceBox, TunerBox,
-};
+use abi_stable::std_types::RStr;
+use recfuse_sdk::ffi::{BuiltinPlugin, ComponentKind, FfiResult, FuserBox, HostFfiBox, InstructionsBox, PluginModuleRef, RankerBox, SourceBox, TunerBox};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -88,11 +85,7 @@ impl Plugin {
             components: info
                 .components
                 .iter()
-                .map(|c| ComponentInfo {
-                    kind: c.kind,
-                    name: c.name.to_string(),
-                    description: c.description.to_string(),
-                })
+                .map(|c| ComponentInfo { kind: c.kind, name: c.name.to_string(), description: c.description.to_string() })
                 .collect(),
             module: Module::Current(module),
         })
@@ -105,14 +98,7 @@ impl Plugin {
             version,
             abi,
             origin,
-            components: components
-                .into_iter()
-                .map(|(kind, name, description)| ComponentInfo {
-                    kind,
-                    name,
-                    description,
-                })
-                .collect(),
+            components: components.into_iter().map(|(kind, name, description)| ComponentInfo { kind, name, description }).collect(),
             module: Module::V1_0(module),
         }
     }
@@ -145,10 +131,7 @@ impl Registry {
     /// All built-in plugins linked into this binary.
     pub fn with_builtins() -> Result<Self> {
         let mut r = Self::default();
-        let mut modules: Vec<_> = recfuse_sdk::__private::inventory::iter::<BuiltinPlugin>
-            .into_iter()
-            .map(|b| (b.module)())
-            .collect();
+        let mut modules: Vec<_> = recfuse_sdk::__private::inventory::iter::<BuiltinPlugin>.into_iter().map(|b| (b.module)()).collect();
         modules.sort_by_key(|m| (m.info())().name.to_string());
         for m in modules {
             r.add(Plugin::from_module(m, Origin::Builtin)?)?;
@@ -180,14 +163,8 @@ impl Registry {
 
     /// Loads one dynamic plugin library. Loading the same file twice is a no-op.
     pub fn load_library(&mut self, path: &Path) -> Result<&Plugin> {
-        let canonical = path
-            .canonicalize()
-            .with_context(|| format!("plugin library {} not found", path.display()))?;
-        if let Some(i) = self
-            .plugins
-            .iter()
-            .position(|p| p.origin == Origin::Dynamic(canonical.clone()))
-        {
+        let canonical = path.canonicalize().with_context(|| format!("plugin library {} not found", path.display()))?;
+        if let Some(i) = self.plugins.iter().position(|p| p.origin == Origin::Dynamic(canonical.clone())) {
             return Ok(&self.plugins[i]);
         }
         let plugin = load_dynamic(&canonical)?;
@@ -198,12 +175,8 @@ impl Registry {
     /// Loads every shared library in `dir`. Returns the errors of libraries that failed, so one
     /// bad file in a plugin directory does not hide the others.
     pub fn load_dir(&mut self, dir: &Path) -> Result<Vec<anyhow::Error>> {
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("plugin directory {} cannot be read", dir.display()))?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_shared_library(p))
-            .collect();
+        let entries = std::fs::read_dir(dir).with_context(|| format!("plugin directory {} cannot be read", dir.display()))?;
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_shared_library(p)).collect();
         paths.sort();
         let mut errors = Vec::new();
         for p in paths {
@@ -231,42 +204,23 @@ impl Registry {
     /// Finds the plugin providing `kind = name`; the error lists what is available.
     pub fn find(&self, kind: ComponentKind, name: &str) -> Result<Found<'_>> {
         for p in &self.plugins {
-            if let Some(c) = p
-                .components
-                .iter()
-                .find(|c| c.kind == kind && c.name == name)
-            {
-                return Ok(Found {
-                    plugin: p,
-                    name: &c.name,
-                });
+            if let Some(c) = p.components.iter().find(|c| c.kind == kind && c.name == name) {
+                return Ok(Found { plugin: p, name: &c.name });
             }
         }
         let available: BTreeSet<&str> = self.names(kind).collect();
-        let list = if available.is_empty() {
-            "none".to_string()
-        } else {
-            available.into_iter().collect::<Vec<_>>().join(", ")
-        };
-        Err(anyhow!(
-            "unknown {kind} `{name}`; available {kind}s: {list}"
-        ))
+        let list = if available.is_empty() { "none".to_string() } else { available.into_iter().collect::<Vec<_>>().join(", ") };
+        Err(anyhow!("unknown {kind} `{name}`; available {kind}s: {list}"))
     }
 
     pub fn names(&self, kind: ComponentKind) -> impl Iterator<Item = &str> {
-        self.plugins.iter().flat_map(move |p| {
-            p.components
-                .iter()
-                .filter(move |c| c.kind == kind)
-                .map(|c| c.name.as_str())
-        })
+        self.plugins.iter().flat_map(move |p| p.components.iter().filter(move |c| c.kind == kind).map(|c| c.name.as_str()))
     }
 }
 
 /// Opens, checks and initialises a dynamic plugin library.
 fn load_dynamic(path: &Path) -> Result<Plugin> {
-    let raw = RawLibrary::load_at(path)
-        .map_err(|e| anyhow!("{} is not a loadable plugin library: {e}", path.display()))?;
+    let raw = RawLibrary::load_at(path).map_err(|e| anyhow!("{} is not a loadable plugin library: {e}", path.display()))?;
     // SAFETY: the ABI symbol's signature is fixed for all SDK versions (see `recfuse_sdk::abi`).
     let abi = unsafe {
         let symbol = format!("{ABI_SYMBOL}\0");
@@ -280,42 +234,23 @@ fn load_dynamic(path: &Path) -> Result<Plugin> {
         }
     };
     if !SDK_ABI_VERSION.can_load(abi) {
-        bail!(
-            "refusing {}: {}",
-            path.display(),
-            SDK_ABI_VERSION.refusal(abi)
-        );
+        bail!("refusing {}: {}", path.display(), SDK_ABI_VERSION.refusal(abi));
     }
     // SAFETY: abi_stable checks its own version and the root module's layout before use.
     let header = unsafe { lib_header_from_raw_library(&raw) }
         .map_err(|e| anyhow!("{}: no valid recfuse root module: {e}", path.display()))?;
-    let layout_error = |e| {
-        anyhow!(
-            "{}: the plugin's types do not match this host's (layout check failed): {e}",
-            path.display()
-        )
-    };
+    let layout_error = |e| anyhow!("{}: the plugin's types do not match this host's (layout check failed): {e}", path.display());
     let origin = Origin::Dynamic(path.to_path_buf());
     // A 1.0 plugin is checked against the 1.0 layouts it was built with (abi_stable cannot
     // check it against the current, longer vtables) and driven through adapters.
     // Every older minor needs its frozen layouts here: bumping the ABI minor means vendoring the
     // previous SDK too (as sdk/vendor/recfuse-sdk-1.0) and routing it like 1.0.
-    const _: () = assert!(
-        SDK_ABI_VERSION.major == 1 && SDK_ABI_VERSION.minor == 1,
-        "vendor the SDK of the previous minor"
-    );
+    const _: () = assert!(SDK_ABI_VERSION.major == 1 && SDK_ABI_VERSION.minor == 1, "vendor the SDK of the previous minor");
     let plugin = if abi.minor == 0 {
-        let module = header
-            .init_root_module::<crate::compat_1_0::ModuleRef>()
-            .map_err(layout_error)?;
+        let module = header.init_root_module::<crate::compat_1_0::ModuleRef>().map_err(layout_error)?;
         Plugin::from_v1_0(crate::compat_1_0::Module(module), abi, origin)
     } else {
-        Plugin::from_module(
-            header
-                .init_root_module::<PluginModuleRef>()
-                .map_err(layout_error)?,
-            origin,
-        )?
+        Plugin::from_module(header.init_root_module::<PluginModuleRef>().map_err(layout_error)?, origin)?
     };
     // Never unloaded: trait objects created by the plugin point into its code.
     std::mem::forget(raw);

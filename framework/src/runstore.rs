@@ -58,8 +58,7 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn create(root: PathBuf) -> Result<Self> {
-        std::fs::create_dir_all(root.join("stages"))
-            .with_context(|| format!("cannot create run directory {}", root.display()))?;
+        std::fs::create_dir_all(root.join("stages")).with_context(|| format!("cannot create run directory {}", root.display()))?;
         Ok(Self { root })
     }
 
@@ -95,28 +94,14 @@ impl RunDir {
                 }
             }
         }
-        let state = StageState {
-            key: key.to_string(),
-            done: false,
-            seconds: 0.0,
-        };
-        write_atomic(
-            &self.state_path(stage),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )?;
+        let state = StageState { key: key.to_string(), done: false, seconds: 0.0 };
+        write_atomic(&self.state_path(stage), serde_json::to_string_pretty(&state)?.as_bytes())?;
         Ok(start)
     }
 
     pub fn finish(&self, stage: &str, key: &str, seconds: f64) -> Result<()> {
-        let state = StageState {
-            key: key.to_string(),
-            done: true,
-            seconds,
-        };
-        write_atomic(
-            &self.state_path(stage),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )
+        let state = StageState { key: key.to_string(), done: true, seconds };
+        write_atomic(&self.state_path(stage), serde_json::to_string_pretty(&state)?.as_bytes())
     }
 }
 
@@ -162,13 +147,7 @@ impl Journal {
         }
         file.set_len(good_len)?;
         file.seek(SeekFrom::End(0))?;
-        Ok((
-            Journal {
-                file,
-                path: path.to_path_buf(),
-            },
-            records,
-        ))
+        Ok((Journal { file, path: path.to_path_buf() }, records))
     }
 
     pub fn append<T: Serialize>(&mut self, records: &[T]) -> Result<()> {
@@ -177,9 +156,7 @@ impl Journal {
             serde_json::to_writer(&mut buf, r)?;
             buf.push(b'\n');
         }
-        self.file
-            .write_all(&buf)
-            .with_context(|| format!("appending to {}", self.path.display()))?;
+        self.file.write_all(&buf).with_context(|| format!("appending to {}", self.path.display()))?;
         self.file.sync_data()?;
         Ok(())
     }
@@ -203,12 +180,7 @@ mod tests {
         j.append(&[1u32, 2]).unwrap();
         drop(j);
         // Simulate a kill in the middle of a write.
-        OpenOptions::new()
-            .append(true)
-            .open(&p)
-            .unwrap()
-            .write_all(b"3")
-            .unwrap();
+        OpenOptions::new().append(true).open(&p).unwrap().write_all(b"3").unwrap();
         let (mut j, old) = Journal::open::<u32>(&p).unwrap();
         assert_eq!(old, vec![1, 2]);
         j.append(&[4u32]).unwrap();
@@ -220,25 +192,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let run = RunDir::create(d.path().join("r")).unwrap();
         std::fs::write(run.path("a.jsonl"), "x").unwrap();
-        assert_eq!(
-            run.begin("s", "k1", &["a.jsonl"]).unwrap(),
-            StageStart::Fresh
-        );
+        assert_eq!(run.begin("s", "k1", &["a.jsonl"]).unwrap(), StageStart::Fresh);
         assert!(!run.path("a.jsonl").exists());
         std::fs::write(run.path("a.jsonl"), "x").unwrap();
-        assert_eq!(
-            run.begin("s", "k1", &["a.jsonl"]).unwrap(),
-            StageStart::Resume
-        );
+        assert_eq!(run.begin("s", "k1", &["a.jsonl"]).unwrap(), StageStart::Resume);
         assert!(run.path("a.jsonl").exists());
         run.finish("s", "k1", 1.0).unwrap();
-        assert_eq!(
-            run.begin("s", "k1", &["a.jsonl"]).unwrap(),
-            StageStart::Skip
-        );
-        assert_eq!(
-            run.begin("s", "k2", &["a.jsonl"]).unwrap(),
-            StageStart::Fresh
-        );
+        assert_eq!(run.begin("s", "k1", &["a.jsonl"]).unwrap(), StageStart::Skip);
+        assert_eq!(run.begin("s", "k2", &["a.jsonl"]).unwrap(), StageStart::Fresh);
     }
 }

@@ -124,62 +124,37 @@ impl ServerHandle {
 pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
     anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
     let llm = Arc::new(Llm::load(&opts.model, opts.dense)?);
-    let model_id = opts
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| llm.name.clone());
+    let model_id = opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| llm.name.clone());
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel::<Job>();
     {
         let (llm, metrics, opts) = (llm.clone(), metrics.clone(), opts.clone());
-        std::thread::Builder::new()
-            .name("llm-generate".into())
-            .spawn(move || generation_loop(&llm, rx, &opts, &metrics))?;
+        std::thread::Builder::new().name("llm-generate".into()).spawn(move || generation_loop(&llm, rx, &opts, &metrics))?;
     }
-    let state = Arc::new(AppState {
-        jobs: tx,
-        llm,
-        model_id: model_id.clone(),
-        metrics: metrics.clone(),
-        next_id: AtomicU64::new(1),
-    });
+    let state = Arc::new(AppState { jobs: tx, llm, model_id: model_id.clone(), metrics: metrics.clone(), next_id: AtomicU64::new(1) });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics_json))
         .with_state(state);
-    let listener =
-        std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
+    let listener = std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let thread =
-        std::thread::Builder::new()
-            .name("llm-http".into())
-            .spawn(move || -> Result<()> {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await?;
-                    Ok(())
+    let thread = std::thread::Builder::new().name("llm-http".into()).spawn(move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
                 })
-            })?;
-    Ok(ServerHandle {
-        addr,
-        metrics,
-        model_id,
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
+                .await?;
+            Ok(())
+        })
+    })?;
+    Ok(ServerHandle { addr, metrics, model_id, stop: Some(stop_tx), thread: Some(thread) })
 }
 
 /// Takes every waiting request (up to `batch`, after waiting `gather` for more) and generates
@@ -198,8 +173,7 @@ fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metr
         metrics.batches.fetch_add(1, Ordering::Relaxed);
         let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
         let params: Vec<GenParams> = jobs.iter().map(|j| j.params.clone()).collect();
-        let sinks =
-            std::cell::RefCell::new(jobs.into_iter().map(|j| Some(j.sink)).collect::<Vec<_>>());
+        let sinks = std::cell::RefCell::new(jobs.into_iter().map(|j| Some(j.sink)).collect::<Vec<_>>());
         let mut delta = |i: usize, text: &str| {
             if let Some(Sink::Stream(tx)) = &sinks.borrow()[i] {
                 let _ = tx.send(Piece::Delta(text.to_string()));
@@ -211,8 +185,7 @@ fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metr
             }
             Ok(())
         };
-        let result =
-            llm.generate_streaming(&prompts, &params, opts.batch, Some(&mut delta), &mut done);
+        let result = llm.generate_streaming(&prompts, &params, opts.batch, Some(&mut delta), &mut done);
         if let Err(e) = result {
             for sink in sinks.borrow_mut().iter_mut().filter_map(Option::take) {
                 sink.finish(Err(format!("generation failed: {e:#}")));
@@ -256,17 +229,8 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-fn error(
-    status: StatusCode,
-    message: impl Into<String>,
-    param: Option<&str>,
-    code: Option<&str>,
-) -> Response {
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
+fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response {
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
     (status, Json(json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}}))).into_response()
 }
 
@@ -278,90 +242,38 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
     };
     let req: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => {
-            return reject(error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request body: {e}"),
-                None,
-                None,
-            ))
-        }
+        Err(e) => return reject(error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"), None, None)),
     };
     if req.n.unwrap_or(1) != 1 {
-        return reject(error(
-            StatusCode::BAD_REQUEST,
-            "only n = 1 is supported",
-            Some("n"),
-            None,
-        ));
+        return reject(error(StatusCode::BAD_REQUEST, "only n = 1 is supported", Some("n"), None));
     }
     if req.tools.is_some() {
-        return reject(error(
-            StatusCode::BAD_REQUEST,
-            "tools are not supported",
-            Some("tools"),
-            None,
-        ));
+        return reject(error(StatusCode::BAD_REQUEST, "tools are not supported", Some("tools"), None));
     }
     if req.messages.is_empty() {
-        return reject(error(
-            StatusCode::BAD_REQUEST,
-            "messages must not be empty",
-            Some("messages"),
-            None,
-        ));
+        return reject(error(StatusCode::BAD_REQUEST, "messages must not be empty", Some("messages"), None));
     }
     let temperature = req.temperature.unwrap_or(1.0);
     let top_p = req.top_p.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) || !(top_p > 0.0 && top_p <= 1.0) {
-        return reject(error(
-            StatusCode::BAD_REQUEST,
-            "temperature must be in [0, 2] and top_p in (0, 1]",
-            Some("temperature"),
-            None,
-        ));
+        return reject(error(StatusCode::BAD_REQUEST, "temperature must be in [0, 2] and top_p in (0, 1]", Some("temperature"), None));
     }
-    let (frequency_penalty, presence_penalty) = (
-        req.frequency_penalty.unwrap_or(0.0),
-        req.presence_penalty.unwrap_or(0.0),
-    );
-    for (name, v) in [
-        ("frequency_penalty", frequency_penalty),
-        ("presence_penalty", presence_penalty),
-    ] {
+    let (frequency_penalty, presence_penalty) = (req.frequency_penalty.unwrap_or(0.0), req.presence_penalty.unwrap_or(0.0));
+    for (name, v) in [("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)] {
         if !(-2.0..=2.0).contains(&v) {
-            return reject(error(
-                StatusCode::BAD_REQUEST,
-                format!("{name} must be in [-2, 2]"),
-                Some(name),
-                None,
-            ));
+            return reject(error(StatusCode::BAD_REQUEST, format!("{name} must be in [-2, 2]"), Some(name), None));
         }
     }
     let prompt = match s.llm.encode_chat(&req.messages) {
         Ok(p) => p,
-        Err(e) => {
-            return reject(error(
-                StatusCode::BAD_REQUEST,
-                format!("{e:#}"),
-                Some("messages"),
-                None,
-            ))
-        }
+        Err(e) => return reject(error(StatusCode::BAD_REQUEST, format!("{e:#}"), Some("messages"), None)),
     };
     let context = s.llm.hyper().context;
-    let max_new = req
-        .max_completion_tokens
-        .or(req.max_tokens)
-        .unwrap_or(256)
-        .min(context.saturating_sub(prompt.len()));
+    let max_new = req.max_completion_tokens.or(req.max_tokens).unwrap_or(256).min(context.saturating_sub(prompt.len()));
     if prompt.len() >= context || max_new == 0 {
         return reject(error(
             StatusCode::BAD_REQUEST,
-            format!(
-                "the prompt has {} tokens; this model's context is {context}",
-                prompt.len()
-            ),
+            format!("the prompt has {} tokens; this model's context is {context}", prompt.len()),
             Some("messages"),
             Some("context_length_exceeded"),
         ));
@@ -376,63 +288,25 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
         presence_penalty,
         ..Default::default()
     };
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let model = req.model.clone().unwrap_or_else(|| s.model_id.clone());
     if req.stream == Some(true) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        if s.jobs
-            .send(Job {
-                prompt,
-                params,
-                sink: Sink::Stream(tx),
-            })
-            .is_err()
-        {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the generation thread has stopped",
-                None,
-                None,
-            );
+        if s.jobs.send(Job { prompt, params, sink: Sink::Stream(tx) }).is_err() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);
         }
-        let chunk = ChunkHeader {
-            id: format!("chatcmpl-{id}"),
-            created,
-            model,
-        };
+        let chunk = ChunkHeader { id: format!("chatcmpl-{id}"), created, model };
         let usage = req.stream_options.unwrap_or_default().include_usage;
         return stream_response(s.clone(), chunk, usage, rx);
     }
     let (tx, rx) = oneshot::channel();
-    if s.jobs
-        .send(Job {
-            prompt,
-            params,
-            sink: Sink::Whole(tx),
-        })
-        .is_err()
-    {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the generation thread has stopped",
-            None,
-            None,
-        );
+    if s.jobs.send(Job { prompt, params, sink: Sink::Whole(tx) }).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);
     }
     let c = match rx.await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e, None, None),
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "generation was dropped",
-                None,
-                None,
-            )
-        }
+        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "generation was dropped", None, None),
     };
     s.metrics.count(&c);
     Json(json!({
@@ -448,10 +322,8 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
 
 impl Metrics {
     fn count(&self, c: &Completion) {
-        self.prompt_tokens
-            .fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
-        self.completion_tokens
-            .fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
+        self.prompt_tokens.fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+        self.completion_tokens.fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
     }
 }
 
@@ -487,66 +359,40 @@ fn stream_response(
     rx: tokio::sync::mpsc::UnboundedReceiver<Piece>,
 ) -> Response {
     use futures_util::StreamExt;
-    let first = head.event(
-        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
-        None,
-    );
+    let first = head.event(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]), None);
     let rest = futures_util::stream::unfold(Some((rx, head)), move |state| {
         let s = s.clone();
         async move {
             let (mut rx, head) = state?;
             let event = match rx.recv().await {
                 Some(Piece::Delta(text)) => {
-                    let e = head.event(
-                        json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}]),
-                        None,
-                    );
+                    let e = head.event(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}]), None);
                     return Some((e, Some((rx, head))));
                 }
                 Some(Piece::Done(c)) => {
                     s.metrics.count(&c);
-                    let mut e = head.event(
-                        json!([{"index": 0, "delta": {}, "finish_reason": c.finish}]),
-                        None,
-                    );
+                    let mut e = head.event(json!([{"index": 0, "delta": {}, "finish_reason": c.finish}]), None);
                     if include_usage {
                         e += &head.event(json!([]), Some(usage_json(&c)));
                     }
                     e
                 }
-                Some(Piece::Failed(msg)) => format!(
-                    "data: {}\n\n",
-                    json!({"error": {"message": msg, "type": "server_error"}})
-                ),
-                None => format!(
-                    "data: {}\n\n",
-                    json!({"error": {"message": "generation was dropped", "type": "server_error"}})
-                ),
+                Some(Piece::Failed(msg)) => format!("data: {}\n\n", json!({"error": {"message": msg, "type": "server_error"}})),
+                None => format!("data: {}\n\n", json!({"error": {"message": "generation was dropped", "type": "server_error"}})),
             };
             Some((event + "data: [DONE]\n\n", None))
         }
     });
-    let body = futures_util::stream::once(async move { first })
-        .chain(rest)
-        .map(Ok::<_, std::convert::Infallible>);
+    let body = futures_util::stream::once(async move { first }).chain(rest).map(Ok::<_, std::convert::Infallible>);
     Response::builder()
         .header("Content-Type", "text/event-stream")
         .header("Cache-Control", "no-cache")
         .body(axum::body::Body::from_stream(body))
-        .unwrap_or_else(|_| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "building the stream",
-                None,
-                None,
-            )
-        })
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "building the stream", None, None))
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
-    Json(
-        json!({"object": "list", "data": [{"id": s.model_id, "object": "model", "created": 0, "owned_by": "recfuse"}]}),
-    )
+    Json(json!({"object": "list", "data": [{"id": s.model_id, "object": "model", "created": 0, "owned_by": "recfuse"}]}))
 }
 
 async fn metrics_json(State(s): State<Arc<AppState>>) -> Json<Value> {

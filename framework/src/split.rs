@@ -56,9 +56,7 @@ pub struct SplitData {
 impl SplitData {
     /// Users with a test item, in index order.
     pub fn evaluable_users(&self) -> Vec<UserIdx> {
-        (0..self.targets.len() as u32)
-            .filter(|&u| self.targets[u as usize].test != NONE)
-            .collect()
+        (0..self.targets.len() as u32).filter(|&u| self.targets[u as usize].test != NONE).collect()
     }
     /// Number of train events of a user.
     pub fn train_len(&self, user: UserIdx) -> usize {
@@ -116,71 +114,34 @@ fn finish(
         let (events, offsets) = group(n_users, per_user);
         ViewData::new(shared.clone(), shared_ffi.clone(), events, offsets)
     };
-    SplitData {
-        train: view(&train),
-        history: Arc::new(view(&history)),
-        context: view(&context),
-        targets,
-        method: SplitMethod::default(),
-    }
+    SplitData { train: view(&train), history: Arc::new(view(&history)), context: view(&context), targets, method: SplitMethod::default() }
 }
 
 pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let catalog = &dataset.catalog;
-    let target_kinds: Vec<u32> = cfg
-        .target_kinds
-        .iter()
-        .filter_map(|k| catalog.kind(k))
-        .collect();
-    let is_target = |e: &Event| {
-        e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind))
-    };
+    let target_kinds: Vec<u32> = cfg.target_kinds.iter().filter_map(|k| catalog.kind(k)).collect();
+    let is_target = |e: &Event| e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind));
     let mut times: Vec<i64> = dataset.events.iter().map(|e| e.timestamp).collect();
     times.sort_unstable();
     let cut = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
-    let (t_valid, t_test) = (
-        cut(1.0 - cfg.test_fraction - cfg.valid_fraction),
-        cut(1.0 - cfg.test_fraction),
-    );
-    let none = Targets {
-        train: NONE,
-        valid: NONE,
-        test: NONE,
-        train_value: f32::NAN,
-        valid_value: f32::NAN,
-    };
+    let (t_valid, t_test) = (cut(1.0 - cfg.test_fraction - cfg.valid_fraction), cut(1.0 - cfg.test_fraction));
+    let none = Targets { train: NONE, valid: NONE, test: NONE, train_value: f32::NAN, valid_value: f32::NAN };
     let n_users = catalog.users.len();
-    let (mut train, mut history, mut targets) = (
-        vec![Vec::new(); n_users],
-        vec![Vec::new(); n_users],
-        vec![none; n_users],
-    );
+    let (mut train, mut history, mut targets) = (vec![Vec::new(); n_users], vec![Vec::new(); n_users], vec![none; n_users]);
     let mut context = vec![Vec::new(); n_users];
     for (u, evs) in per_user_sorted(dataset).into_iter().enumerate() {
         let train_end = evs.partition_point(|e| e.timestamp < t_valid);
         context[u] = evs[..evs.partition_point(|e| e.timestamp < t_test)].to_vec();
-        let valid_event = evs[train_end..]
-            .iter()
-            .find(|e| e.timestamp < t_test && is_target(e));
+        let valid_event = evs[train_end..].iter().find(|e| e.timestamp < t_test && is_target(e));
         let valid = valid_event.map(|e| e.item).unwrap_or(NONE);
         let valid_value = valid_event.map(|e| e.value).unwrap_or(f32::NAN);
-        let test = evs[train_end..]
-            .iter()
-            .find(|e| e.timestamp >= t_test && is_target(e))
-            .map(|e| e.item)
-            .unwrap_or(NONE);
+        let test = evs[train_end..].iter().find(|e| e.timestamp >= t_test && is_target(e)).map(|e| e.item).unwrap_or(NONE);
         let tr: Vec<Event> = evs[..train_end].to_vec();
         let train_pos = tr.iter().rposition(|e| is_target(e));
         let mut hist = tr.clone();
         match (train_pos, test) {
             (Some(p), t) if t != NONE => {
-                targets[u] = Targets {
-                    train: tr[p].item,
-                    valid,
-                    test,
-                    train_value: tr[p].value,
-                    valid_value,
-                };
+                targets[u] = Targets { train: tr[p].item, valid, test, train_value: tr[p].value, valid_value };
                 hist.remove(p);
             }
             _ => {}
@@ -194,22 +155,10 @@ pub fn temporal(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
 pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let catalog = &dataset.catalog;
     let n_users = catalog.users.len();
-    let target_kinds: Vec<u32> = cfg
-        .target_kinds
-        .iter()
-        .filter_map(|k| catalog.kind(k))
-        .collect();
-    let is_target = |e: &Event| {
-        e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind))
-    };
+    let target_kinds: Vec<u32> = cfg.target_kinds.iter().filter_map(|k| catalog.kind(k)).collect();
+    let is_target = |e: &Event| e.item != NONE && (cfg.target_kinds.is_empty() || target_kinds.contains(&e.kind));
 
-    let none = Targets {
-        train: NONE,
-        valid: NONE,
-        test: NONE,
-        train_value: f32::NAN,
-        valid_value: f32::NAN,
-    };
+    let none = Targets { train: NONE, valid: NONE, test: NONE, train_value: f32::NAN, valid_value: f32::NAN };
     let mut targets = vec![none; n_users];
     let mut train: Vec<Vec<Event>> = vec![Vec::new(); n_users];
     let mut history: Vec<Vec<Event>> = vec![Vec::new(); n_users];
@@ -217,12 +166,7 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
     let mut positions = Vec::new();
     for (user, evs) in per_user_sorted(dataset).into_iter().enumerate() {
         positions.clear();
-        positions.extend(
-            evs.iter()
-                .enumerate()
-                .filter(|(_, e)| is_target(e))
-                .map(|(i, _)| i),
-        );
+        positions.extend(evs.iter().enumerate().filter(|(_, e)| is_target(e)).map(|(i, _)| i));
         if positions.len() < cfg.min_events.max(3) {
             history[user] = evs.clone();
             context[user] = evs.clone();
@@ -230,8 +174,7 @@ pub fn leave_one_out(dataset: &Dataset, cfg: &SplitSection) -> SplitData {
             continue;
         }
         let n = positions.len();
-        let (train_pos, valid_pos, test_pos) =
-            (positions[n - 3], positions[n - 2], positions[n - 1]);
+        let (train_pos, valid_pos, test_pos) = (positions[n - 3], positions[n - 2], positions[n - 1]);
         targets[user] = Targets {
             train: evs[train_pos].item,
             valid: evs[valid_pos].item,
@@ -253,39 +196,17 @@ mod tests {
     use super::*;
 
     fn ev(user: u32, item: u32, kind: u32, ts: i64) -> Event {
-        Event {
-            user,
-            item,
-            kind,
-            scenario: 0,
-            subject: NONE,
-            value: 1.0,
-            timestamp: ts,
-        }
+        Event { user, item, kind, scenario: 0, subject: NONE, value: 1.0, timestamp: ts }
     }
 
     fn dataset(events: Vec<Event>) -> Dataset {
         let catalog = Catalog {
-            items: (0..10)
-                .map(|i| Item {
-                    id: format!("i{i}"),
-                    ..Default::default()
-                })
-                .collect(),
-            users: (0..2)
-                .map(|i| User {
-                    id: format!("u{i}"),
-                    ..Default::default()
-                })
-                .collect(),
+            items: (0..10).map(|i| Item { id: format!("i{i}"), ..Default::default() }).collect(),
+            users: (0..2).map(|i| User { id: format!("u{i}"), ..Default::default() }).collect(),
             kinds: vec!["click".into(), "search".into()],
             ..Default::default()
         };
-        Dataset {
-            catalog,
-            events,
-            ..Default::default()
-        }
+        Dataset { catalog, events, ..Default::default() }
     }
 
     #[test]
@@ -301,10 +222,7 @@ mod tests {
             ev(1, 7, 0, 1),     // user 1: too short, all train
         ];
         let s = leave_one_out(&dataset(events), &SplitSection::default());
-        assert_eq!(
-            (s.targets[0].train, s.targets[0].valid, s.targets[0].test),
-            (3, 4, 5)
-        );
+        assert_eq!((s.targets[0].train, s.targets[0].valid, s.targets[0].test), (3, 4, 5));
         let train: Vec<u32> = s.train.view().history(0).iter().map(|e| e.item).collect();
         assert_eq!(train, vec![1, 2, 3]);
         let hist: Vec<u32> = s.history.view().history(0).iter().map(|e| e.item).collect();
@@ -323,51 +241,22 @@ mod tests {
         let mut events: Vec<Event> = (1..=10).map(|t| ev(0, t as u32 % 10, 0, t)).collect();
         events.push(ev(1, 5, 0, 2));
         events.push(ev(1, 6, 0, 3));
-        let cfg = SplitSection {
-            method: SplitMethod::Temporal,
-            valid_fraction: 0.1,
-            test_fraction: 0.2,
-            ..Default::default()
-        };
+        let cfg = SplitSection { method: SplitMethod::Temporal, valid_fraction: 0.1, test_fraction: 0.2, ..Default::default() };
         let s = split_dataset(&dataset(events), &cfg);
-        assert_eq!(
-            (s.targets[0].train, s.targets[0].valid, s.targets[0].test),
-            (6, 7, 8)
-        );
-        let train: Vec<i64> = s
-            .train
-            .view()
-            .history(0)
-            .iter()
-            .map(|e| e.timestamp)
-            .collect();
+        assert_eq!((s.targets[0].train, s.targets[0].valid, s.targets[0].test), (6, 7, 8));
+        let train: Vec<i64> = s.train.view().history(0).iter().map(|e| e.timestamp).collect();
         assert_eq!(train, vec![1, 2, 3, 4, 5, 6]);
         assert!(s.history.view().history(0).iter().all(|e| e.timestamp != 6));
-        assert_eq!(
-            s.targets[1].test, NONE,
-            "no event in the test period: not evaluated"
-        );
+        assert_eq!(s.targets[1].test, NONE, "no event in the test period: not evaluated");
         assert_eq!(s.evaluable_users(), vec![0]);
     }
 
     #[test]
     fn target_kinds_restrict_targets() {
-        let events = vec![
-            ev(0, 1, 0, 1),
-            ev(0, 2, 1, 2),
-            ev(0, 3, 0, 3),
-            ev(0, 4, 0, 4),
-            ev(0, 5, 1, 5),
-        ];
-        let cfg = SplitSection {
-            target_kinds: vec!["click".into()],
-            ..Default::default()
-        };
+        let events = vec![ev(0, 1, 0, 1), ev(0, 2, 1, 2), ev(0, 3, 0, 3), ev(0, 4, 0, 4), ev(0, 5, 1, 5)];
+        let cfg = SplitSection { target_kinds: vec!["click".into()], ..Default::default() };
         let s = leave_one_out(&dataset(events), &cfg);
-        assert_eq!(
-            (s.targets[0].train, s.targets[0].valid, s.targets[0].test),
-            (1, 3, 4)
-        );
+        assert_eq!((s.targets[0].train, s.targets[0].valid, s.targets[0].test), (1, 3, 4));
         let train: Vec<u32> = s.train.view().history(0).iter().map(|e| e.item).collect();
         assert_eq!(train, vec![1, 2]);
     }

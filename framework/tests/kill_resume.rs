@@ -25,22 +25,10 @@ fn serve() -> (String, Arc<Mutex<HashMap<String, usize>>>) {
         for mut stream in listener.incoming().flatten() {
             let a = a.clone();
             std::thread::spawn(move || {
-                let Some(body) = support::read_body(&stream) else {
-                    return;
-                };
-                let user = body
-                    .split("Behaviour of user ")
-                    .nth(1)
-                    .and_then(|s| s.split(':').next())
-                    .unwrap_or("?")
-                    .to_string();
+                let Some(body) = support::read_body(&stream) else { return };
+                let user = body.split("Behaviour of user ").nth(1).and_then(|s| s.split(':').next()).unwrap_or("?").to_string();
                 std::thread::sleep(Duration::from_millis(150));
-                support::reply(
-                    &mut stream,
-                    "200 OK",
-                    "",
-                    &support::completion(&format!("{user} likes films"), 50, 5),
-                );
+                support::reply(&mut stream, "200 OK", "", &support::completion(&format!("{user} likes films"), 50, 5));
                 *a.lock().unwrap().entry(user).or_default() += 1;
             });
         }
@@ -50,21 +38,14 @@ fn serve() -> (String, Arc<Mutex<HashMap<String, usize>>>) {
 
 fn recfuse(config: &PathBuf) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_recfuse"));
-    c.arg("run")
-        .arg(config)
-        .arg("--quiet")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    c.arg("run").arg(config).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::null());
     c
 }
 
 #[test]
 fn kill_dash_nine_mid_fusion_repeats_only_calls_in_flight() {
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/ml-100k");
-    assert!(
-        data.join(".complete").exists(),
-        "MovieLens-100K missing: run scripts/fetch-data.sh"
-    );
+    assert!(data.join(".complete").exists(), "MovieLens-100K missing: run scripts/fetch-data.sh");
     let (url, answered) = serve();
     let d = tempfile::tempdir().unwrap();
     let config = d.path().join("kill.toml");
@@ -93,10 +74,7 @@ fn kill_dash_nine_mid_fusion_repeats_only_calls_in_flight() {
     assert!(before < USERS, "the kill came too late to test anything");
     let cache = d.path().join("runs/kill/components/fusers0/cache.jsonl");
     let stored = std::fs::read_to_string(&cache).unwrap().lines().count();
-    assert!(
-        stored + CONCURRENCY >= before,
-        "{before} answers sent, only {stored} stored"
-    );
+    assert!(stored + CONCURRENCY >= before, "{before} answers sent, only {stored} stored");
 
     let status = recfuse(&config).status().unwrap();
     assert!(status.success());
@@ -106,29 +84,19 @@ fn kill_dash_nine_mid_fusion_repeats_only_calls_in_flight() {
     // Every user was answered; repeats are bounded by the calls in flight at the kill.
     let answered = answered.lock().unwrap();
     assert_eq!(answered.len(), USERS);
-    assert!(
-        answered.values().sum::<usize>() <= USERS + CONCURRENCY,
-        "{answered:?}"
-    );
+    assert!(answered.values().sum::<usize>() <= USERS + CONCURRENCY, "{answered:?}");
 }
 
 /// `epochs_done` of a checkpoint, read from the safetensors header (0 while none is complete).
 fn epochs_done(path: &std::path::Path) -> usize {
-    let Ok(bytes) = std::fs::read(path) else {
-        return 0;
-    };
+    let Ok(bytes) = std::fs::read(path) else { return 0 };
     if bytes.len() < 8 {
         return 0;
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let Some(header) = bytes.get(8..8 + n) else {
-        return 0;
-    };
+    let Some(header) = bytes.get(8..8 + n) else { return 0 };
     let v: serde_json::Value = serde_json::from_slice(header).unwrap_or_default();
-    v["__metadata__"]["epochs_done"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    v["__metadata__"]["epochs_done"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 /// `kill -9` in the middle of a ranker's fit: the rerun resumes from the last epoch checkpoint
@@ -136,10 +104,7 @@ fn epochs_done(path: &std::path::Path) -> usize {
 #[test]
 fn kill_dash_nine_mid_fit_resumes_from_the_epoch_checkpoint() {
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/ml-100k");
-    assert!(
-        data.join(".complete").exists(),
-        "MovieLens-100K missing: run scripts/fetch-data.sh"
-    );
+    assert!(data.join(".complete").exists(), "MovieLens-100K missing: run scripts/fetch-data.sh");
     const EPOCHS: usize = 12;
     let d = tempfile::tempdir().unwrap();
     let config = |name: &str| {
@@ -159,41 +124,28 @@ fn kill_dash_nine_mid_fit_resumes_from_the_epoch_checkpoint() {
         path
     };
     let (killed, straight) = (config("killed"), config("straight"));
-    let checkpoint = d
-        .path()
-        .join("runs/killed/rankers/bpr/checkpoint.safetensors");
+    let checkpoint = d.path().join("runs/killed/rankers/bpr/checkpoint.safetensors");
 
     let mut child = recfuse(&killed).spawn().unwrap();
     let t = Instant::now();
     while epochs_done(&checkpoint) < 2 {
         assert!(t.elapsed() < Duration::from_secs(300), "no epoch finished");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the fit ended before it could be killed"
-        );
+        assert!(child.try_wait().unwrap().is_none(), "the fit ended before it could be killed");
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let done = epochs_done(&checkpoint);
-    assert!(
-        (2..EPOCHS).contains(&done),
-        "killed after {done} of {EPOCHS} epochs"
-    );
+    assert!((2..EPOCHS).contains(&done), "killed after {done} of {EPOCHS} epochs");
     assert!(!d.path().join("runs/killed/reports/bpr.json").exists());
 
     assert!(recfuse(&killed).status().unwrap().success());
     assert!(recfuse(&straight).status().unwrap().success());
     let report = |name: &str| {
-        let text = std::fs::read_to_string(d.path().join(format!("runs/{name}/reports/bpr.json")))
-            .unwrap();
+        let text = std::fs::read_to_string(d.path().join(format!("runs/{name}/reports/bpr.json"))).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         v["segments"].clone()
     };
-    assert_eq!(
-        report("killed"),
-        report("straight"),
-        "the resumed fit must end where an uninterrupted one does"
-    );
+    assert_eq!(report("killed"), report("straight"), "the resumed fit must end where an uninterrupted one does");
     assert_eq!(epochs_done(&checkpoint), EPOCHS);
 }

@@ -13,9 +13,7 @@ use std::fmt;
 /// * `minor` changes when something is added at the end of a prefix type (a new host service,
 ///   a new optional component method): older plugins keep working in a newer host.
 #[repr(C)]
-#[derive(
-    StableAbi, Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SdkAbiVersion {
     pub major: u32,
     pub minor: u32,
@@ -110,10 +108,7 @@ mod tests {
         assert!(!v(1, 0).can_load(v(2, 0)));
         assert!(!v(2, 0).can_load(v(1, 9)));
         let msg = v(1, 0).refusal(v(2, 0));
-        assert!(
-            msg.contains("SDK ABI 2.0") && msg.contains("SDK ABI 1.0"),
-            "{msg}"
-        );
+        assert!(msg.contains("SDK ABI 2.0") && msg.contains("SDK ABI 1.0"), "{msg}");
     }
 
     #[test]

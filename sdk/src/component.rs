@@ -38,11 +38,7 @@ pub trait KnowledgeFuser: Send + Sync + 'static {
     fn fuse(&mut self, view: &TrainView<'_>, users: &[UserIdx]) -> Result<Vec<Knowledge>>;
     /// Knowledge about items (ABI 1.1): called after `prepare`, for every item of the catalog in
     /// batches. Items left out simply have no knowledge from this fuser. Default: none.
-    fn fuse_items(
-        &mut self,
-        _view: &TrainView<'_>,
-        _items: &[ItemIdx],
-    ) -> Result<Vec<ItemKnowledge>> {
+    fn fuse_items(&mut self, _view: &TrainView<'_>, _items: &[ItemIdx]) -> Result<Vec<ItemKnowledge>> {
         Ok(Vec::new())
     }
 }
@@ -59,11 +55,7 @@ pub trait InstructionBuilder: Send + Sync + 'static {
     where
         Self: Sized;
     /// One or more examples per request and target, each tagged with `request.task`.
-    fn build(
-        &mut self,
-        view: &TrainView<'_>,
-        requests: &[InstructionRequest],
-    ) -> Result<Vec<Instruction>>;
+    fn build(&mut self, view: &TrainView<'_>, requests: &[InstructionRequest]) -> Result<Vec<Instruction>>;
 }
 
 /// Trains adapters from instruction examples and leaves an [`Artifact`] in `out_dir`.
@@ -75,12 +67,7 @@ pub trait Tuner: Send + Sync + 'static {
     where
         Self: Sized;
     /// Trains on `inputs.train` (every task of the run, tagged), may select on `inputs.valid`.
-    fn tune(
-        &mut self,
-        view: &TrainView<'_>,
-        inputs: &TuneInputs<'_>,
-        out_dir: &Path,
-    ) -> Result<Artifact>;
+    fn tune(&mut self, view: &TrainView<'_>, inputs: &TuneInputs<'_>, out_dir: &Path) -> Result<Artifact>;
 }
 
 /// Scores candidate items for users. Every model, baselines included, is a ranker, so every
@@ -108,12 +95,7 @@ pub trait Ranker: Send + Sync + 'static {
     }
     /// Restores what [`Ranker::save`] wrote into `dir`, instead of `fit`, given the same inputs
     /// `fit` would get (ABI 1.1). `false` = not supported (the default) and the host calls `fit`.
-    fn load(
-        &mut self,
-        _view: &TrainView<'_>,
-        _inputs: &FitInputs<'_>,
-        _dir: &Path,
-    ) -> Result<bool> {
+    fn load(&mut self, _view: &TrainView<'_>, _inputs: &FitInputs<'_>, _dir: &Path) -> Result<bool> {
         Ok(false)
     }
     /// Rough cost of scoring one (user, candidate) pair, in seconds on one core (ABI 1.1).

@@ -120,8 +120,7 @@ macro_rules! __export_dynamic {
         #[doc(hidden)]
         #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
         pub static __RECFUSE_ROOT_MODULE: $crate::__private::abi_stable::library::LibHeader = {
-            extern "C" fn constructor() -> $crate::__private::abi_stable::library::RootModuleResult
-            {
+            extern "C" fn constructor() -> $crate::__private::abi_stable::library::RootModuleResult {
                 $crate::__private::abi_stable::library::__call_root_module_loader($module)
             }
             $crate::ffi::lib_header(constructor)

@@ -3,8 +3,8 @@
 
 use crate::ffi::{HostFfi, HostFfiBox, InstructionFfi, LogLevel, TaskRequestFfi};
 use crate::records::{Instruction, InstructionRequest};
-use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RArc, RSlice, RStr, RString};
+use abi_stable::sabi_trait::TD_Opaque;
 use std::fmt::Display;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,10 +53,7 @@ impl Host {
     /// Starts a progress bar of `total` steps, finished when the returned handle is dropped.
     pub fn progress(&self, label: &str, total: u64) -> Progress {
         let id = self.ffi.progress_begin(RStr::from_str(label), total);
-        Progress {
-            host: self.clone(),
-            id,
-        }
+        Progress { host: self.clone(), id }
     }
 
     /// Whether the host asked the run to stop (Ctrl-C). Long loops should check it.
@@ -85,28 +82,16 @@ impl Host {
 
     /// The instruction tasks of the run, one per `[[instructions]]` builder (ABI 1.1).
     pub fn tasks(&self) -> Vec<String> {
-        self.ffi
-            .tasks()
-            .into_iter()
-            .map(|t| t.into_string())
-            .collect()
+        self.ffi.tasks().into_iter().map(|t| t.into_string()).collect()
     }
 
     /// Renders `requests` with the run's instruction builder of `task` (ABI 1.1), exactly as the
     /// instructions stage rendered the examples a tuner learned from: a ranker that scores
     /// prompts builds them here, so training and scoring prompts cannot drift. Requests for
     /// scoring carry `label = 0` and `value = None` (the answer is what is predicted).
-    pub fn instructions(
-        &self,
-        task: &str,
-        requests: &[InstructionRequest],
-    ) -> anyhow::Result<Vec<Instruction>> {
+    pub fn instructions(&self, task: &str, requests: &[InstructionRequest]) -> anyhow::Result<Vec<Instruction>> {
         let reqs: Vec<TaskRequestFfi> = requests.iter().map(TaskRequestFfi::from_request).collect();
-        let out = self
-            .ffi
-            .render_instructions(RStr::from_str(task), RSlice::from_slice(&reqs))
-            .into_result()
-            .map_err(|e| e.into_anyhow())?;
+        let out = self.ffi.render_instructions(RStr::from_str(task), RSlice::from_slice(&reqs)).into_result().map_err(|e| e.into_anyhow())?;
         Ok(out.iter().map(InstructionFfi::to_instruction).collect())
     }
 
@@ -116,20 +101,14 @@ impl Host {
         Self::standalone_with_cancel(run_dir, seed, Arc::new(AtomicBool::new(false)))
     }
 
-    pub fn standalone_with_cancel(
-        run_dir: impl Into<PathBuf>,
-        seed: u64,
-        cancel: Arc<AtomicBool>,
-    ) -> Self {
+    pub fn standalone_with_cancel(run_dir: impl Into<PathBuf>, seed: u64, cancel: Arc<AtomicBool>) -> Self {
         let services = StandaloneHost {
             run_dir: run_dir.into().to_string_lossy().into_owned(),
             seed,
             cancel,
             next_progress: Arc::new(AtomicU64::new(0)),
         };
-        Self {
-            ffi: HostFfiBox::from_ptr(RArc::new(services), TD_Opaque),
-        }
+        Self { ffi: HostFfiBox::from_ptr(RArc::new(services), TD_Opaque) }
     }
 }
 

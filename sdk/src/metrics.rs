@@ -71,10 +71,7 @@ impl Validation<'_> {
             let out = &mut out[..users.len() * n];
             score(users, out)?;
             for (row, (&u, &target)) in users.iter().zip(items).enumerate() {
-                let seen = view
-                    .history(u)
-                    .iter()
-                    .filter(|e| e.item != NONE && e.item != target);
+                let seen = view.history(u).iter().filter(|e| e.item != NONE && e.item != target);
                 seen.clone().for_each(|e| masked[e.item as usize] = true);
                 let rank = rank_of(&out[row * n..(row + 1) * n], target as usize, &masked);
                 seen.for_each(|e| masked[e.item as usize] = false);
@@ -83,11 +80,7 @@ impl Validation<'_> {
             }
         }
         let m = self.users.len().max(1) as f64;
-        Ok(ValidationScore {
-            ndcg: ndcg / m,
-            hr: hits as f64 / m,
-            users: self.users.len(),
-        })
+        Ok(ValidationScore { ndcg: ndcg / m, hr: hits as f64 / m, users: self.users.len() })
     }
 }
 
@@ -116,12 +109,7 @@ pub enum Verdict {
 impl EarlyStopping {
     pub fn new(patience: usize) -> Self {
         // f64::MIN, not -inf: the state is checkpointed as JSON, which has no infinities.
-        Self {
-            patience,
-            best: f64::MIN,
-            best_epoch: 0,
-            since_best: 0,
-        }
+        Self { patience, best: f64::MIN, best_epoch: 0, since_best: 0 }
     }
     pub fn observe(&mut self, epoch: usize, value: f64) -> Verdict {
         if value > self.best {
@@ -154,42 +142,16 @@ mod tests {
 
     #[test]
     fn validation_masks_train_items_but_not_the_target() {
-        let catalog = Catalog {
-            items: vec![Item::default(); 4],
-            users: vec![User::default()],
-            ..Default::default()
-        };
-        let ev = |item| Event {
-            user: 0,
-            item,
-            kind: 0,
-            scenario: 0,
-            subject: NONE,
-            value: 1.0,
-            timestamp: 0,
-        };
+        let catalog = Catalog { items: vec![Item::default(); 4], users: vec![User::default()], ..Default::default() };
+        let ev = |item| Event { user: 0, item, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: 0 };
         let events = [ev(0), ev(1)];
-        let view = TrainView {
-            catalog: &catalog,
-            events: &events,
-            offsets: &[0, 2],
-        };
-        let v = Validation {
-            users: &[0],
-            items: &[2],
-        };
+        let view = TrainView { catalog: &catalog, events: &events, offsets: &[0, 2] };
+        let v = Validation { users: &[0], items: &[2] };
         // items 0 and 1 (seen) score highest but are masked: the target ranks first.
         let s = v.evaluate(&view, 1, 8, |_, out| {
             out.copy_from_slice(&[9.0, 8.0, 5.0, 1.0]);
             Ok(())
         });
-        assert_eq!(
-            s.unwrap(),
-            ValidationScore {
-                ndcg: 1.0,
-                hr: 1.0,
-                users: 1
-            }
-        );
+        assert_eq!(s.unwrap(), ValidationScore { ndcg: 1.0, hr: 1.0, users: 1 });
     }
 }

@@ -65,16 +65,10 @@ impl Catalog {
         self.kinds.iter().position(|k| k == name).map(|i| i as u32)
     }
     pub fn kind_name(&self, idx: u32) -> &str {
-        self.kinds
-            .get(idx as usize)
-            .map(String::as_str)
-            .unwrap_or("?")
+        self.kinds.get(idx as usize).map(String::as_str).unwrap_or("?")
     }
     pub fn scenario_name(&self, idx: u32) -> &str {
-        self.scenarios
-            .get(idx as usize)
-            .map(String::as_str)
-            .unwrap_or("")
+        self.scenarios.get(idx as usize).map(String::as_str).unwrap_or("")
     }
     pub fn subject_text(&self, idx: u32) -> Option<&str> {
         self.subjects.get(idx as usize).map(String::as_str)
@@ -147,20 +141,12 @@ impl DatasetBuilder {
             return i;
         }
         let i = self.data.catalog.items.len() as u32;
-        self.data.catalog.items.push(Item {
-            id: id.to_owned(),
-            ..Item::default()
-        });
+        self.data.catalog.items.push(Item { id: id.to_owned(), ..Item::default() });
         self.items.insert(id.to_owned(), i);
         i
     }
     /// Adds or replaces an item's title and attributes.
-    pub fn describe_item(
-        &mut self,
-        id: &str,
-        title: &str,
-        attrs: BTreeMap<String, String>,
-    ) -> ItemIdx {
+    pub fn describe_item(&mut self, id: &str, title: &str, attrs: BTreeMap<String, String>) -> ItemIdx {
         let i = self.item(id);
         let item = &mut self.data.catalog.items[i as usize];
         item.title = title.to_owned();
@@ -172,10 +158,7 @@ impl DatasetBuilder {
             return i;
         }
         let i = self.data.catalog.users.len() as u32;
-        self.data.catalog.users.push(User {
-            id: id.to_owned(),
-            ..User::default()
-        });
+        self.data.catalog.users.push(User { id: id.to_owned(), ..User::default() });
         self.users.insert(id.to_owned(), i);
         i
     }
@@ -279,17 +262,11 @@ pub struct KnowledgeView<'a> {
 impl<'a> KnowledgeView<'a> {
     /// The knowledge of `user`, if it was fused.
     pub fn user(&self, user: UserIdx) -> Option<&'a Knowledge> {
-        self.users
-            .binary_search_by_key(&user, |k| k.user)
-            .ok()
-            .map(|i| &self.users[i])
+        self.users.binary_search_by_key(&user, |k| k.user).ok().map(|i| &self.users[i])
     }
     /// The knowledge of `item`, if a fuser described it.
     pub fn item(&self, item: ItemIdx) -> Option<&'a ItemKnowledge> {
-        self.items
-            .binary_search_by_key(&item, |k| k.item)
-            .ok()
-            .map(|i| &self.items[i])
+        self.items.binary_search_by_key(&item, |k| k.item).ok().map(|i| &self.items[i])
     }
 }
 
@@ -387,10 +364,7 @@ pub struct FitInputs<'a> {
 impl<'a> FitInputs<'a> {
     /// User and item knowledge together.
     pub fn knowledge_view(&self) -> KnowledgeView<'a> {
-        KnowledgeView {
-            users: self.knowledge,
-            items: self.item_knowledge,
-        }
+        KnowledgeView { users: self.knowledge, items: self.item_knowledge }
     }
 }
 
@@ -409,10 +383,7 @@ pub struct TuneInputs<'a> {
 
 impl<'a> TuneInputs<'a> {
     pub fn knowledge_view(&self) -> KnowledgeView<'a> {
-        KnowledgeView {
-            users: self.knowledge,
-            items: self.item_knowledge,
-        }
+        KnowledgeView { users: self.knowledge, items: self.item_knowledge }
     }
 }
 

@@ -61,10 +61,7 @@ mod tests {
         for _ in 0..100_000 {
             counts[a.below(10)] += 1;
         }
-        assert!(
-            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
         let mean = (0..100_000).map(|_| a.normal()).sum::<f64>() / 100_000.0;
         assert!(mean.abs() < 0.02, "{mean}");
     }

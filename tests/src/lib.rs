@@ -7,19 +7,13 @@ use std::sync::Mutex;
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
 /// MovieLens-100K as fetched by `scripts/fetch-data.sh`.
 pub fn ml100k_dir() -> PathBuf {
     let d = root().join(".cache/data/ml-100k");
-    assert!(
-        d.join(".complete").exists(),
-        "MovieLens-100K missing: run scripts/fetch-data.sh (scripts/test.sh does)"
-    );
+    assert!(d.join(".complete").exists(), "MovieLens-100K missing: run scripts/fetch-data.sh (scripts/test.sh does)");
     d
 }
 
@@ -44,16 +38,8 @@ pub fn build_cdylib(manifest_dir: &Path, lib_name: &str) -> PathBuf {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .status()
         .expect("cargo runs");
-    assert!(
-        status.success(),
-        "building {} failed",
-        manifest_dir.display()
-    );
-    let lib = target.join("debug").join(format!(
-        "{}{lib_name}{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
+    assert!(status.success(), "building {} failed", manifest_dir.display());
+    let lib = target.join("debug").join(format!("{}{lib_name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
     assert!(lib.exists(), "{} was not produced", lib.display());
     lib
 }
@@ -101,10 +87,7 @@ pub fn cli(args: &[&str]) -> (Result<i32, String>, String) {
 }
 
 pub fn abi_1_0_plugin() -> PathBuf {
-    build_cdylib(
-        &root().join("tests/fixtures/abi-1-0-plugin"),
-        "abi_1_0_plugin",
-    )
+    build_cdylib(&root().join("tests/fixtures/abi-1-0-plugin"), "abi_1_0_plugin")
 }
 
 /// Loads a config file the way the CLI does.

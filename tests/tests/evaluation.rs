@@ -26,18 +26,9 @@ learning_rate = 0.005
 fn baselines_on_ml100k_full_and_sampled() {
     let d = tempfile::tempdir().unwrap();
     let cfg = ml100k_config(d.path(), "baselines", RANKERS);
-    let full = run(
-        &LoadedConfig::load(&ConfigSources {
-            base: cfg.clone(),
-            ..Default::default()
-        })
-        .unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    let hr = |o: &recfuse::pipeline::RunOutcome, m: &str, k: &str| {
-        o.report(m).unwrap().segments["all"].metrics[k]
-    };
+    let full = run(&LoadedConfig::load(&ConfigSources { base: cfg.clone(), ..Default::default() }).unwrap(), &RunOptions::default())
+        .unwrap();
+    let hr = |o: &recfuse::pipeline::RunOutcome, m: &str, k: &str| o.report(m).unwrap().segments["all"].metrics[k];
     assert_eq!(full.reports.len(), 3);
     for m in ["popularity", "bpr", "sasrec"] {
         let r = full.report(m).unwrap();
@@ -46,14 +37,8 @@ fn baselines_on_ml100k_full_and_sampled() {
         assert!(auc > 0.6 && auc < 1.0, "{m}: AUC {auc}");
     }
     // Personalised models beat popularity on this data (popularity HR@10 ≈ 0.086).
-    assert!(
-        hr(&full, "bpr", "HR@10") > hr(&full, "popularity", "HR@10"),
-        "bpr"
-    );
-    assert!(
-        hr(&full, "sasrec", "HR@10") > hr(&full, "popularity", "HR@10"),
-        "sasrec"
-    );
+    assert!(hr(&full, "bpr", "HR@10") > hr(&full, "popularity", "HR@10"), "bpr");
+    assert!(hr(&full, "sasrec", "HR@10") > hr(&full, "popularity", "HR@10"), "sasrec");
     for f in ["report.json", "report.md", "report.png"] {
         assert!(full.run_dir.join(f).metadata().unwrap().len() > 100, "{f}");
     }
@@ -65,25 +50,15 @@ fn baselines_on_ml100k_full_and_sampled() {
     let sampled = run(
         &LoadedConfig::load(&ConfigSources {
             base: cfg,
-            sets: vec![
-                "eval.protocol=sampled".into(),
-                "eval.sampling=popularity".into(),
-            ],
+            sets: vec!["eval.protocol=sampled".into(), "eval.sampling=popularity".into()],
             ..Default::default()
         })
         .unwrap(),
         &RunOptions::default(),
     )
     .unwrap();
-    assert!(sampled
-        .report("popularity")
-        .unwrap()
-        .protocol
-        .contains("100 popularity-sampled"));
+    assert!(sampled.report("popularity").unwrap().protocol.contains("100 popularity-sampled"));
     for m in ["popularity", "bpr"] {
-        assert!(
-            hr(&sampled, m, "HR@10") > hr(&full, m, "HR@10"),
-            "{m}: sampled ranking is easier"
-        );
+        assert!(hr(&sampled, m, "HR@10") > hr(&full, m, "HR@10"), "{m}: sampled ranking is easier");
     }
 }

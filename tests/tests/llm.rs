@@ -12,29 +12,20 @@ use std::time::Duration;
 
 fn model() -> std::path::PathBuf {
     let p = root().join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)"
-    );
+    assert!(p.exists(), "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)");
     p
 }
 
 /// Same prompt and decoding for both fusers: greedy with a repetition penalty (sent over HTTP
 /// by one, applied in-process by the other), short answers, default behaviour text.
-const FUSION: &str =
-    "max_tokens = 24\nfrequency_penalty = 0.5\n[fusers.behaviour]\nmax_per_kind = 3\n";
+const FUSION: &str = "max_tokens = 24\nfrequency_penalty = 0.5\n[fusers.behaviour]\nmax_per_kind = 3\n";
 
 fn knowledge(run: &Path) -> BTreeMap<String, String> {
     std::fs::read_to_string(run.join("knowledge.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .map(|v| {
-            (
-                v["id"].as_str().unwrap().to_string(),
-                v["text"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v["text"].as_str().unwrap().to_string()))
         .collect()
 }
 
@@ -43,13 +34,7 @@ fn manifest(run: &Path) -> Value {
 }
 
 fn run(cfg: &Path) {
-    let (r, out) = cli(&[
-        "run",
-        cfg.to_str().unwrap(),
-        "--quiet",
-        "--set",
-        "run.sample_users=4",
-    ]);
+    let (r, out) = cli(&["run", cfg.to_str().unwrap(), "--quiet", "--set", "run.sample_users=4"]);
     assert_eq!(r, Ok(0), "{out}");
 }
 
@@ -78,35 +63,22 @@ fn chatgpt_fuser_against_serve_llm_and_local_llm_agree() {
     let run_dir = d.path().join("runs/via-http");
     let via_http = knowledge(&run_dir);
     assert_eq!(via_http.len(), 4, "{via_http:?}");
-    assert!(
-        via_http.values().all(|t| t.split_whitespace().count() >= 3),
-        "{via_http:?}"
-    );
+    assert!(via_http.values().all(|t| t.split_whitespace().count() >= 3), "{via_http:?}");
 
     // Usage in the manifest is what the server counted.
     let m = &server.metrics;
     assert_eq!(m.requests.load(Ordering::Relaxed), 4);
     let usage = &manifest(&run_dir)["usage"]["fusers0"];
     assert_eq!(usage["requests"], 4);
-    assert_eq!(
-        usage["prompt_tokens"].as_u64().unwrap(),
-        m.prompt_tokens.load(Ordering::Relaxed)
-    );
-    assert_eq!(
-        usage["completion_tokens"].as_u64().unwrap(),
-        m.completion_tokens.load(Ordering::Relaxed)
-    );
+    assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), m.prompt_tokens.load(Ordering::Relaxed));
+    assert_eq!(usage["completion_tokens"].as_u64().unwrap(), m.completion_tokens.load(Ordering::Relaxed));
 
     // Losing the stage's output (a crash before it was complete) repeats no call: the
     // completions come from the fuser's cache.
     std::fs::remove_file(run_dir.join("knowledge.jsonl")).unwrap();
     run(&chatgpt);
     assert_eq!(knowledge(&run_dir), via_http);
-    assert_eq!(
-        m.requests.load(Ordering::Relaxed),
-        4,
-        "a completed call was repeated"
-    );
+    assert_eq!(m.requests.load(Ordering::Relaxed), 4, "a completed call was repeated");
     assert_eq!(manifest(&run_dir)["usage"]["fusers0"]["cache_hits"], 4);
 
     // The in-process fuser on the same model gives the same knowledge.
@@ -131,11 +103,7 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
     })
     .expect("server starts");
     let base = format!("http://{}", server.addr);
-    let models: Value = ureq::get(&format!("{base}/v1/models"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let models: Value = ureq::get(&format!("{base}/v1/models")).call().unwrap().into_json().unwrap();
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
 
     let ask = |content: &str| -> Value {
@@ -143,40 +111,22 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
             "model": "smollm2", "messages": [{"role": "user", "content": content}],
             "max_tokens": 12, "temperature": 0,
         });
-        ureq::post(&format!("{base}/v1/chat/completions"))
-            .send_json(body)
-            .unwrap()
-            .into_json()
-            .unwrap()
+        ureq::post(&format!("{base}/v1/chat/completions")).send_json(body).unwrap().into_json().unwrap()
     };
     let answers: Vec<Value> = std::thread::scope(|s| {
-        let hs: Vec<_> = [
-            "Name a colour.",
-            "Name an animal.",
-            "Name a city.",
-            "Name a fruit.",
-        ]
-        .into_iter()
-        .map(|q| s.spawn(move || ask(q)))
-        .collect();
+        let hs: Vec<_> = ["Name a colour.", "Name an animal.", "Name a city.", "Name a fruit."]
+            .into_iter()
+            .map(|q| s.spawn(move || ask(q)))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for a in &answers {
         assert_eq!(a["object"], "chat.completion");
         assert_eq!(a["model"], "smollm2");
         assert_eq!(a["choices"][0]["message"]["role"], "assistant");
-        assert!(
-            !a["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .is_empty(),
-            "{a}"
-        );
+        assert!(!a["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{a}");
         let u = &a["usage"];
-        assert_eq!(
-            u["total_tokens"].as_u64(),
-            Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
-        );
+        assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
         assert!(["stop", "length"].contains(&a["choices"][0]["finish_reason"].as_str().unwrap()));
     }
     // Four concurrent requests within the gather window share fewer than four batches.
@@ -188,9 +138,7 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
         "model": "smollm2", "messages": [{"role": "user", "content": "Name a city."}],
         "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
     });
-    let resp = ureq::post(&format!("{base}/v1/chat/completions"))
-        .send_json(body)
-        .unwrap();
+    let resp = ureq::post(&format!("{base}/v1/chat/completions")).send_json(body).unwrap();
     assert_eq!(resp.header("Content-Type"), Some("text/event-stream"));
     let events: Vec<String> = resp
         .into_string()
@@ -199,27 +147,13 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
         .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
         .collect();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    assert!(chunks
-        .iter()
-        .all(|c| c["object"] == "chat.completion.chunk"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert!(chunks.len() > 4, "streamed in pieces: {chunks:?}");
-    assert_eq!(
-        text,
-        whole["choices"][0]["message"]["content"].as_str().unwrap()
-    );
-    let finish = chunks
-        .iter()
-        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
-        .unwrap();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
     assert_eq!(finish, whole["choices"][0]["finish_reason"]);
     assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
 
@@ -232,20 +166,12 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
     };
     let e = bad(serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}));
     assert_eq!(e["error"]["param"], "n");
-    let e = bad(
-        serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 3}),
-    );
+    let e = bad(serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 3}));
     assert_eq!(e["error"]["param"], "frequency_penalty");
     let e = bad(serde_json::json!({"messages": []}));
     assert_eq!(e["error"]["param"], "messages");
     let e = bad(serde_json::json!({"messages": "hi"}));
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("invalid request body"),
-        "{e}"
-    );
+    assert!(e["error"]["message"].as_str().unwrap().contains("invalid request body"), "{e}");
     let long = "word ".repeat(9000);
     let e = bad(serde_json::json!({"messages": [{"role": "user", "content": long}]}));
     assert_eq!(e["error"]["code"], "context_length_exceeded");

@@ -34,15 +34,9 @@ fn load(base: &Path, overlays: &[PathBuf], sets: &[&str]) -> anyhow::Result<Load
 fn unknown_component_lists_the_available_ones() {
     let d = tempfile::tempdir().unwrap();
     let cfg = ml100k_config(d.path(), "unknown", "[ranker]\nkind = \"sasrek\"\n");
-    let err = format!(
-        "{:#}",
-        validate(&load(&cfg, &[], &[]).unwrap()).err().unwrap()
-    );
+    let err = format!("{:#}", validate(&load(&cfg, &[], &[]).unwrap()).err().unwrap());
     assert!(err.contains("config key `ranker.kind`"), "{err}");
-    assert!(
-        err.contains("unknown ranker `sasrek`; available rankers: bpr, popularity, sasrec"),
-        "{err}"
-    );
+    assert!(err.contains("unknown ranker `sasrek`; available rankers: bpr, popularity, sasrec"), "{err}");
     assert!(err.contains("unknown.toml"), "{err}");
 }
 
@@ -52,17 +46,9 @@ fn bad_config_names_key_and_file_and_reports_every_error() {
     let cfg = ml100k_config(d.path(), "bad", FULL);
     let overlay = d.path().join("market.toml");
     std::fs::write(&overlay, "[ranker]\nhalf_life_dayz = 3\n\n[[fusers]]\nkind = \"template\"\nmax_per_kind = \"many\"\n").unwrap();
-    let err = format!(
-        "{:#}",
-        validate(&load(&cfg, &[overlay], &[]).unwrap())
-            .err()
-            .unwrap()
-    );
+    let err = format!("{:#}", validate(&load(&cfg, &[overlay], &[]).unwrap()).err().unwrap());
     // The plugin rejects its own unknown key; the host names the full key and the overlay file.
-    assert!(
-        err.contains("config key `ranker.half_life_dayz` (from") && err.contains("market.toml"),
-        "{err}"
-    );
+    assert!(err.contains("config key `ranker.half_life_dayz` (from") && err.contains("market.toml"), "{err}");
     assert!(err.contains("unknown field `half_life_dayz`"), "{err}");
     assert!(err.contains("config key `fusers[0].max_per_kind`"), "{err}");
     assert!(err.contains("2 configuration error(s)"), "{err}");
@@ -87,10 +73,7 @@ fn overlay_swaps_a_component() {
     let overlay = d.path().join("de.toml");
     std::fs::write(
         &overlay,
-        format!(
-            "[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 14\n",
-            lib.display()
-        ),
+        format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 14\n", lib.display()),
     )
     .unwrap();
     let base = run(&load(&cfg, &[], &[]).unwrap(), &RunOptions::default()).unwrap();
@@ -102,15 +85,9 @@ fn overlay_swaps_a_component() {
     let (b, s) = (&base.reports[0], &swapped.reports[0]);
     assert_eq!(b.model, "popularity");
     assert_eq!(s.model, "recency");
-    assert_ne!(
-        b.segments["all"].metrics, s.segments["all"].metrics,
-        "a different ranker gives different figures"
-    );
+    assert_ne!(b.segments["all"].metrics, s.segments["all"].metrics, "a different ranker gives different figures");
     let resolved = std::fs::read_to_string(swapped.run_dir.join("config.resolved.toml")).unwrap();
-    assert!(
-        resolved.contains("recency") && resolved.contains("half_life_days = 14"),
-        "{resolved}"
-    );
+    assert!(resolved.contains("recency") && resolved.contains("half_life_days = 14"), "{resolved}");
 }
 
 #[test]
@@ -118,45 +95,22 @@ fn unchanged_stages_are_skipped_and_a_changed_one_reruns() {
     let d = tempfile::tempdir().unwrap();
     let cfg = ml100k_config(d.path(), "cache", FULL);
     let first = run(&load(&cfg, &[], &[]).unwrap(), &RunOptions::default()).unwrap();
-    assert!(
-        first.stages.iter().all(|(_, s)| *s == StageStart::Fresh),
-        "{:?}",
-        first.stages
-    );
+    assert!(first.stages.iter().all(|(_, s)| *s == StageStart::Fresh), "{:?}", first.stages);
 
     let again = run(&load(&cfg, &[], &[]).unwrap(), &RunOptions::default()).unwrap();
-    assert!(
-        again.stages.iter().all(|(_, s)| *s == StageStart::Skip),
-        "{:?}",
-        again.stages
-    );
+    assert!(again.stages.iter().all(|(_, s)| *s == StageStart::Skip), "{:?}", again.stages);
     assert_eq!(first.reports, again.reports);
 
     // Only the ranker changes: upstream stages are reused.
-    let changed = run(
-        &load(&cfg, &[], &["ranker.half_life_days=20"]).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let changed = run(&load(&cfg, &[], &["ranker.half_life_days=20"]).unwrap(), &RunOptions::default()).unwrap();
     assert_eq!(changed.stage("fuse"), Some(StageStart::Skip));
     assert_eq!(changed.stage("instructions"), Some(StageStart::Skip));
     assert_eq!(changed.stage("tune"), Some(StageStart::Skip));
-    assert_eq!(
-        changed.stage("evaluate.popularity"),
-        Some(StageStart::Fresh)
-    );
+    assert_eq!(changed.stage("evaluate.popularity"), Some(StageStart::Fresh));
 
     // A fuser change invalidates everything downstream of it.
-    let refused = run(
-        &load(&cfg, &[], &["fusers[0].max_per_kind=2"]).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    assert!(
-        refused.stages.iter().all(|(_, s)| *s == StageStart::Fresh),
-        "{:?}",
-        refused.stages
-    );
+    let refused = run(&load(&cfg, &[], &["fusers[0].max_per_kind=2"]).unwrap(), &RunOptions::default()).unwrap();
+    assert!(refused.stages.iter().all(|(_, s)| *s == StageStart::Fresh), "{:?}", refused.stages);
 }
 
 #[test]
@@ -173,8 +127,7 @@ fn an_interrupted_stage_resumes_from_its_journal() {
     // Simulate `kill -9` half-way through fusing: the stage is not marked done, half the users
     // are written and the last line is torn.
     let state_path = full.run_dir.join("stages/fuse.json");
-    let mut state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
     state["done"] = serde_json::Value::Bool(false);
     std::fs::write(&state_path, state.to_string()).unwrap();
     let kept = lines[..400].join("\n") + "\n" + &lines[400][..20];
@@ -182,11 +135,7 @@ fn an_interrupted_stage_resumes_from_its_journal() {
 
     let resumed = run(&loaded, &RunOptions::default()).unwrap();
     assert_eq!(resumed.stage("fuse"), Some(StageStart::Resume));
-    assert_eq!(
-        std::fs::read_to_string(&knowledge).unwrap(),
-        complete,
-        "resumed knowledge equals a clean run's"
-    );
+    assert_eq!(std::fs::read_to_string(&knowledge).unwrap(), complete, "resumed knowledge equals a clean run's");
     assert_eq!(resumed.reports, full.reports);
 }
 
@@ -196,28 +145,12 @@ fn cli_run_and_validate() {
     let cfg = ml100k_config(d.path(), "cli", FULL);
     let (code, out) = cli(&["validate", cfg.to_str().unwrap()]);
     assert_eq!(code, Ok(0), "{out}");
-    assert!(
-        out.contains("ranker") && out.contains("popularity-ranker"),
-        "{out}"
-    );
+    assert!(out.contains("ranker") && out.contains("popularity-ranker"), "{out}");
     let (code, out) = cli(&["run", cfg.to_str().unwrap(), "--quiet"]);
     assert_eq!(code, Ok(0), "{out}");
-    assert!(
-        out.contains("## all (943 users)") && out.contains("| popularity | "),
-        "{out}"
-    );
+    assert!(out.contains("## all (943 users)") && out.contains("| popularity | "), "{out}");
     let run_dir = d.path().join("runs/cli");
-    for f in [
-        "config.resolved.toml",
-        "manifest.json",
-        "knowledge.jsonl",
-        "instructions.jsonl",
-        "artifact.json",
-        "report.json",
-        "report.md",
-        "report.png",
-        "reports/popularity.json",
-    ] {
+    for f in ["config.resolved.toml", "manifest.json", "knowledge.jsonl", "instructions.jsonl", "artifact.json", "report.json", "report.md", "report.png", "reports/popularity.json"] {
         assert!(run_dir.join(f).exists(), "{f} missing");
     }
     let (code, out) = cli(&["frobnicate"]);

@@ -9,11 +9,7 @@ use recfuse_sdk::ffi::ComponentKind;
 use std::path::Path;
 
 fn load(path: &Path) -> LoadedConfig {
-    LoadedConfig::load(&ConfigSources {
-        base: path.to_path_buf(),
-        ..Default::default()
-    })
-    .expect("config loads")
+    LoadedConfig::load(&ConfigSources { base: path.to_path_buf(), ..Default::default() }).expect("config loads")
 }
 
 #[test]
@@ -23,13 +19,9 @@ fn third_party_plugin_loads_and_runs_in_a_pipeline() {
     let cfg = ml100k_config(
         d.path(),
         "recency",
-        &format!(
-            "[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 30\n",
-            lib.display()
-        ),
+        &format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 30\n", lib.display()),
     );
-    let outcome =
-        run(&load(&cfg), &RunOptions::default()).expect("pipeline with a dynamic ranker runs");
+    let outcome = run(&load(&cfg), &RunOptions::default()).expect("pipeline with a dynamic ranker runs");
     let report = outcome.reports.into_iter().next().expect("evaluated");
     assert_eq!(report.model, "recency");
     let all = &report.segments["all"];
@@ -38,23 +30,13 @@ fn third_party_plugin_loads_and_runs_in_a_pipeline() {
     // Better than a random ranking of ~1600 items (HR@10 ≈ 0.006), and a plausible figure.
     assert!(hr10 > 0.03 && hr10 < 0.5, "HR@10 {hr10}");
 
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(outcome.run_dir.join("manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let ranker = manifest["components"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["kind"] == "ranker")
-        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(outcome.run_dir.join("manifest.json")).unwrap()).unwrap();
+    let ranker = manifest["components"].as_array().unwrap().iter().find(|c| c["kind"] == "ranker").unwrap();
     assert_eq!(ranker["plugin"], "recency-ranker");
     assert_eq!(ranker["version"], "0.3.1");
     assert_eq!(ranker["abi"]["major"], 1);
-    assert!(ranker["origin"]
-        .as_str()
-        .unwrap()
-        .ends_with("librecency_ranker.so"));
+    assert!(ranker["origin"].as_str().unwrap().ends_with("librecency_ranker.so"));
 }
 
 #[test]
@@ -62,34 +44,16 @@ fn plugins_command_lists_dynamic_components_with_origin_and_abi() {
     let lib = recency_plugin();
     let (code, out) = cli(&["plugins", "--path", lib.to_str().unwrap()]);
     assert_eq!(code, Ok(0), "{out}");
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("ranker") && l.contains("recency "))
-        .expect(&out);
+    let line = out.lines().find(|l| l.starts_with("ranker") && l.contains("recency ")).expect(&out);
     let abi = recfuse_sdk::SDK_ABI_VERSION.to_string();
-    assert!(
-        line.contains("recency-ranker") && line.contains("0.3.1") && line.contains(&abi),
-        "{line}"
-    );
+    assert!(line.contains("recency-ranker") && line.contains("0.3.1") && line.contains(&abi), "{line}");
     assert!(line.contains("librecency_ranker.so"), "{line}");
     // The component's description follows its line.
-    let next = out
-        .lines()
-        .skip_while(|l| *l != line)
-        .nth(1)
-        .unwrap_or_default();
-    assert_eq!(
-        next.trim(),
-        "time-decayed popularity: what is hot at the end of train",
-        "{out}"
-    );
+    let next = out.lines().skip_while(|l| *l != line).nth(1).unwrap_or_default();
+    assert_eq!(next.trim(), "time-decayed popularity: what is hot at the end of train", "{out}");
     // Built-ins are listed too, one per kind at least.
     for kind in ["source", "fuser", "instructions", "tuner", "ranker"] {
-        assert!(
-            out.lines()
-                .any(|l| l.starts_with(kind) && l.ends_with("builtin")),
-            "no builtin {kind}:\n{out}"
-        );
+        assert!(out.lines().any(|l| l.starts_with(kind) && l.ends_with("builtin")), "no builtin {kind}:\n{out}");
     }
 }
 
@@ -111,36 +75,19 @@ fn files_that_are_not_plugins_give_clear_errors() {
     std::fs::write(&text, "just text").unwrap();
     let mut reg = Registry::empty();
     let err = format!("{:#}", reg.load_library(&text).err().unwrap());
-    assert!(
-        err.contains("notes.so") && err.contains("is not a loadable plugin library"),
-        "{err}"
-    );
+    assert!(err.contains("notes.so") && err.contains("is not a loadable plugin library"), "{err}");
 
-    let missing = format!(
-        "{:#}",
-        reg.load_library(&d.path().join("absent.so")).err().unwrap()
-    );
-    assert!(
-        missing.contains("absent.so") && missing.contains("not found"),
-        "{missing}"
-    );
+    let missing = format!("{:#}", reg.load_library(&d.path().join("absent.so")).err().unwrap());
+    assert!(missing.contains("absent.so") && missing.contains("not found"), "{missing}");
 
     // A real shared library that is not a recfuse plugin.
-    let libm = [
-        "/lib/x86_64-linux-gnu/libm.so.6",
-        "/usr/lib/x86_64-linux-gnu/libm.so.6",
-        "/usr/lib64/libm.so.6",
-        "/lib64/libm.so.6",
-    ]
-    .iter()
-    .map(Path::new)
-    .find(|p| p.exists())
-    .expect("libm present");
+    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6", "/lib64/libm.so.6"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("libm present");
     let err = format!("{:#}", reg.load_library(libm).err().unwrap());
-    assert!(
-        err.contains("not a recfuse plugin") && err.contains("recfuse_plugin_abi"),
-        "{err}"
-    );
+    assert!(err.contains("not a recfuse plugin") && err.contains("recfuse_plugin_abi"), "{err}");
 
     // In a plugin directory, the bad file is reported and the good plugin still loads.
     let dir = d.path().join("plugins");
@@ -159,26 +106,14 @@ fn files_that_are_not_plugins_give_clear_errors() {
 fn a_panicking_plugin_gives_an_error_and_the_host_goes_on() {
     let lib = panicky_plugin();
     let d = tempfile::tempdir().unwrap();
-    for (where_, expect) in [
-        ("new", "told to panic in new"),
-        ("fit", "index out of bounds"),
-        ("score", "told to panic in score"),
-    ] {
+    for (where_, expect) in [("new", "told to panic in new"), ("fit", "index out of bounds"), ("score", "told to panic in score")] {
         let cfg = ml100k_config(
             d.path(),
             &format!("panic-{where_}"),
             &format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"panicky\"\npanic_in = \"{where_}\"\n", lib.display()),
         );
-        let err = format!(
-            "{:#}",
-            run(&load(&cfg), &RunOptions::default())
-                .err()
-                .expect("the panic is an error")
-        );
-        assert!(
-            err.contains("plugin panicked") && err.contains(expect),
-            "{where_}: {err}"
-        );
+        let err = format!("{:#}", run(&load(&cfg), &RunOptions::default()).err().expect("the panic is an error"));
+        assert!(err.contains("plugin panicked") && err.contains(expect), "{where_}: {err}");
     }
     // The same process goes on and runs a healthy pipeline.
     let cfg = ml100k_config(d.path(), "healthy", "[ranker]\nkind = \"popularity\"\n");
@@ -204,38 +139,22 @@ fn host_services_reach_the_plugin_logging_and_cancellation() {
     }
     let sink = Sink::default();
     let writer = sink.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
 
     let lib = recency_plugin();
     let d = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 7\n",
-        lib.display()
-    );
+    let extra = format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 7\n", lib.display());
     let cfg = load(&ml100k_config(d.path(), "services", &extra));
     tracing::subscriber::with_default(subscriber, || {
         run(&cfg, &RunOptions::default()).expect("runs");
     });
     let logs = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("recency fitted on"))
-        .unwrap_or_else(|| panic!("plugin log missing:\n{logs}"));
-    assert!(
-        line.contains("recfuse::plugin") && line.contains("component=\"ranker\""),
-        "{line}"
-    );
+    let line = logs.lines().find(|l| l.contains("recency fitted on")).unwrap_or_else(|| panic!("plugin log missing:\n{logs}"));
+    assert!(line.contains("recfuse::plugin") && line.contains("component=\"ranker\""), "{line}");
 
     // A cancelled run stops inside the plugin's fit, with an error, and the next run finishes.
     let cancel = Arc::new(AtomicBool::new(true));
-    let opts = RunOptions {
-        cancel: cancel.clone(),
-        run_dir: Some(d.path().join("cancelled")),
-        ..Default::default()
-    };
+    let opts = RunOptions { cancel: cancel.clone(), run_dir: Some(d.path().join("cancelled")), ..Default::default() };
     let err = format!("{:#}", run(&cfg, &opts).err().expect("cancelled"));
     assert!(err.contains("cancelled"), "{err}");
     cancel.store(false, Ordering::Relaxed);

@@ -12,67 +12,28 @@ use std::collections::{BTreeMap, HashSet};
 /// The stage's outputs, for its key check.
 pub const OUTPUTS: [&str; 2] = ["knowledge.jsonl", "item_knowledge.jsonl"];
 
-pub fn run(
-    r: &mut Runner,
-    fusers: &mut [FuserHandle],
-    history: &ViewData,
-    batch: usize,
-) -> Result<()> {
+pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch: usize) -> Result<()> {
     for f in fusers.iter_mut() {
         f.prepare(history)?;
     }
     let catalog = &history.catalog;
     let names: Vec<String> = fusers.iter().map(|f| f.provenance.name.clone()).collect();
-    let users: Vec<(u32, String)> = catalog
-        .users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| (i as u32, u.id.clone()))
-        .collect();
-    fuse_side(
-        r,
-        Side::Users,
-        &users,
-        batch,
-        |users| {
-            let mut out: Vec<Vec<(u32, String, Vec<NamedVector>)>> = Vec::new();
-            for f in fusers.iter_mut() {
-                out.push(
-                    f.fuse(history, users)?
-                        .into_iter()
-                        .map(|k| (k.user, k.text, k.vectors))
-                        .collect(),
-                );
-            }
-            Ok(out)
-        },
-        &names,
-    )?;
-    let items: Vec<(u32, String)> = catalog
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| (i as u32, it.id.clone()))
-        .collect();
-    fuse_side(
-        r,
-        Side::Items,
-        &items,
-        batch,
-        |items| {
-            let mut out = Vec::new();
-            for f in fusers.iter_mut() {
-                out.push(
-                    f.fuse_items(history, items)?
-                        .into_iter()
-                        .map(|k| (k.item, k.text, k.vectors))
-                        .collect(),
-                );
-            }
-            Ok(out)
-        },
-        &[],
-    )
+    let users: Vec<(u32, String)> = catalog.users.iter().enumerate().map(|(i, u)| (i as u32, u.id.clone())).collect();
+    fuse_side(r, Side::Users, &users, batch, |users| {
+        let mut out: Vec<Vec<(u32, String, Vec<NamedVector>)>> = Vec::new();
+        for f in fusers.iter_mut() {
+            out.push(f.fuse(history, users)?.into_iter().map(|k| (k.user, k.text, k.vectors)).collect());
+        }
+        Ok(out)
+    }, &names)?;
+    let items: Vec<(u32, String)> = catalog.items.iter().enumerate().map(|(i, it)| (i as u32, it.id.clone())).collect();
+    fuse_side(r, Side::Items, &items, batch, |items| {
+        let mut out = Vec::new();
+        for f in fusers.iter_mut() {
+            out.push(f.fuse_items(history, items)?.into_iter().map(|k| (k.item, k.text, k.vectors)).collect());
+        }
+        Ok(out)
+    }, &[])
 }
 
 /// Fuses one side in batches, resuming after the indices already journaled. `fuse` returns, per
@@ -101,18 +62,11 @@ fn fuse_side(
         let indices: Vec<u32> = chunk.iter().map(|(i, _)| *i).collect();
         let mut records: Vec<KnowledgeRecord> = chunk
             .iter()
-            .map(|(i, id)| KnowledgeRecord {
-                index: *i,
-                id: id.clone(),
-                text: String::new(),
-                vectors: vec![],
-                errors: vec![],
-            })
+            .map(|(i, id)| KnowledgeRecord { index: *i, id: id.clone(), text: String::new(), vectors: vec![], errors: vec![] })
             .collect();
         let mut vectors: Vec<(u32, NamedVector)> = Vec::new();
         for (f, out) in fuse(&indices)?.into_iter().enumerate() {
-            let mut got: BTreeMap<u32, (String, Vec<NamedVector>)> =
-                out.into_iter().map(|(i, t, v)| (i, (t, v))).collect();
+            let mut got: BTreeMap<u32, (String, Vec<NamedVector>)> = out.into_iter().map(|(i, t, v)| (i, (t, v))).collect();
             for rec in records.iter_mut() {
                 match got.remove(&rec.index) {
                     Some((text, vs)) => {
@@ -127,9 +81,9 @@ fn fuse_side(
                             vectors.push((rec.index, v));
                         }
                     }
-                    None if side == Side::Users => rec
-                        .errors
-                        .push(format!("fuser `{}` returned no knowledge", fusers[f])),
+                    None if side == Side::Users => {
+                        rec.errors.push(format!("fuser `{}` returned no knowledge", fusers[f]))
+                    }
                     None => {}
                 }
             }

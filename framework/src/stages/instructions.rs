@@ -37,18 +37,12 @@ pub fn run(
     let p = &r.cfg.pipeline;
     let (mut journal, done) = Journal::open::<InstructionRecord>(&r.run.path(OUTPUT))?;
     let done: HashSet<UserIdx> = done.iter().map(|k| k.user).collect();
-    let users: Vec<UserIdx> = split
-        .evaluable_users()
-        .into_iter()
-        .filter(|u| !done.contains(u))
-        .collect();
+    let users: Vec<UserIdx> = split.evaluable_users().into_iter().filter(|u| !done.contains(u)).collect();
     let kv = knowledge.view();
     let item_text = |item: ItemIdx| kv.item(item).map(|k| k.text.clone()).unwrap_or_default();
 
     let sampler = NegativeSampler::new(split, dataset, Sampling::Uniform);
-    let bar = r
-        .progress
-        .bar("instructions", (users.len() + done.len()) as u64);
+    let bar = r.progress.bar("instructions", (users.len() + done.len()) as u64);
     bar.inc(done.len() as u64);
     for chunk in users.chunks(p.run.batch_size) {
         r.check_cancel()?;
@@ -57,56 +51,31 @@ pub fn run(
         for &u in chunk {
             let t = split.targets[u as usize];
             let text = kv.user(u).map(|k| k.text.clone()).unwrap_or_default();
-            for (which, item, value) in [
-                (Split::Train, t.train, t.train_value),
-                (Split::Valid, t.valid, t.valid_value),
-                (Split::Test, t.test, f32::NAN),
-            ] {
+            for (which, item, value) in
+                [(Split::Train, t.train, t.train_value), (Split::Valid, t.valid, t.valid_value), (Split::Test, t.test, f32::NAN)]
+            {
                 if item == NONE {
                     continue; // e.g. no validation event in the temporal split's window
                 }
                 let mut rng = SeededRng::new(seed ^ ((u as u64) << 8) ^ which as u64);
                 let value = (!value.is_nan()).then_some(value);
-                let mut targets = vec![Target {
-                    item,
-                    label: 1.0,
-                    value,
-                    knowledge: item_text(item),
-                }];
+                let mut targets = vec![Target { item, label: 1.0, value, knowledge: item_text(item) }];
                 let negatives = sampler.sample(u, p.split.negatives, &mut rng);
-                targets.extend(negatives.into_iter().map(|item| Target {
-                    item,
-                    label: 0.0,
-                    value: None,
-                    knowledge: item_text(item),
-                }));
-                requests.push(InstructionRequest {
-                    user: u,
-                    split: which,
-                    task: String::new(),
-                    knowledge: text.clone(),
-                    targets,
-                });
+                targets.extend(negatives.into_iter().map(|item| Target { item, label: 0.0, value: None, knowledge: item_text(item) }));
+                requests.push(InstructionRequest { user: u, split: which, task: String::new(), knowledge: text.clone(), targets });
             }
         }
-        let mut per_user: BTreeMap<UserIdx, Vec<Instruction>> =
-            chunk.iter().map(|&u| (u, vec![])).collect();
+        let mut per_user: BTreeMap<UserIdx, Vec<Instruction>> = chunk.iter().map(|&u| (u, vec![])).collect();
         for (task, builder) in builders {
             requests.iter_mut().for_each(|q| q.task = task.clone());
-            let out = builder
-                .lock()
-                .map_err(|_| anyhow::anyhow!("builder of `{task}` panicked earlier"))?
-                .build(&split.history, &requests)?;
+            let out = builder.lock().map_err(|_| anyhow::anyhow!("builder of `{task}` panicked earlier"))?.build(&split.history, &requests)?;
             for mut i in out {
                 ensure!(per_user.contains_key(&i.user), "builder of task `{task}` returned an example for user {} it was not asked about", i.user);
                 i.task = task.clone(); // the host's tag: one builder kind may serve two tasks
                 per_user.entry(i.user).or_default().push(i);
             }
         }
-        let records: Vec<InstructionRecord> = per_user
-            .into_iter()
-            .map(|(user, instructions)| InstructionRecord { user, instructions })
-            .collect();
+        let records: Vec<InstructionRecord> = per_user.into_iter().map(|(user, instructions)| InstructionRecord { user, instructions }).collect();
         journal.append(&records)?;
         bar.inc(chunk.len() as u64);
     }

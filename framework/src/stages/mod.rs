@@ -29,47 +29,30 @@ pub struct Runner<'a> {
 impl Runner<'_> {
     pub fn check_cancel(&self) -> Result<()> {
         if self.opts.cancel.load(Ordering::Relaxed) {
-            bail!(
-                "cancelled; rerun the same command to resume from {}",
-                self.run.root.display()
-            );
+            bail!("cancelled; rerun the same command to resume from {}", self.run.root.display());
         }
         Ok(())
     }
 
     /// Copies each component's `usage.json` into the manifest.
     pub fn record_usage(&mut self) -> Result<()> {
-        let Ok(dirs) = std::fs::read_dir(self.run.path("components")) else {
-            return Ok(());
-        };
+        let Ok(dirs) = std::fs::read_dir(self.run.path("components")) else { return Ok(()) };
         for dir in dirs.flatten() {
             let path = dir.path().join("usage.json");
             if let Ok(text) = std::fs::read_to_string(&path) {
-                let v = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not JSON", path.display()))?;
-                self.manifest
-                    .usage
-                    .insert(dir.file_name().to_string_lossy().into_owned(), v);
+                let v = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+                self.manifest.usage.insert(dir.file_name().to_string_lossy().into_owned(), v);
             }
         }
         self.save_manifest()
     }
 
     pub fn save_manifest(&self) -> Result<()> {
-        write_atomic(
-            &self.run.path("manifest.json"),
-            serde_json::to_string_pretty(&self.manifest)?.as_bytes(),
-        )
+        write_atomic(&self.run.path("manifest.json"), serde_json::to_string_pretty(&self.manifest)?.as_bytes())
     }
 
     /// Runs `body` as stage `name` unless its key says it is already done.
-    pub fn stage(
-        &mut self,
-        name: &str,
-        key: &str,
-        artifacts: &[&str],
-        body: impl FnOnce(&mut Self, StageStart) -> Result<()>,
-    ) -> Result<()> {
+    pub fn stage(&mut self, name: &str, key: &str, artifacts: &[&str], body: impl FnOnce(&mut Self, StageStart) -> Result<()>) -> Result<()> {
         let start = self.run.begin(name, key, artifacts)?;
         self.stages.push((name.to_string(), start));
         let t = Instant::now();
@@ -90,3 +73,4 @@ impl Runner<'_> {
         self.save_manifest()
     }
 }
+

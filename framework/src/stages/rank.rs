@@ -7,7 +7,7 @@
 //! directory first, so checkpoints of another configuration are never resumed.
 
 use super::Runner;
-use crate::eval::{self, Report, RerankInfo};
+use crate::eval::{self, RerankInfo, Report};
 use crate::handles::{FitData, RankerHandle};
 use crate::runstore::write_atomic;
 use anyhow::{Context, Result};
@@ -53,22 +53,13 @@ pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> R
     }
     let dir = model_dir(r, &slot.label);
     let state_path = dir.join("fit.json");
-    let state: Option<FitState> = std::fs::read_to_string(&state_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let data = FitData {
-        model_dir: Some(&dir),
-        ..*data
-    };
+    let state: Option<FitState> = std::fs::read_to_string(&state_path).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let data = FitData { model_dir: Some(&dir), ..*data };
     match state {
         Some(s) if s.key == slot.fit_key && s.saved => {
             let t = Instant::now();
             if slot.handle.load(&data, &dir)? {
-                tracing::info!(
-                    ranker = slot.label.as_str(),
-                    seconds = t.elapsed().as_secs_f64(),
-                    "restored saved model"
-                );
+                tracing::info!(ranker = slot.label.as_str(), seconds = t.elapsed().as_secs_f64(), "restored saved model");
                 slot.obtained = Some(ModelStart::Restored);
                 return Ok(());
             }
@@ -76,36 +67,17 @@ pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> R
         Some(s) if s.key == slot.fit_key => {} // same fit, interrupted or unsaveable: keep its checkpoints
         _ => {
             if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("clearing {}", dir.display()))?;
+                std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
             }
         }
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(
-        &state_path,
-        serde_json::to_string(&FitState {
-            key: slot.fit_key.clone(),
-            saved: false,
-        })?
-        .as_bytes(),
-    )?;
+    write_atomic(&state_path, serde_json::to_string(&FitState { key: slot.fit_key.clone(), saved: false })?.as_bytes())?;
     let t = Instant::now();
     slot.handle.fit(&data)?;
-    tracing::info!(
-        ranker = slot.label.as_str(),
-        seconds = t.elapsed().as_secs_f64(),
-        "ranker fitted"
-    );
+    tracing::info!(ranker = slot.label.as_str(), seconds = t.elapsed().as_secs_f64(), "ranker fitted");
     let saved = slot.handle.save(&dir)?;
-    write_atomic(
-        &state_path,
-        serde_json::to_string(&FitState {
-            key: slot.fit_key.clone(),
-            saved,
-        })?
-        .as_bytes(),
-    )?;
+    write_atomic(&state_path, serde_json::to_string(&FitState { key: slot.fit_key.clone(), saved })?.as_bytes())?;
     slot.obtained = Some(ModelStart::Fitted);
     Ok(())
 }
@@ -126,30 +98,13 @@ pub fn evaluate(
     let label = slots[i].label.clone();
     let bar = r.progress.bar(&label, ctx.users.len() as u64);
     let t = Instant::now();
-    let info = first.map(|(f, top)| RerankInfo {
-        from: slots[f].label.clone(),
-        top,
-    });
+    let info = first.map(|(f, top)| RerankInfo { from: slots[f].label.clone(), top });
     let first_stage = first.map(|(f, _)| &slots[f].handle).zip(info.as_ref());
-    let rep = eval::evaluate(
-        &slots[i].handle,
-        first_stage,
-        &label,
-        ctx.split,
-        ctx.cfg,
-        ctx.users,
-        ctx.negatives,
-        ctx.batch_size,
-        |n| {
-            bar.inc(n as u64);
-            r.check_cancel()
-        },
-    )?;
+    let rep = eval::evaluate(&slots[i].handle, first_stage, &label, ctx.split, ctx.cfg, ctx.users, ctx.negatives, ctx.batch_size, |n| {
+        bar.inc(n as u64);
+        r.check_cancel()
+    })?;
     bar.finish_and_clear();
-    tracing::info!(
-        ranker = label.as_str(),
-        seconds = t.elapsed().as_secs_f64(),
-        "evaluated"
-    );
+    tracing::info!(ranker = label.as_str(), seconds = t.elapsed().as_secs_f64(), "evaluated");
     Ok(rep)
 }

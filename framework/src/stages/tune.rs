@@ -11,38 +11,20 @@ use recfuse_sdk::records::*;
 
 pub const OUTPUTS: [&str; 2] = ["tuner", "artifact.json"];
 
-pub fn run(
-    r: &mut Runner,
-    tuner: &mut TunerHandle,
-    history: &ViewData,
-    knowledge: &KnowledgeBase,
-) -> Result<()> {
+pub fn run(r: &mut Runner, tuner: &mut TunerHandle, history: &ViewData, knowledge: &KnowledgeBase) -> Result<()> {
     let records: Vec<InstructionRecord> = read_journal(&r.run.path(INSTRUCTIONS))?;
     let all = records.into_iter().flat_map(|x| x.instructions);
-    let (train, rest): (Vec<Instruction>, Vec<Instruction>) =
-        all.partition(|i| i.split == Split::Train);
-    let valid: Vec<Instruction> = rest
-        .into_iter()
-        .filter(|i| i.split == Split::Valid)
-        .collect();
+    let (train, rest): (Vec<Instruction>, Vec<Instruction>) = all.partition(|i| i.split == Split::Train);
+    let valid: Vec<Instruction> = rest.into_iter().filter(|i| i.split == Split::Valid).collect();
     let out_dir = r.run.path("tuner");
     std::fs::create_dir_all(&out_dir)?;
-    let inputs = TuneInputs {
-        train: &train,
-        valid: &valid,
-        knowledge: &knowledge.users,
-        item_knowledge: &knowledge.items,
-    };
+    let inputs = TuneInputs { train: &train, valid: &valid, knowledge: &knowledge.users, item_knowledge: &knowledge.items };
     let a = tuner.tune(history, &inputs, &out_dir)?;
-    write_atomic(
-        &r.run.path("artifact.json"),
-        serde_json::to_string_pretty(&a)?.as_bytes(),
-    )
+    write_atomic(&r.run.path("artifact.json"), serde_json::to_string_pretty(&a)?.as_bytes())
 }
 
 /// The artifact a finished tune stage left.
 pub fn artifact(r: &Runner) -> Result<Artifact> {
-    let text =
-        std::fs::read_to_string(r.run.path("artifact.json")).context("reading artifact.json")?;
+    let text = std::fs::read_to_string(r.run.path("artifact.json")).context("reading artifact.json")?;
     serde_json::from_str(&text).context("artifact.json")
 }

@@ -84,43 +84,22 @@ struct Table {
 
 impl Table {
     fn open(path: &Path) -> Result<Table> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let header = text.lines().next().with_context(|| {
-            format!(
-                "{}: empty file, expected a `field:type` header",
-                path.display()
-            )
-        })?;
-        let fields = header
-            .split('\t')
-            .map(|f| f.split(':').next().unwrap_or("").trim().to_string())
-            .collect();
-        Ok(Table {
-            path: path.to_path_buf(),
-            text,
-            fields,
-        })
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let header = text.lines().next().with_context(|| format!("{}: empty file, expected a `field:type` header", path.display()))?;
+        let fields = header.split('\t').map(|f| f.split(':').next().unwrap_or("").trim().to_string()).collect();
+        Ok(Table { path: path.to_path_buf(), text, fields })
     }
 
     fn column(&self, name: &str) -> Result<usize> {
-        self.fields.iter().position(|f| f == name).with_context(|| {
-            format!(
-                "{}: no column `{name}` (columns: {})",
-                self.path.display(),
-                self.fields.join(", ")
-            )
-        })
+        self.fields
+            .iter()
+            .position(|f| f == name)
+            .with_context(|| format!("{}: no column `{name}` (columns: {})", self.path.display(), self.fields.join(", ")))
     }
 
     /// Calls `f(line_number, fields)` for every data row; a row with the wrong number of
     /// columns is an error naming file and line, or skipped and counted when `lenient`.
-    fn rows(
-        &self,
-        lenient: bool,
-        host: &Host,
-        mut f: impl FnMut(usize, &[&str]) -> Result<()>,
-    ) -> Result<u64> {
+    fn rows(&self, lenient: bool, host: &Host, mut f: impl FnMut(usize, &[&str]) -> Result<()>) -> Result<u64> {
         let mut skipped = 0;
         let mut cols: Vec<&str> = Vec::with_capacity(self.fields.len());
         for (n, line) in self.text.lines().enumerate().skip(1) {
@@ -155,10 +134,7 @@ impl Table {
 impl AtomicSource {
     /// Index of the first kind rule matching `rating`.
     fn kind_for(&self, rating: f32) -> Option<usize> {
-        self.cfg
-            .kind_rules
-            .iter()
-            .position(|r| r.min.is_none_or(|m| rating >= m) && r.max.is_none_or(|m| rating <= m))
+        self.cfg.kind_rules.iter().position(|r| r.min.is_none_or(|m| rating >= m) && r.max.is_none_or(|m| rating <= m))
     }
 
     /// Knowledge-graph facts (`NAME.link`: item → entity, `NAME.kg`: head, relation, tail) become
@@ -166,31 +142,19 @@ impl AtomicSource {
     /// is the item's entity.
     fn attach_kg(&self, base: &Path, b: &mut DatasetBuilder) -> Result<()> {
         let link = Table::open(&base.with_extension("link"))?;
-        let (li, le) = (
-            link.column(&self.cfg.item_field)?,
-            link.column("entity_id")?,
-        );
+        let (li, le) = (link.column(&self.cfg.item_field)?, link.column("entity_id")?);
         let mut entity_item: std::collections::HashMap<String, String> = Default::default();
         link.rows(self.cfg.lenient, &self.host, |_, row| {
             entity_item.insert(row[le].to_string(), row[li].to_string());
             Ok(())
         })?;
         let kg = Table::open(&base.with_extension("kg"))?;
-        let (h, r, t) = (
-            kg.column("head_id")?,
-            kg.column("relation_id")?,
-            kg.column("tail_id")?,
-        );
+        let (h, r, t) = (kg.column("head_id")?, kg.column("relation_id")?, kg.column("tail_id")?);
         let mut facts: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
         kg.rows(self.cfg.lenient, &self.host, |_, row| {
             if let Some(item) = entity_item.get(row[h]) {
                 let rel = row[r].rsplit('.').next().unwrap_or(row[r]);
-                facts
-                    .entry(item.clone())
-                    .or_default()
-                    .entry(format!("kg.{rel}"))
-                    .or_default()
-                    .push(row[t].to_string());
+                facts.entry(item.clone()).or_default().entry(format!("kg.{rel}")).or_default().push(row[t].to_string());
             }
             Ok(())
         })?;
@@ -209,16 +173,11 @@ impl AtomicSource {
 
 impl BehaviorSource for AtomicSource {
     type Config = AtomicConfig;
-    const DESCRIPTION: &'static str =
-        "RecBole atomic files (.inter/.item/.user), e.g. MovieLens-100K/1M";
+    const DESCRIPTION: &'static str = "RecBole atomic files (.inter/.item/.user), e.g. MovieLens-100K/1M";
 
     fn new(cfg: AtomicConfig, host: Host) -> Result<Self> {
         for r in &cfg.kind_rules {
-            ensure!(
-                r.min.is_some() || r.max.is_some(),
-                "kind_rules: rule for `{}` needs `min` or `max`",
-                r.kind
-            );
+            ensure!(r.min.is_some() || r.max.is_some(), "kind_rules: rule for `{}` needs `min` or `max`", r.kind);
         }
         Ok(Self { cfg, host })
     }
@@ -253,13 +212,7 @@ impl BehaviorSource for AtomicSource {
             let t = Table::open(&user_path)?;
             let id = t.column(&self.cfg.user_field)?;
             let skipped = t.rows(lenient, &self.host, |_, row| {
-                let attrs = t
-                    .fields
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != id)
-                    .map(|(i, f)| (f.clone(), row[i].to_string()))
-                    .collect();
+                let attrs = t.fields.iter().enumerate().filter(|(i, _)| *i != id).map(|(i, f)| (f.clone(), row[i].to_string())).collect();
                 b.describe_user(row[id], attrs);
                 Ok(())
             })?;
@@ -280,25 +233,14 @@ impl BehaviorSource for AtomicSource {
             t.column(&self.cfg.time_field)?,
         );
         let scenario = b.scenario("");
-        let kinds: Vec<u32> = self
-            .cfg
-            .kind_rules
-            .iter()
-            .map(|k| b.kind(&k.kind))
-            .collect();
+        let kinds: Vec<u32> = self.cfg.kind_rules.iter().map(|k| b.kind(&k.kind)).collect();
         let default_kind = b.kind(&self.cfg.default_kind);
         let mut bad = 0u64;
         let skipped = t.rows(lenient, &self.host, |line, row| {
-            let parsed = row[r]
-                .parse::<f32>()
-                .map_err(|e| (r, e.to_string()))
-                .and_then(|rating| {
-                    // Timestamps are written as floats by some exports ("881250949.0").
-                    row[ts]
-                        .parse::<f64>()
-                        .map(|t| (rating, t as i64))
-                        .map_err(|e| (ts, e.to_string()))
-                });
+            let parsed = row[r].parse::<f32>().map_err(|e| (r, e.to_string())).and_then(|rating| {
+                // Timestamps are written as floats by some exports ("881250949.0").
+                row[ts].parse::<f64>().map(|t| (rating, t as i64)).map_err(|e| (ts, e.to_string()))
+            });
             let (rating, timestamp) = match parsed {
                 Ok(v) => v,
                 Err((col, e)) => {
@@ -306,30 +248,14 @@ impl BehaviorSource for AtomicSource {
                         bad += 1;
                         return Ok(());
                     }
-                    bail!(
-                        "{}:{line}: column `{}`: {e}: {:?}",
-                        inter_path.display(),
-                        t.fields[col],
-                        row[col]
-                    );
+                    bail!("{}:{line}: column `{}`: {e}: {:?}", inter_path.display(), t.fields[col], row[col]);
                 }
             };
             if self.cfg.min_rating.is_some_and(|m| rating < m) {
                 return Ok(());
             }
-            let kind = self
-                .kind_for(rating)
-                .map(|k| kinds[k])
-                .unwrap_or(default_kind);
-            let event = Event {
-                user: b.user(row[u]),
-                item: b.item(row[i]),
-                kind,
-                scenario,
-                subject: NONE,
-                value: rating,
-                timestamp,
-            };
+            let kind = self.kind_for(rating).map(|k| kinds[k]).unwrap_or(default_kind);
+            let event = Event { user: b.user(row[u]), item: b.item(row[i]), kind, scenario, subject: NONE, value: rating, timestamp };
             b.event(event);
             Ok(())
         })?;
@@ -351,10 +277,7 @@ mod tests {
     use std::io::Write;
 
     fn write(dir: &Path, name: &str, body: &str) {
-        File::create(dir.join(name))
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
+        File::create(dir.join(name)).unwrap().write_all(body.as_bytes()).unwrap();
     }
 
     fn cfg(dir: &Path, lenient: bool) -> AtomicConfig {
@@ -375,15 +298,8 @@ mod tests {
     fn maps_ratings_to_kinds_and_reads_profiles() {
         let d = tempfile::tempdir().unwrap();
         toy(d.path(), "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t5\t100\n7\t2\t1\t101.0\n7\t2\t3\t102\n");
-        let ds = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0))
-            .unwrap()
-            .load()
-            .unwrap();
-        let kinds: Vec<&str> = ds
-            .events
-            .iter()
-            .map(|e| ds.catalog.kind_name(e.kind))
-            .collect();
+        let ds = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0)).unwrap().load().unwrap();
+        let kinds: Vec<&str> = ds.events.iter().map(|e| ds.catalog.kind_name(e.kind)).collect();
         assert_eq!(kinds, vec!["like", "dislike", "rate"]);
         assert_eq!(ds.events[1].timestamp, 101);
         assert_eq!(ds.catalog.items[0].title, "Toy Story");
@@ -396,17 +312,10 @@ mod tests {
     fn bad_line_names_file_line_and_column() {
         let d = tempfile::tempdir().unwrap();
         toy(d.path(), "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t5\t100\n7\t2\tfive\t101\n");
-        let err = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0))
-            .unwrap()
-            .load()
-            .unwrap_err()
-            .to_string();
+        let err = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0)).unwrap().load().unwrap_err().to_string();
         assert!(err.contains("toy.inter:3: column `rating`"), "{err}");
 
-        let ds = AtomicSource::new(cfg(d.path(), true), Host::standalone(d.path(), 0))
-            .unwrap()
-            .load()
-            .unwrap();
+        let ds = AtomicSource::new(cfg(d.path(), true), Host::standalone(d.path(), 0)).unwrap().load().unwrap();
         assert_eq!((ds.events.len(), ds.skipped), (1, 1));
     }
 }

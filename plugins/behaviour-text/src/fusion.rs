@@ -12,8 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-pub const SYSTEM: &str =
-    "You are a recommendation assistant. You fuse a user's heterogeneous behaviour \
+pub const SYSTEM: &str = "You are a recommendation assistant. You fuse a user's heterogeneous behaviour \
 (ratings, clicks, orders, searches, tags, across items, shops and scenarios) into one concise \
 description of the user's interests and preferences.";
 pub const USER: &str = "Behaviour of user {{ user }}:\n{{ behaviour }}\n\nDescribe this user's preferences in \
@@ -33,46 +32,25 @@ pub struct FusionPrompt {
 }
 
 impl FusionPrompt {
-    pub fn new(
-        system: Option<String>,
-        user: Option<String>,
-        behaviour: Option<BehaviourConfig>,
-    ) -> Result<Self> {
+    pub fn new(system: Option<String>, user: Option<String>, behaviour: Option<BehaviourConfig>) -> Result<Self> {
         let behaviour = match behaviour {
             Some(b) => b,
             None => BehaviourConfig::default(),
         };
         let mut env = Environment::new();
-        env.add_template_owned("system", system.unwrap_or_else(|| SYSTEM.into()))
-            .context("system_prompt does not parse")?;
-        env.add_template_owned("user", user.unwrap_or_else(|| USER.into()))
-            .context("user_prompt does not parse")?;
-        Ok(Self {
-            behaviour: BehaviourWriter::new(behaviour)?,
-            env,
-        })
+        env.add_template_owned("system", system.unwrap_or_else(|| SYSTEM.into())).context("system_prompt does not parse")?;
+        env.add_template_owned("user", user.unwrap_or_else(|| USER.into())).context("user_prompt does not parse")?;
+        Ok(Self { behaviour: BehaviourWriter::new(behaviour)?, env })
     }
 
     pub fn messages(&self, view: &TrainView, user: UserIdx) -> Result<Vec<ChatMessage>> {
         let behaviour = self.behaviour.render(view, user)?;
         let id = &view.catalog.users[user as usize].id;
-        let system = self
-            .env
-            .get_template("system")?
-            .render(context! { user => id })?;
-        let prompt = self
-            .env
-            .get_template("user")?
-            .render(context! { user => id, behaviour })?;
+        let system = self.env.get_template("system")?.render(context! { user => id })?;
+        let prompt = self.env.get_template("user")?.render(context! { user => id, behaviour })?;
         Ok(vec![
-            ChatMessage {
-                role: "system".into(),
-                content: system,
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: prompt,
-            },
+            ChatMessage { role: "system".into(), content: system },
+            ChatMessage { role: "user".into(), content: prompt },
         ])
     }
 }
@@ -105,10 +83,7 @@ impl CompletionCache {
                 }
             }
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            entries: Mutex::new(entries),
-        })
+        Ok(Self { path: path.to_path_buf(), entries: Mutex::new(entries) })
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Completion>> {
@@ -163,7 +138,6 @@ pub struct Usage {
 impl Usage {
     pub fn save(&self, host: &Host) -> Result<()> {
         let path = host.run_dir().join("usage.json");
-        std::fs::write(&path, serde_json::to_string_pretty(self)?)
-            .with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", path.display()))
     }
 }

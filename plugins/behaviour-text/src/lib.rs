@@ -16,8 +16,7 @@ use recfuse_sdk::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-const DEFAULT_GROUP: &str =
-    "{{ kind }}{% if scenario %} ({{ scenario }}){% endif %}, {{ count }} in total, recently: \
+const DEFAULT_GROUP: &str = "{{ kind }}{% if scenario %} ({{ scenario }}){% endif %}, {{ count }} in total, recently: \
 {{ (items + subjects) | join('; ') }}.";
 const DEFAULT_PROFILE: &str =
     "{% if attrs %}Profile: {% for k, v in attrs | dictsort %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.{% endif %}";
@@ -72,30 +71,18 @@ impl BehaviourWriter {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         let mut sources: BTreeMap<String, String> = cfg.templates.clone();
-        sources
-            .entry("default".into())
-            .or_insert_with(|| DEFAULT_GROUP.into());
+        sources.entry("default".into()).or_insert_with(|| DEFAULT_GROUP.into());
         for (kind, path) in &cfg.template_files {
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!("template_files.{kind}: cannot read {}", path.display())
-            })?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("template_files.{kind}: cannot read {}", path.display()))?;
             sources.insert(kind.clone(), text);
         }
-        sources.insert(
-            "profile".into(),
-            cfg.profile
-                .clone()
-                .unwrap_or_else(|| DEFAULT_PROFILE.into()),
-        );
+        sources.insert("profile".into(), cfg.profile.clone().unwrap_or_else(|| DEFAULT_PROFILE.into()));
         for (name, text) in sources {
-            env.add_template_owned(name.clone(), text)
-                .with_context(|| format!("template for `{name}` does not parse"))?;
+            env.add_template_owned(name.clone(), text).with_context(|| format!("template for `{name}` does not parse"))?;
         }
         ensure!(cfg.max_per_kind > 0, "max_per_kind must be at least 1");
-        ensure!(
-            cfg.max_age_days.is_none_or(|d| d >= 0.0),
-            "max_age_days must not be negative"
-        );
+        ensure!(cfg.max_age_days.is_none_or(|d| d >= 0.0), "max_age_days must not be negative");
         Ok(Self { cfg, env })
     }
 
@@ -112,10 +99,7 @@ impl BehaviourWriter {
         let cat = view.catalog;
         let mut lines = Vec::new();
         if let Some(u) = cat.users.get(user as usize) {
-            let profile = self
-                .env
-                .get_template("profile")?
-                .render(context! { user => u.id, attrs => u.attrs })?;
+            let profile = self.env.get_template("profile")?.render(context! { user => u.id, attrs => u.attrs })?;
             if !profile.trim().is_empty() {
                 lines.push(profile);
             }
@@ -123,32 +107,21 @@ impl BehaviourWriter {
         // Group by (kind, scenario), newest first.
         let history = view.history(user);
         let newest = history.iter().map(|e| e.timestamp).max().unwrap_or(0);
-        let oldest_kept = self
-            .cfg
-            .max_age_days
-            .map_or(i64::MIN, |d| newest - (d * 86_400.0) as i64);
+        let oldest_kept = self.cfg.max_age_days.map_or(i64::MIN, |d| newest - (d * 86_400.0) as i64);
         let mut groups: HashMap<(u32, u32), Vec<&Event>> = HashMap::new();
         for e in history.iter().rev() {
             groups.entry((e.kind, e.scenario)).or_default().push(e);
         }
         let rank = |k: u32| {
             let name = cat.kind_name(k);
-            self.cfg
-                .kind_order
-                .iter()
-                .position(|o| o == name)
-                .unwrap_or(self.cfg.kind_order.len() + k as usize)
+            self.cfg.kind_order.iter().position(|o| o == name).unwrap_or(self.cfg.kind_order.len() + k as usize)
         };
         let mut keys: Vec<(u32, u32)> = groups.keys().copied().collect();
         keys.sort_by_key(|&(k, s)| (rank(k), s));
         for key in keys {
             let events = &groups[&key];
-            let recent: Vec<&Event> = events
-                .iter()
-                .copied()
-                .filter(|e| e.timestamp >= oldest_kept)
-                .take(self.cfg.max_per_kind)
-                .collect();
+            let recent: Vec<&Event> =
+                events.iter().copied().filter(|e| e.timestamp >= oldest_kept).take(self.cfg.max_per_kind).collect();
             if recent.is_empty() {
                 continue;
             }
@@ -157,17 +130,10 @@ impl BehaviourWriter {
                 .filter(|e| e.item != NONE)
                 .map(|e| {
                     let it = &cat.items[e.item as usize];
-                    if it.title.is_empty() {
-                        it.id.as_str()
-                    } else {
-                        it.title.as_str()
-                    }
+                    if it.title.is_empty() { it.id.as_str() } else { it.title.as_str() }
                 })
                 .collect();
-            let subjects: Vec<&str> = recent
-                .iter()
-                .filter_map(|e| cat.subject_text(e.subject))
-                .collect();
+            let subjects: Vec<&str> = recent.iter().filter_map(|e| cat.subject_text(e.subject)).collect();
             let values: Vec<f32> = recent.iter().map(|e| e.value).collect();
             let kind = cat.kind_name(key.0);
             let text = self.env.get_template(self.template_for(kind))?.render(context! {
@@ -178,3 +144,4 @@ impl BehaviourWriter {
         Ok(lines.join("\n"))
     }
 }
+

@@ -97,25 +97,14 @@ impl Adam {
     const B2: f32 = 0.999;
     const EPS: f32 = 1e-8;
     fn new(users: usize, items: usize) -> Self {
-        Self {
-            m: [vec![0.0; users], vec![0.0; items]],
-            v: [vec![0.0; users], vec![0.0; items]],
-            step: 0,
-        }
+        Self { m: [vec![0.0; users], vec![0.0; items]], v: [vec![0.0; users], vec![0.0; items]], step: 0 }
     }
     /// One step over both matrices with gradients `grads` (which it leaves zeroed).
     fn update(&mut self, params: [&mut Vec<f32>; 2], grads: [&mut Vec<f32>; 2], lr: f32) {
         self.step += 1;
-        let (c1, c2) = (
-            1.0 - Self::B1.powi(self.step as i32),
-            1.0 - Self::B2.powi(self.step as i32),
-        );
+        let (c1, c2) = (1.0 - Self::B1.powi(self.step as i32), 1.0 - Self::B2.powi(self.step as i32));
         for (k, (p, g)) in params.into_iter().zip(grads).enumerate() {
-            for ((x, g), (m, v)) in p
-                .iter_mut()
-                .zip(g.iter_mut())
-                .zip(self.m[k].iter_mut().zip(self.v[k].iter_mut()))
-            {
+            for ((x, g), (m, v)) in p.iter_mut().zip(g.iter_mut()).zip(self.m[k].iter_mut().zip(self.v[k].iter_mut())) {
                 *m = Self::B1 * *m + (1.0 - Self::B1) * *g;
                 *v = Self::B2 * *v + (1.0 - Self::B2) * *g * *g;
                 *x -= lr * (*m / c1) / ((*v / c2).sqrt() + Self::EPS);
@@ -135,34 +124,18 @@ pub struct Bpr {
 impl Bpr {
     fn dot(&self, u: u32, i: u32) -> f32 {
         let d = self.cfg.dim;
-        let (a, b) = (
-            &self.users[u as usize * d..][..d],
-            &self.items[i as usize * d..][..d],
-        );
+        let (a, b) = (&self.users[u as usize * d..][..d], &self.items[i as usize * d..][..d]);
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 }
 
 /// Writes named f32 matrices `[rows, dim]` (and string metadata) as safetensors, atomically.
-fn write_tensors(
-    path: &Path,
-    tensors: &[(&str, &[f32])],
-    dim: usize,
-    meta: HashMap<String, String>,
-) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
+fn write_tensors(path: &Path, tensors: &[(&str, &[f32])], dim: usize, meta: HashMap<String, String>) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, v), b)| {
-            Ok((
-                *name,
-                TensorView::new(Dtype::F32, vec![v.len() / dim, dim], b)?,
-            ))
-        })
+        .map(|((name, v), b)| Ok((*name, TensorView::new(Dtype::F32, vec![v.len() / dim, dim], b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let data = safetensors::serialize(views, Some(meta))?;
     let tmp = path.with_extension("tmp");
@@ -182,21 +155,14 @@ struct Tensors {
 impl Tensors {
     fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .with_context(|| format!("{} is not safetensors", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not safetensors", path.display()))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        Ok(Self {
-            path: path.to_path_buf(),
-            bytes,
-            meta,
-        })
+        Ok(Self { path: path.to_path_buf(), bytes, meta })
     }
     /// Matrix `name`, which must be F32 `[rows, dim]`.
     fn matrix(&self, name: &str, rows: usize, dim: usize) -> Result<Vec<f32>> {
         let st = safetensors::SafeTensors::deserialize(&self.bytes)?;
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{}: no tensor `{name}`", self.path.display()))?;
+        let t = st.tensor(name).with_context(|| format!("{}: no tensor `{name}`", self.path.display()))?;
         ensure!(
             t.dtype() == Dtype::F32 && t.shape() == [rows, dim],
             "{}: `{name}` is {:?} {:?}, expected F32 [{rows}, {dim}] (another dataset or dim?)",
@@ -204,26 +170,17 @@ impl Tensors {
             t.dtype(),
             t.shape()
         );
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
     fn field<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
-        self.meta
-            .get(key)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("{}: metadata `{key}` missing", self.path.display()))
+        self.meta.get(key).and_then(|v| v.parse().ok()).with_context(|| format!("{}: metadata `{key}` missing", self.path.display()))
     }
 }
 
 /// `out[r, j] = users[r] · items[j]` for every user of `rows` and every item: one GEMM.
 fn score_all(users: &[f32], items: &[f32], dim: usize, rows: &[u32], out: &mut [f32]) {
     let n = items.len() / dim;
-    let lhs: Vec<f32> = rows
-        .iter()
-        .flat_map(|&u| users[u as usize * dim..][..dim].iter().copied())
-        .collect();
+    let lhs: Vec<f32> = rows.iter().flat_map(|&u| users[u as usize * dim..][..dim].iter().copied()).collect();
     debug_assert_eq!(out.len(), rows.len() * n);
     // SAFETY: lhs is rows × dim row-major, items is n × dim row-major (read as its transpose,
     // dim × n, through the strides), out is rows × n row-major; all in bounds.
@@ -258,38 +215,21 @@ fn sigmoid(x: f32) -> f32 {
 
 impl Ranker for Bpr {
     type Config = BprConfig;
-    const DESCRIPTION: &'static str =
-        "BPR-MF: matrix factorisation with Bayesian personalised ranking";
+    const DESCRIPTION: &'static str = "BPR-MF: matrix factorisation with Bayesian personalised ranking";
 
     fn new(cfg: BprConfig, host: Host) -> Result<Self> {
-        ensure!(
-            cfg.dim > 0 && cfg.epochs > 0,
-            "dim and epochs must be positive"
-        );
+        ensure!(cfg.dim > 0 && cfg.epochs > 0, "dim and epochs must be positive");
         ensure!(cfg.learning_rate > 0.0, "learning_rate must be positive");
-        Ok(Self {
-            cfg,
-            host,
-            users: vec![],
-            items: vec![],
-        })
+        Ok(Self { cfg, host, users: vec![], items: vec![] })
     }
 
     fn fit(&mut self, view: &TrainView, inputs: &FitInputs) -> Result<()> {
         let (n_users, n_items, d) = (view.n_users(), view.n_items(), self.cfg.dim);
-        let kinds: Vec<u32> = self
-            .cfg
-            .kinds
-            .iter()
-            .filter_map(|k| view.catalog.kind(k))
-            .collect();
+        let kinds: Vec<u32> = self.cfg.kinds.iter().filter_map(|k| view.catalog.kind(k)).collect();
         let mut seen: Vec<HashSet<u32>> = vec![HashSet::new(); n_users];
         let mut positives: Vec<(u32, u32)> = Vec::new();
         for e in view.events {
-            if e.item != NONE
-                && (self.cfg.kinds.is_empty() || kinds.contains(&e.kind))
-                && seen[e.user as usize].insert(e.item)
-            {
+            if e.item != NONE && (self.cfg.kinds.is_empty() || kinds.contains(&e.kind)) && seen[e.user as usize].insert(e.item) {
                 positives.push((e.user, e.item));
             }
         }
@@ -301,17 +241,11 @@ impl Ranker for Bpr {
             Optimizer::Sgd => 0.1,
         };
         let (su, si) = (std(n_users), std(n_items));
-        self.users = (0..n_users * d)
-            .map(|_| (rng.normal() * su) as f32)
-            .collect();
-        self.items = (0..n_items * d)
-            .map(|_| (rng.normal() * si) as f32)
-            .collect();
+        self.users = (0..n_users * d).map(|_| (rng.normal() * su) as f32).collect();
+        self.items = (0..n_items * d).map(|_| (rng.normal() * si) as f32).collect();
         let mut adam = Adam::new(n_users * d, n_items * d);
         let mut grads = [vec![0f32; n_users * d], vec![0f32; n_items * d]];
-        let checkpoint = inputs
-            .model_dir
-            .map(|dir| dir.join("checkpoint.safetensors"));
+        let checkpoint = inputs.model_dir.map(|dir| dir.join("checkpoint.safetensors"));
         let select = self.cfg.patience > 0 && !inputs.validation.is_empty();
         let mut stopping = EarlyStopping::new(self.cfg.patience);
         let (mut best_users, mut best_items) = (self.users.clone(), self.items.clone());
@@ -323,29 +257,18 @@ impl Ranker for Bpr {
             best_users = t.matrix("best_users", n_users, d)?;
             best_items = t.matrix("best_items", n_items, d)?;
             if self.cfg.optimizer == Optimizer::Adam {
-                adam.m = [
-                    t.matrix("adam_m_users", n_users, d)?,
-                    t.matrix("adam_m_items", n_items, d)?,
-                ];
-                adam.v = [
-                    t.matrix("adam_v_users", n_users, d)?,
-                    t.matrix("adam_v_items", n_items, d)?,
-                ];
+                adam.m = [t.matrix("adam_m_users", n_users, d)?, t.matrix("adam_m_items", n_items, d)?];
+                adam.v = [t.matrix("adam_v_users", n_users, d)?, t.matrix("adam_v_items", n_items, d)?];
                 adam.step = t.field("adam_step")?;
             }
             first_epoch = t.field("epochs_done")?;
             rng = SeededRng::new(t.field("rng_state")?);
-            stopping =
-                serde_json::from_str(t.meta.get("stopping").map(String::as_str).unwrap_or("null"))
-                    .with_context(|| format!("{}: metadata `stopping` missing", path.display()))?;
+            stopping = serde_json::from_str(t.meta.get("stopping").map(String::as_str).unwrap_or("null"))
+                .with_context(|| format!("{}: metadata `stopping` missing", path.display()))?;
             // The positives' order is shuffle state too: each epoch shuffles the previous order.
-            positives =
-                serde_json::from_str(t.meta.get("order").map(String::as_str).unwrap_or("null"))
-                    .with_context(|| format!("{}: metadata `order` missing", path.display()))?;
-            self.host.info(format!(
-                "bpr resumes after epoch {first_epoch} from {}",
-                path.display()
-            ));
+            positives = serde_json::from_str(t.meta.get("order").map(String::as_str).unwrap_or("null"))
+                .with_context(|| format!("{}: metadata `order` missing", path.display()))?;
+            self.host.info(format!("bpr resumes after epoch {first_epoch} from {}", path.display()));
         }
         let (lr, reg) = (self.cfg.learning_rate, self.cfg.reg);
         let progress = self.host.progress("bpr epochs", self.cfg.epochs as u64);
@@ -379,8 +302,7 @@ impl Ranker for Bpr {
                     match self.cfg.optimizer {
                         Optimizer::Sgd => {
                             for k in 0..d {
-                                let (pu, qi, qj) =
-                                    (self.users[ub + k], self.items[ib + k], self.items[jb + k]);
+                                let (pu, qi, qj) = (self.users[ub + k], self.items[ib + k], self.items[jb + k]);
                                 grad_u[k] = g * (qi - qj) - reg * pu;
                                 self.items[ib + k] += lr * (g * pu - reg * qi);
                                 self.items[jb + k] += lr * (-g * pu - reg * qj);
@@ -393,8 +315,7 @@ impl Ranker for Bpr {
                             // Gradients of the mean loss (descent direction is their negative).
                             let [gu, gi] = &mut grads;
                             for k in 0..d {
-                                let (pu, qi, qj) =
-                                    (self.users[ub + k], self.items[ib + k], self.items[jb + k]);
+                                let (pu, qi, qj) = (self.users[ub + k], self.items[ib + k], self.items[jb + k]);
                                 gu[ub + k] += scale * (-g * (qi - qj) + reg * pu);
                                 gi[ib + k] += scale * (-g * pu + reg * qi);
                                 gi[jb + k] += scale * (g * pu + reg * qj);
@@ -407,27 +328,16 @@ impl Ranker for Bpr {
                     adam.update([&mut self.users, &mut self.items], [gu, gi], lr);
                 }
             }
-            let mut line = format!(
-                "bpr epoch {}: mean loss {:.4}",
-                epoch + 1,
-                loss / positives.len() as f64
-            );
+            let mut line = format!("bpr epoch {}: mean loss {:.4}", epoch + 1, loss / positives.len() as f64);
             if select {
                 let (users, items) = (&self.users, &self.items);
-                let v = inputs
-                    .validation
-                    .evaluate(view, self.cfg.select_k, 256, |rows, out| {
-                        score_all(users, items, d, rows, out);
-                        Ok(())
-                    })?;
-                line.push_str(&format!(
-                    ", validation NDCG@{} {:.4}",
-                    self.cfg.select_k, v.ndcg
-                ));
+                let v = inputs.validation.evaluate(view, self.cfg.select_k, 256, |rows, out| {
+                    score_all(users, items, d, rows, out);
+                    Ok(())
+                })?;
+                line.push_str(&format!(", validation NDCG@{} {:.4}", self.cfg.select_k, v.ndcg));
                 match stopping.observe(epoch + 1, v.ndcg) {
-                    Verdict::Improved => {
-                        (best_users, best_items) = (self.users.clone(), self.items.clone())
-                    }
+                    Verdict::Improved => (best_users, best_items) = (self.users.clone(), self.items.clone()),
                     Verdict::Continue => {}
                     Verdict::Stop => stopped = true,
                 }
@@ -459,17 +369,10 @@ impl Ranker for Bpr {
             (self.users, self.items) = (best_users, best_items);
             self.host.info(format!(
                 "bpr kept epoch {} (validation NDCG@{} {:.4}) on {} positives",
-                stopping.best_epoch,
-                self.cfg.select_k,
-                stopping.best,
-                positives.len()
+                stopping.best_epoch, self.cfg.select_k, stopping.best, positives.len()
             ));
         } else {
-            self.host.info(format!(
-                "bpr trained {} epochs on {} positives",
-                self.cfg.epochs,
-                positives.len()
-            ));
+            self.host.info(format!("bpr trained {} epochs on {} positives", self.cfg.epochs, positives.len()));
         }
         Ok(())
     }
@@ -477,12 +380,7 @@ impl Ranker for Bpr {
     fn save(&self, dir: &Path) -> Result<bool> {
         ensure!(!self.users.is_empty(), "bpr saved before fit");
         let meta = HashMap::from([("dim".to_string(), self.cfg.dim.to_string())]);
-        write_tensors(
-            &dir.join("model.safetensors"),
-            &[("users", &self.users), ("items", &self.items)],
-            self.cfg.dim,
-            meta,
-        )?;
+        write_tensors(&dir.join("model.safetensors"), &[("users", &self.users), ("items", &self.items)], self.cfg.dim, meta)?;
         Ok(true)
     }
 
@@ -499,24 +397,14 @@ impl Ranker for Bpr {
 
     fn score(&self, batch: &ScoreBatch, out: &mut [f32]) -> Result<()> {
         ensure!(!self.users.is_empty(), "bpr scored before fit");
-        if batch.shared
-            && batch.items.len() == self.items.len() / self.cfg.dim
-            && batch
-                .items
-                .iter()
-                .enumerate()
-                .all(|(j, &i)| i as usize == j)
-        {
+        if batch.shared && batch.items.len() == self.items.len() / self.cfg.dim && batch.items.iter().enumerate().all(|(j, &i)| i as usize == j) {
             // Full ranking: every item, in catalog order.
             score_all(&self.users, &self.items, self.cfg.dim, batch.users, out);
             return Ok(());
         }
         let n = batch.per_user();
         for (row, &u) in batch.users.iter().enumerate() {
-            for (slot, &item) in out[row * n..(row + 1) * n]
-                .iter_mut()
-                .zip(batch.candidates(row))
-            {
+            for (slot, &item) in out[row * n..(row + 1) * n].iter_mut().zip(batch.candidates(row)) {
                 *slot = self.dot(u, item);
             }
         }
@@ -536,18 +424,8 @@ mod tests {
     /// `items` items and `users` users with ids "0", "1", ...; one behaviour kind.
     fn catalog(items: u32, users: u32) -> Catalog {
         Catalog {
-            items: (0..items)
-                .map(|i| Item {
-                    id: i.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
-            users: (0..users)
-                .map(|i| User {
-                    id: i.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
+            items: (0..items).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
+            users: (0..users).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
             kinds: vec!["click".into()],
             ..Default::default()
         }
@@ -563,23 +441,11 @@ mod tests {
             let base = if u < 10 { 0 } else { 10 };
             for k in 0..6u32 {
                 let item = base + (u + k) % 10;
-                events.push(Event {
-                    user: u,
-                    item,
-                    kind: 0,
-                    scenario: 0,
-                    subject: NONE,
-                    value: 1.0,
-                    timestamp: k as i64,
-                });
+                events.push(Event { user: u, item, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: k as i64 });
             }
             offsets.push(events.len() as u32);
         }
-        let view = TrainView {
-            catalog: &catalog,
-            events: &events,
-            offsets: &offsets,
-        };
+        let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
         for opt in [
             serde_json::json!({"dim": 8, "epochs": 200, "seed": 3, "optimizer": "sgd", "learning_rate": 0.05}),
             serde_json::json!({"dim": 8, "epochs": 200, "seed": 3, "optimizer": "adam", "learning_rate": 0.05, "batch_size": 16}),
@@ -589,26 +455,10 @@ mod tests {
             bpr.fit(&view, &FitInputs::default()).unwrap();
             let items: Vec<u32> = (0..20).collect();
             let mut out = vec![0.0; 40];
-            bpr.score(
-                &ScoreBatch {
-                    users: &[0, 15],
-                    items: &items,
-                    shared: true,
-                },
-                &mut out,
-            )
-            .unwrap();
+            bpr.score(&ScoreBatch { users: &[0, 15], items: &items, shared: true }, &mut out).unwrap();
             let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len() as f32;
-            assert!(
-                mean(&out[0..10]) > mean(&out[10..20]) + 0.5,
-                "{opt}: user 0: {:?}",
-                &out[..20]
-            );
-            assert!(
-                mean(&out[30..40]) > mean(&out[20..30]) + 0.5,
-                "{opt}: user 15: {:?}",
-                &out[20..]
-            );
+            assert!(mean(&out[0..10]) > mean(&out[10..20]) + 0.5, "{opt}: user 0: {:?}", &out[..20]);
+            assert!(mean(&out[30..40]) > mean(&out[20..30]) + 0.5, "{opt}: user 15: {:?}", &out[20..]);
         }
     }
 
@@ -621,100 +471,42 @@ mod tests {
         let mut offsets = vec![0u32];
         for u in 0..6u32 {
             for k in 0..4u32 {
-                events.push(Event {
-                    user: u,
-                    item: (u * 2 + k) % 12,
-                    kind: 0,
-                    scenario: 0,
-                    subject: NONE,
-                    value: 1.0,
-                    timestamp: k as i64,
-                });
+                events.push(Event { user: u, item: (u * 2 + k) % 12, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: k as i64 });
             }
             offsets.push(events.len() as u32);
         }
-        let view = TrainView {
-            catalog: &catalog,
-            events: &events,
-            offsets: &offsets,
-        };
+        let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
         let make = |epochs: usize, dir: &Path| {
-            let cfg: BprConfig =
-                serde_json::from_value(serde_json::json!({"dim": 4, "epochs": epochs, "seed": 5}))
-                    .unwrap();
+            let cfg: BprConfig = serde_json::from_value(serde_json::json!({"dim": 4, "epochs": epochs, "seed": 5})).unwrap();
             Bpr::new(cfg, Host::standalone(dir, 0)).unwrap()
         };
         let scores = |b: &Bpr| {
             let items: Vec<u32> = (0..12).collect();
             let mut out = vec![0.0; 12 * 6];
-            b.score(
-                &ScoreBatch {
-                    users: &[0, 1, 2, 3, 4, 5],
-                    items: &items,
-                    shared: true,
-                },
-                &mut out,
-            )
-            .unwrap();
+            b.score(&ScoreBatch { users: &[0, 1, 2, 3, 4, 5], items: &items, shared: true }, &mut out).unwrap();
             out
         };
         let straight = tempfile::tempdir().unwrap();
         let mut full = make(8, straight.path());
-        full.fit(
-            &view,
-            &FitInputs {
-                model_dir: Some(straight.path()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        full.fit(&view, &FitInputs { model_dir: Some(straight.path()), ..Default::default() }).unwrap();
 
         let dir = tempfile::tempdir().unwrap();
         let mut first = make(3, dir.path()); // "killed" after 3 epochs: its checkpoint stays
-        first
-            .fit(
-                &view,
-                &FitInputs {
-                    model_dir: Some(dir.path()),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        first.fit(&view, &FitInputs { model_dir: Some(dir.path()), ..Default::default() }).unwrap();
         let mut resumed = make(8, dir.path());
-        resumed
-            .fit(
-                &view,
-                &FitInputs {
-                    model_dir: Some(dir.path()),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        resumed.fit(&view, &FitInputs { model_dir: Some(dir.path()), ..Default::default() }).unwrap();
         assert_eq!(scores(&full), scores(&resumed));
-        assert_ne!(
-            scores(&first),
-            scores(&resumed),
-            "the resumed fit did train further"
-        );
+        assert_ne!(scores(&first), scores(&resumed), "the resumed fit did train further");
 
         assert!(resumed.save(dir.path()).unwrap());
         let mut loaded = make(8, dir.path());
-        assert!(loaded
-            .load(&view, &FitInputs::default(), dir.path())
-            .unwrap());
+        assert!(loaded.load(&view, &FitInputs::default(), dir.path()).unwrap());
         assert_eq!(scores(&loaded), scores(&resumed));
         // A model of another shape is refused, naming the file.
-        let cfg: BprConfig =
-            serde_json::from_value(serde_json::json!({"dim": 5, "epochs": 1})).unwrap();
+        let cfg: BprConfig = serde_json::from_value(serde_json::json!({"dim": 5, "epochs": 1})).unwrap();
         let mut other = Bpr::new(cfg, Host::standalone(dir.path(), 0)).unwrap();
-        let e = other
-            .load(&view, &FitInputs::default(), dir.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("model.safetensors") && e.contains("[6, 5]"),
-            "{e}"
-        );
+        let e = other.load(&view, &FitInputs::default(), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors") && e.contains("[6, 5]"), "{e}");
     }
 
     /// With validation targets, training stops after `patience` epochs without improvement and
@@ -725,84 +517,36 @@ mod tests {
         let (mut events, mut offsets) = (Vec::new(), vec![0u32]);
         for u in 0..12u32 {
             for k in 0..5u32 {
-                events.push(Event {
-                    user: u,
-                    item: (u * 3 + k) % 30,
-                    kind: 0,
-                    scenario: 0,
-                    subject: NONE,
-                    value: 1.0,
-                    timestamp: k as i64,
-                });
+                events.push(Event { user: u, item: (u * 3 + k) % 30, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: k as i64 });
             }
             offsets.push(events.len() as u32);
         }
-        let view = TrainView {
-            catalog: &catalog,
-            events: &events,
-            offsets: &offsets,
-        };
+        let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
         let (vu, vi): (Vec<u32>, Vec<u32>) = (0..12u32).map(|u| (u, (u * 3 + 5) % 30)).unzip();
-        let validation = Validation {
-            users: &vu,
-            items: &vi,
-        };
+        let validation = Validation { users: &vu, items: &vi };
         let dir = tempfile::tempdir().unwrap();
-        let cfg: BprConfig = serde_json::from_value(
-            serde_json::json!({"dim": 4, "epochs": 400, "patience": 3, "seed": 9}),
-        )
-        .unwrap();
+        let cfg: BprConfig = serde_json::from_value(serde_json::json!({"dim": 4, "epochs": 400, "patience": 3, "seed": 9})).unwrap();
         let mut bpr = Bpr::new(cfg, Host::standalone(dir.path(), 0)).unwrap();
-        bpr.fit(
-            &view,
-            &FitInputs {
-                model_dir: Some(dir.path()),
-                validation,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        bpr.fit(&view, &FitInputs { model_dir: Some(dir.path()), validation, ..Default::default() }).unwrap();
         let t = Tensors::read(&dir.path().join("checkpoint.safetensors")).unwrap();
         let done: usize = t.field("epochs_done").unwrap();
         let stopping: EarlyStopping = serde_json::from_str(&t.meta["stopping"]).unwrap();
-        assert!(
-            done < 400 && done == stopping.best_epoch + 3,
-            "stopped after {done}, best {}",
-            stopping.best_epoch
-        );
+        assert!(done < 400 && done == stopping.best_epoch + 3, "stopped after {done}, best {}", stopping.best_epoch);
         let kept = validation
-            .evaluate(&view, 10, 5, |rows, out| {
-                bpr.score(
-                    &ScoreBatch {
-                        users: rows,
-                        items: &(0..30).collect::<Vec<_>>(),
-                        shared: true,
-                    },
-                    out,
-                )
-            })
+            .evaluate(&view, 10, 5, |rows, out| bpr.score(&ScoreBatch { users: rows, items: &(0..30).collect::<Vec<_>>(), shared: true }, out))
             .unwrap();
         assert_eq!(kept.ndcg, stopping.best);
     }
 
     #[test]
     fn gemm_scores_equal_dot_products() {
-        let cfg: BprConfig =
-            serde_json::from_value(serde_json::json!({"dim": 3, "epochs": 1})).unwrap();
+        let cfg: BprConfig = serde_json::from_value(serde_json::json!({"dim": 3, "epochs": 1})).unwrap();
         let mut bpr = Bpr::new(cfg, Host::standalone(std::env::temp_dir(), 0)).unwrap();
         bpr.users = (0..4 * 3).map(|x| x as f32 * 0.5 - 2.0).collect();
         bpr.items = (0..5 * 3).map(|x| (x as f32).sin()).collect();
         let items: Vec<u32> = (0..5).collect();
         let mut out = vec![0.0; 2 * 5];
-        bpr.score(
-            &ScoreBatch {
-                users: &[3, 1],
-                items: &items,
-                shared: true,
-            },
-            &mut out,
-        )
-        .unwrap();
+        bpr.score(&ScoreBatch { users: &[3, 1], items: &items, shared: true }, &mut out).unwrap();
         for (r, u) in [3u32, 1].into_iter().enumerate() {
             for j in 0..5u32 {
                 assert!((out[r * 5 + j as usize] - bpr.dot(u, j)).abs() < 1e-5);

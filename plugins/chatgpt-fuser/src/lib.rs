@@ -17,9 +17,7 @@
 //! A user whose request still fails after the retries gets no knowledge; the host records the
 //! user as failed (and the fuse stage, resumed later, asks again).
 
-use recfuse_behaviour_text::fusion::{
-    ChatMessage, Completion, CompletionCache, FusionPrompt, Usage,
-};
+use recfuse_behaviour_text::fusion::{ChatMessage, Completion, CompletionCache, FusionPrompt, Usage};
 use recfuse_behaviour_text::BehaviourConfig;
 use recfuse_sdk::prelude::*;
 use serde_json::{json, Value};
@@ -107,18 +105,15 @@ impl Limiter {
             let wait = {
                 let mut l = limiter.lock().expect("limiter lock");
                 let now = Instant::now();
-                l.sent
-                    .retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(60));
+                l.sent.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(60));
                 let used: u32 = l.sent.iter().map(|(_, n)| n).sum();
-                let fits =
-                    (l.sent.len() as u32) < l.rpm && (used + tokens <= l.tpm || l.sent.is_empty());
+                let fits = (l.sent.len() as u32) < l.rpm && (used + tokens <= l.tpm || l.sent.is_empty());
                 if fits {
                     l.sent.push((now, tokens));
                     return;
                 }
                 let oldest = l.sent.first().map(|(t, _)| *t).unwrap_or(now);
-                Duration::from_secs(60).saturating_sub(now.duration_since(oldest))
-                    + Duration::from_millis(5)
+                Duration::from_secs(60).saturating_sub(now.duration_since(oldest)) + Duration::from_millis(5)
             };
             std::thread::sleep(wait.min(Duration::from_millis(500)));
         }
@@ -161,60 +156,33 @@ impl ChatGptFuser {
 
     /// One HTTP attempt.
     fn attempt(&self, body: &str) -> std::result::Result<Completion, Failure> {
-        let url = format!(
-            "{}/chat/completions",
-            self.cfg.base_url.trim_end_matches('/')
-        );
-        let mut req = self
-            .agent
-            .post(&url)
-            .set("Content-Type", "application/json");
+        let url = format!("{}/chat/completions", self.cfg.base_url.trim_end_matches('/'));
+        let mut req = self.agent.post(&url).set("Content-Type", "application/json");
         if let Some(key) = &self.api_key {
             req = req.set("Authorization", &format!("Bearer {key}"));
         }
         let resp = match req.send_string(body) {
             Ok(r) => r,
             Err(ureq::Error::Status(code, r)) => {
-                let retry_after = r
-                    .header("Retry-After")
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .map(Duration::from_secs_f64);
+                let retry_after = r.header("Retry-After").and_then(|v| v.trim().parse::<f64>().ok()).map(Duration::from_secs_f64);
                 let retry = code == 429 || code >= 500;
                 let text = r.into_string().unwrap_or_default();
-                return Err(Failure {
-                    retry,
-                    retry_after,
-                    message: format!(
-                        "HTTP {code}: {}",
-                        text.chars().take(200).collect::<String>()
-                    ),
-                });
+                return Err(Failure { retry, retry_after, message: format!("HTTP {code}: {}", text.chars().take(200).collect::<String>()) });
             }
             Err(ureq::Error::Transport(t)) => {
-                return Err(Failure {
-                    retry: true,
-                    retry_after: None,
-                    message: format!("transport: {t}"),
-                });
+                return Err(Failure { retry: true, retry_after: None, message: format!("transport: {t}") });
             }
         };
-        let text = resp.into_string().map_err(|e| Failure {
+        let text = resp
+            .into_string()
+            .map_err(|e| Failure { retry: true, retry_after: None, message: format!("reading the response: {e}") })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Failure { retry: true, retry_after: None, message: format!("malformed JSON: {e}") })?;
+        let content = v["choices"][0]["message"]["content"].as_str().ok_or_else(|| Failure {
             retry: true,
             retry_after: None,
-            message: format!("reading the response: {e}"),
+            message: "response without choices[0].message.content".into(),
         })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Failure {
-            retry: true,
-            retry_after: None,
-            message: format!("malformed JSON: {e}"),
-        })?;
-        let content = v["choices"][0]["message"]["content"]
-            .as_str()
-            .ok_or_else(|| Failure {
-                retry: true,
-                retry_after: None,
-                message: "response without choices[0].message.content".into(),
-            })?;
         Ok(Completion {
             key: String::new(),
             text: content.trim().to_string(),
@@ -224,13 +192,7 @@ impl ChatGptFuser {
     }
 
     /// A request with retries; returns the answer and how many HTTP requests it took.
-    fn call(
-        &self,
-        body: &str,
-        tokens: u32,
-        limiter: &Mutex<Limiter>,
-        seed: u64,
-    ) -> (std::result::Result<Completion, String>, u64) {
+    fn call(&self, body: &str, tokens: u32, limiter: &Mutex<Limiter>, seed: u64) -> (std::result::Result<Completion, String>, u64) {
         let mut rng = SeededRng::new(seed);
         let mut last = String::new();
         let mut sent = 0;
@@ -247,17 +209,9 @@ impl ChatGptFuser {
                     if !f.retry || attempt == self.cfg.max_retries {
                         break;
                     }
-                    let backoff = (self.cfg.backoff_ms as f64
-                        * 2f64.powi(attempt as i32)
-                        * (0.5 + rng.unit()))
-                    .min(60_000.0);
-                    let wait = f
-                        .retry_after
-                        .unwrap_or(Duration::from_millis(backoff as u64));
-                    self.host.debug(format!(
-                        "retrying in {:.1} s after: {last}",
-                        wait.as_secs_f64()
-                    ));
+                    let backoff = (self.cfg.backoff_ms as f64 * 2f64.powi(attempt as i32) * (0.5 + rng.unit())).min(60_000.0);
+                    let wait = f.retry_after.unwrap_or(Duration::from_millis(backoff as u64));
+                    self.host.debug(format!("retrying in {:.1} s after: {last}", wait.as_secs_f64()));
                     std::thread::sleep(wait);
                 }
             }
@@ -268,41 +222,20 @@ impl ChatGptFuser {
 
 impl KnowledgeFuser for ChatGptFuser {
     type Config = ChatGptConfig;
-    const DESCRIPTION: &'static str =
-        "LLM knowledge fusion over an OpenAI-compatible Chat Completions API";
+    const DESCRIPTION: &'static str = "LLM knowledge fusion over an OpenAI-compatible Chat Completions API";
 
     fn new(cfg: ChatGptConfig, host: Host) -> Result<Self> {
-        ensure!(
-            cfg.concurrency > 0 && cfg.requests_per_minute > 0 && cfg.tokens_per_minute > 0,
-            "concurrency and rate limits must be positive"
-        );
+        ensure!(cfg.concurrency > 0 && cfg.requests_per_minute > 0 && cfg.tokens_per_minute > 0, "concurrency and rate limits must be positive");
         ensure!(cfg.timeout_secs > 0.0, "timeout_secs must be positive");
         // An empty name (e.g. `--set fusers[0].api_key_env=` to point at a local server) = no key.
         let api_key = match cfg.api_key_env.as_ref().filter(|v| !v.is_empty()) {
-            Some(var) => Some(
-                std::env::var(var)
-                    .map_err(|_| anyhow!("api_key_env: environment variable `{var}` is not set"))?,
-            ),
+            Some(var) => Some(std::env::var(var).map_err(|_| anyhow!("api_key_env: environment variable `{var}` is not set"))?),
             None => None,
         };
-        let prompt = FusionPrompt::new(
-            cfg.system_prompt.clone(),
-            cfg.user_prompt.clone(),
-            cfg.behaviour.clone(),
-        )?;
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs_f64(cfg.timeout_secs))
-            .build();
+        let prompt = FusionPrompt::new(cfg.system_prompt.clone(), cfg.user_prompt.clone(), cfg.behaviour.clone())?;
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs_f64(cfg.timeout_secs)).build();
         let cache = CompletionCache::open(&host.run_dir().join("cache.jsonl"))?;
-        Ok(Self {
-            cfg,
-            host,
-            prompt,
-            api_key,
-            agent,
-            cache,
-            usage: Usage::default(),
-        })
+        Ok(Self { cfg, host, prompt, api_key, agent, cache, usage: Usage::default() })
     }
 
     fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
@@ -314,43 +247,25 @@ impl KnowledgeFuser for ChatGptFuser {
             let key = CompletionCache::key(&body)?;
             if let Some(hit) = self.cache.get(&key) {
                 self.usage.cache_hits += 1;
-                out.push(Knowledge {
-                    user: u,
-                    text: hit.text.clone(),
-                    vectors: vec![],
-                });
+                out.push(Knowledge { user: u, text: hit.text.clone(), vectors: vec![] });
             } else {
                 let body = body.to_string();
                 let tokens = (body.len() / 4) as u32 + self.cfg.max_tokens;
                 jobs.push((u, key, body, tokens));
             }
         }
-        let limiter = Mutex::new(Limiter {
-            rpm: self.cfg.requests_per_minute,
-            tpm: self.cfg.tokens_per_minute,
-            sent: vec![],
-        });
+        let limiter = Mutex::new(Limiter { rpm: self.cfg.requests_per_minute, tpm: self.cfg.tokens_per_minute, sent: vec![] });
         let queue = Mutex::new(jobs.into_iter().enumerate());
         let results = Mutex::new(Vec::new());
         let seed = self.host.seed();
         let this = &*self;
-        let bar = Mutex::new(
-            this.host
-                .progress("chatgpt", queue.lock().expect("queue lock").len() as u64),
-        );
+        let bar = Mutex::new(this.host.progress("chatgpt", queue.lock().expect("queue lock").len() as u64));
         std::thread::scope(|s| {
             for _ in 0..this.cfg.concurrency {
                 s.spawn(|| loop {
                     let next = queue.lock().expect("queue lock").next();
-                    let Some((i, (user, key, body, tokens))) = next else {
-                        break;
-                    };
-                    let (mut r, sent) = this.call(
-                        &body,
-                        tokens,
-                        &limiter,
-                        seed ^ (i as u64).wrapping_mul(0x9E37_79B9),
-                    );
+                    let Some((i, (user, key, body, tokens))) = next else { break };
+                    let (mut r, sent) = this.call(&body, tokens, &limiter, seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
                     // Stored the moment it arrives: a kill now loses only the calls in flight.
                     if let Ok(entry) = &mut r {
                         entry.key = key;
@@ -370,23 +285,16 @@ impl KnowledgeFuser for ChatGptFuser {
                 Ok(entry) => {
                     self.usage.prompt_tokens += entry.prompt_tokens;
                     self.usage.completion_tokens += entry.completion_tokens;
-                    out.push(Knowledge {
-                        user,
-                        text: entry.text,
-                        vectors: vec![],
-                    });
+                    out.push(Knowledge { user, text: entry.text, vectors: vec![] });
                 }
                 Err(e) => {
                     self.usage.failures += 1;
                     let id = &view.catalog.users[user as usize].id;
-                    self.host.warn(format!(
-                        "user {id}: no knowledge after {sent} request(s): {e}"
-                    ));
+                    self.host.warn(format!("user {id}: no knowledge after {sent} request(s): {e}"));
                 }
             }
         }
-        self.usage.estimated_cost = self.usage.prompt_tokens as f64 / 1000.0
-            * self.cfg.price_per_1k_input
+        self.usage.estimated_cost = self.usage.prompt_tokens as f64 / 1000.0 * self.cfg.price_per_1k_input
             + self.usage.completion_tokens as f64 / 1000.0 * self.cfg.price_per_1k_output;
         self.usage.save(&self.host)?;
         out.sort_by_key(|k| k.user);

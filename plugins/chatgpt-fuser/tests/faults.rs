@@ -10,9 +10,9 @@ use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 
 mod support;
+use support::{completion, read_body, reply};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::{completion, read_body, reply};
 
 /// Requests seen per user id, and 200 answers sent per user id.
 #[derive(Default)]
@@ -22,15 +22,8 @@ struct Log {
 }
 
 fn handle(mut stream: TcpStream, log: Arc<Mutex<Log>>) {
-    let Some(body) = read_body(&stream) else {
-        return;
-    };
-    let user = body
-        .split("Behaviour of user ")
-        .nth(1)
-        .and_then(|s| s.split(':').next())
-        .unwrap_or("?")
-        .to_string();
+    let Some(body) = read_body(&stream) else { return };
+    let user = body.split("Behaviour of user ").nth(1).and_then(|s| s.split(':').next()).unwrap_or("?").to_string();
     let n = {
         let mut l = log.lock().unwrap();
         let c = l.requests.entry(user.clone()).or_default();
@@ -39,12 +32,7 @@ fn handle(mut stream: TcpStream, log: Arc<Mutex<Log>>) {
     };
     let ok = completion(&format!("{user} likes films"), 100, 10);
     match (user.as_str(), n) {
-        ("u-429", 1) => reply(
-            &mut stream,
-            "429 Too Many Requests",
-            "Retry-After: 1\r\n",
-            "{}",
-        ),
+        ("u-429", 1) => reply(&mut stream, "429 Too Many Requests", "Retry-After: 1\r\n", "{}"),
         ("u-500", 1) => reply(&mut stream, "500 Internal Server Error", "", "{}"),
         ("u-slow", 1) => {
             std::thread::sleep(Duration::from_millis(1500));
@@ -78,38 +66,18 @@ fn serve() -> (String, Arc<Mutex<Log>>) {
     (url, log)
 }
 
-const USERS: [&str; 8] = [
-    "u-ok1", "u-429", "u-500", "u-slow", "u-json", "u-drop", "u-dead", "u-ok2",
-];
+const USERS: [&str; 8] = ["u-ok1", "u-429", "u-500", "u-slow", "u-json", "u-drop", "u-dead", "u-ok2"];
 
 fn fixture() -> (Catalog, Vec<Event>, Vec<u32>) {
     let catalog = Catalog {
-        items: vec![Item {
-            id: "1".into(),
-            title: "Heat".into(),
-            ..Default::default()
-        }],
-        users: USERS
-            .iter()
-            .map(|u| User {
-                id: u.to_string(),
-                ..Default::default()
-            })
-            .collect(),
+        items: vec![Item { id: "1".into(), title: "Heat".into(), ..Default::default() }],
+        users: USERS.iter().map(|u| User { id: u.to_string(), ..Default::default() }).collect(),
         kinds: vec!["like".into()],
         scenarios: vec!["".into()],
         ..Default::default()
     };
     let events: Vec<Event> = (0..USERS.len() as u32)
-        .map(|u| Event {
-            user: u,
-            item: 0,
-            kind: 0,
-            scenario: 0,
-            subject: NONE,
-            value: 5.0,
-            timestamp: 1,
-        })
+        .map(|u| Event { user: u, item: 0, kind: 0, scenario: 0, subject: NONE, value: 5.0, timestamp: 1 })
         .collect();
     let offsets = (0..=USERS.len() as u32).collect();
     (catalog, events, offsets)
@@ -120,11 +88,7 @@ fn fuser(url: &str, dir: &std::path::Path) -> ChatGptFuser {
         "base_url": url, "model": "test-model", "concurrency": 3, "max_retries": 3,
         "timeout_secs": 0.5, "backoff_ms": 20, "price_per_1k_input": 0.5, "price_per_1k_output": 1.5,
     });
-    ChatGptFuser::new(
-        serde_json::from_value(cfg).unwrap(),
-        Host::standalone(dir, 7),
-    )
-    .unwrap()
+    ChatGptFuser::new(serde_json::from_value(cfg).unwrap(), Host::standalone(dir, 7)).unwrap()
 }
 
 #[test]
@@ -132,20 +96,12 @@ fn every_user_ends_with_knowledge_or_a_failure_and_no_call_is_repeated() {
     let (url, log) = serve();
     let dir = tempfile::tempdir().unwrap();
     let (catalog, events, offsets) = fixture();
-    let view = TrainView {
-        catalog: &catalog,
-        events: &events,
-        offsets: &offsets,
-    };
+    let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
     let all: Vec<u32> = (0..USERS.len() as u32).collect();
 
     let knowledge = fuser(&url, dir.path()).fuse(&view, &all).unwrap();
     let got: Vec<&str> = knowledge.iter().map(|k| USERS[k.user as usize]).collect();
-    assert_eq!(
-        got,
-        vec!["u-ok1", "u-429", "u-500", "u-slow", "u-json", "u-drop", "u-ok2"],
-        "only u-dead fails"
-    );
+    assert_eq!(got, vec!["u-ok1", "u-429", "u-500", "u-slow", "u-json", "u-drop", "u-ok2"], "only u-dead fails");
     for k in &knowledge {
         assert_eq!(k.text, format!("{} likes films", USERS[k.user as usize]));
     }
@@ -157,15 +113,10 @@ fn every_user_ends_with_knowledge_or_a_failure_and_no_call_is_repeated() {
         assert!(l.requests["u-slow"] >= 2);
         assert_eq!(l.requests["u-dead"], 4, "1 try + max_retries");
     }
-    let usage: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("usage.json")).unwrap())
-            .unwrap();
+    let usage: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("usage.json")).unwrap()).unwrap();
     assert_eq!(usage["failures"], 1);
     let served: usize = log.lock().unwrap().requests.values().sum();
-    assert_eq!(
-        usage["requests"], served as u64,
-        "usage counts every HTTP request the server saw"
-    );
+    assert_eq!(usage["requests"], served as u64, "usage counts every HTTP request the server saw");
     assert_eq!(usage["prompt_tokens"], 700);
     assert!((usage["estimated_cost"].as_f64().unwrap() - (0.7 * 0.5 + 0.07 * 1.5)).abs() < 1e-9);
 
@@ -180,11 +131,7 @@ fn every_user_ends_with_knowledge_or_a_failure_and_no_call_is_repeated() {
     }
     assert_eq!(after["u-dead"], before["u-dead"] + 4);
     let l = log.lock().unwrap();
-    assert!(
-        l.answered.values().all(|&n| n == 1),
-        "each successful call made once: {:?}",
-        l.answered
-    );
+    assert!(l.answered.values().all(|&n| n == 1), "each successful call made once: {:?}", l.answered);
 }
 
 #[test]
@@ -204,40 +151,18 @@ fn the_api_key_is_sent_but_never_written() {
     std::env::set_var("RECFUSE_TEST_KEY", "sk-secret-123");
     let dir = tempfile::tempdir().unwrap();
     let cfg = serde_json::json!({"base_url": url, "model": "m", "api_key_env": "RECFUSE_TEST_KEY", "timeout_secs": 5.0});
-    let mut f = ChatGptFuser::new(
-        serde_json::from_value(cfg).unwrap(),
-        Host::standalone(dir.path(), 1),
-    )
-    .unwrap();
+    let mut f = ChatGptFuser::new(serde_json::from_value(cfg).unwrap(), Host::standalone(dir.path(), 1)).unwrap();
     let (catalog, events, offsets) = fixture();
-    let view = TrainView {
-        catalog: &catalog,
-        events: &events,
-        offsets: &offsets,
-    };
+    let view = TrainView { catalog: &catalog, events: &events, offsets: &offsets };
     let k = f.fuse(&view, &[0]).unwrap();
     assert_eq!(k[0].text, "ok");
-    assert!(
-        seen.lock()
-            .unwrap()
-            .contains("Authorization: Bearer sk-secret-123")
-            || seen
-                .lock()
-                .unwrap()
-                .contains("authorization: Bearer sk-secret-123")
-    );
+    assert!(seen.lock().unwrap().contains("Authorization: Bearer sk-secret-123") || seen.lock().unwrap().contains("authorization: Bearer sk-secret-123"));
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         assert!(!text.contains("sk-secret-123"));
     }
     // A missing variable is a clear config error.
-    let cfg =
-        serde_json::json!({"base_url": url, "model": "m", "api_key_env": "RECFUSE_NO_SUCH_KEY"});
-    let err = ChatGptFuser::new(
-        serde_json::from_value(cfg).unwrap(),
-        Host::standalone(dir.path(), 1),
-    )
-    .err()
-    .unwrap();
+    let cfg = serde_json::json!({"base_url": url, "model": "m", "api_key_env": "RECFUSE_NO_SUCH_KEY"});
+    let err = ChatGptFuser::new(serde_json::from_value(cfg).unwrap(), Host::standalone(dir.path(), 1)).err().unwrap();
     assert!(err.to_string().contains("RECFUSE_NO_SUCH_KEY"), "{err}");
 }

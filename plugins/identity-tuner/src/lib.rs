@@ -32,8 +32,7 @@ struct Stats {
 
 impl Tuner for IdentityTuner {
     type Config = IdentityConfig;
-    const DESCRIPTION: &'static str =
-        "trains nothing; records the instruction set (no-tuning baseline)";
+    const DESCRIPTION: &'static str = "trains nothing; records the instruction set (no-tuning baseline)";
 
     fn new(cfg: IdentityConfig, host: Host) -> Result<Self> {
         Ok(Self { cfg, host })
@@ -56,28 +55,16 @@ impl Tuner for IdentityTuner {
             valid: valid.len(),
             positives: train.iter().filter(|i| i.label > 0.5).count(),
             tasks,
-            mean_input_chars: train.iter().map(|i| i.input.chars().count()).sum::<usize>() as f64
-                / train.len().max(1) as f64,
-            users_with_knowledge: inputs
-                .knowledge
-                .iter()
-                .filter(|k| !k.text.is_empty() || !k.vectors.is_empty())
-                .count(),
+            mean_input_chars: train.iter().map(|i| i.input.chars().count()).sum::<usize>() as f64 / train.len().max(1) as f64,
+            users_with_knowledge: inputs.knowledge.iter().filter(|k| !k.text.is_empty() || !k.vectors.is_empty()).count(),
             items_with_knowledge: inputs.item_knowledge.len(),
         };
         std::fs::create_dir_all(out_dir)?;
         let path = out_dir.join("identity.json");
         let meta = serde_json::to_string_pretty(&stats)?;
         std::fs::write(&path, &meta).with_context(|| format!("writing {}", path.display()))?;
-        self.host.info(format!(
-            "identity tuner: {} train / {} valid examples, nothing trained",
-            stats.train, stats.valid
-        ));
-        Ok(Artifact {
-            kind: "identity".into(),
-            path: path.display().to_string(),
-            meta,
-        })
+        self.host.info(format!("identity tuner: {} train / {} valid examples, nothing trained", stats.train, stats.valid));
+        Ok(Artifact { kind: "identity".into(), path: path.display().to_string(), meta })
     }
 }
 
@@ -107,32 +94,14 @@ mod tests {
     fn writes_statistics_artifact() {
         let d = tempfile::tempdir().unwrap();
         let cat = Catalog::default();
-        let view = TrainView {
-            catalog: &cat,
-            events: &[],
-            offsets: &[],
-        };
-        let mut t = IdentityTuner::new(
-            IdentityConfig { min_examples: 1 },
-            Host::standalone(d.path(), 0),
-        )
-        .unwrap();
+        let view = TrainView { catalog: &cat, events: &[], offsets: &[] };
+        let mut t = IdentityTuner::new(IdentityConfig { min_examples: 1 }, Host::standalone(d.path(), 0)).unwrap();
         let train = [ex(1.0), ex(0.0), ex(0.0)];
-        let items = [ItemKnowledge {
-            item: 1,
-            text: "a film".into(),
-            vectors: vec![],
-        }];
-        let inputs = TuneInputs {
-            train: &train,
-            valid: &[ex(1.0)],
-            knowledge: &[],
-            item_knowledge: &items,
-        };
+        let items = [ItemKnowledge { item: 1, text: "a film".into(), vectors: vec![] }];
+        let inputs = TuneInputs { train: &train, valid: &[ex(1.0)], knowledge: &[], item_knowledge: &items };
         let a = t.tune(&view, &inputs, d.path()).unwrap();
         assert_eq!(a.kind, "identity");
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&a.path).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&a.path).unwrap()).unwrap();
         assert_eq!(v["train"], 3);
         assert_eq!(v["positives"], 1);
         assert_eq!(v["tasks"]["ctr"], 3);

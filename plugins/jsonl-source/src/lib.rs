@@ -80,8 +80,7 @@ fn for_each_line<T: serde::de::DeserializeOwned>(
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut skipped = 0;
     for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line =
-            line.with_context(|| format!("{}:{}: cannot read line", path.display(), n + 1))?;
+        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), n + 1))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -101,8 +100,7 @@ fn for_each_line<T: serde::de::DeserializeOwned>(
 
 impl BehaviorSource for JsonlSource {
     type Config = JsonlConfig;
-    const DESCRIPTION: &'static str =
-        "heterogeneous behaviour from recfuse-schema JSONL (events, items, users)";
+    const DESCRIPTION: &'static str = "heterogeneous behaviour from recfuse-schema JSONL (events, items, users)";
 
     fn new(cfg: JsonlConfig, host: Host) -> Result<Self> {
         Ok(Self { cfg, host })
@@ -155,31 +153,19 @@ mod tests {
 
     fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
         let p = dir.join(name);
-        File::create(&p)
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
+        File::create(&p).unwrap().write_all(body.as_bytes()).unwrap();
         p
     }
 
     fn source(events: PathBuf, items: Option<PathBuf>, lenient: bool) -> JsonlSource {
-        let cfg = JsonlConfig {
-            events,
-            items,
-            users: None,
-            lenient,
-        };
+        let cfg = JsonlConfig { events, items, users: None, lenient };
         JsonlSource::new(cfg, Host::standalone(std::env::temp_dir(), 1)).unwrap()
     }
 
     #[test]
     fn reads_heterogeneous_events_and_interns_ids() {
         let d = tempfile::tempdir().unwrap();
-        let items = write(
-            d.path(),
-            "items.jsonl",
-            "{\"id\":\"i1\",\"title\":\"Shoe\",\"attrs\":{\"shop\":\"s\"}}\n",
-        );
+        let items = write(d.path(), "items.jsonl", "{\"id\":\"i1\",\"title\":\"Shoe\",\"attrs\":{\"shop\":\"s\"}}\n");
         let events = write(
             d.path(),
             "events.jsonl",
@@ -210,10 +196,7 @@ mod tests {
             "events.jsonl",
             "{\"user\":\"u1\",\"item\":\"i1\",\"kind\":\"click\",\"timestamp\":5}\n{\"user\":\"u1\",\"kind\":\"click\"}\n",
         );
-        let err = source(events.clone(), None, false)
-            .load()
-            .unwrap_err()
-            .to_string();
+        let err = source(events.clone(), None, false).load().unwrap_err().to_string();
         assert!(err.contains(&format!("{}:2:", events.display())), "{err}");
         assert!(err.contains("timestamp"), "{err}");
     }

@@ -10,34 +10,17 @@ fn main() -> anyhow::Result<()> {
     let n: usize = args.get(3).map_or(Ok(1), |s| s.parse())?;
     // Slightly different prompts, so batched rows are padded as in real use.
     let prompts: Vec<Vec<u32>> = (0..n)
-        .map(|i| {
-            llm.encode_chat(&[Message {
-                role: "user".into(),
-                content: format!("{}{}", args[2], "?".repeat(i % 3)),
-            }])
-        })
+        .map(|i| llm.encode_chat(&[Message { role: "user".into(), content: format!("{}{}", args[2], "?".repeat(i % 3)) }]))
         .collect::<anyhow::Result<_>>()?;
-    let params = vec![
-        GenParams {
-            max_new_tokens: 64,
-            ..Default::default()
-        };
-        n
-    ];
+    let params = vec![GenParams { max_new_tokens: 64, ..Default::default() }; n];
     let t = std::time::Instant::now();
     let mut tokens = 0;
     llm.generate(&prompts, &params, n, |i, c| {
         tokens += c.completion_tokens;
-        println!(
-            "[{i}] {:?} ({} tokens): {}",
-            c.finish, c.completion_tokens, c.text
-        );
+        println!("[{i}] {:?} ({} tokens): {}", c.finish, c.completion_tokens, c.text);
         Ok(())
     })?;
     let secs = t.elapsed().as_secs_f64();
-    println!(
-        "{tokens} tokens in {secs:.2}s = {:.1} tok/s",
-        tokens as f64 / secs
-    );
+    println!("{tokens} tokens in {secs:.2}s = {:.1} tok/s", tokens as f64 / secs);
     Ok(())
 }

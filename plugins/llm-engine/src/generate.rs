@@ -89,43 +89,25 @@ pub struct Llm {
 /// A chat template (Jinja, as Hugging Face writes them) parsed once, as template `chat`.
 pub(crate) fn chat_environment(template: String) -> Result<minijinja::Environment<'static>> {
     let mut chat = minijinja::Environment::new();
-    chat.add_template_owned("chat", template)
-        .context("the chat template does not parse")?;
+    chat.add_template_owned("chat", template).context("the chat template does not parse")?;
     Ok(chat)
 }
 
 impl Llm {
     /// Loads a GGUF model; `dense` keeps f32 copies of the weights for fast prefill and batches.
     pub fn load(path: &Path, dense: bool) -> Result<Self> {
-        let mut file = std::fs::File::open(path)
-            .with_context(|| format!("opening model {}", path.display()))?;
-        let content = Content::read(&mut file)
-            .with_context(|| format!("{} is not a GGUF file", path.display()))?;
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+        let content = Content::read(&mut file).with_context(|| format!("{} is not a GGUF file", path.display()))?;
         let mut load = || -> Result<Self> {
             let tokenizer = GgufTokenizer::from_gguf(&content)?;
-            let chat = chat_environment(
-                meta(&content, "tokenizer.chat_template")?
-                    .to_string()?
-                    .clone(),
-            )?;
+            let chat = chat_environment(meta(&content, "tokenizer.chat_template")?.to_string()?.clone())?;
             let model = Model::from_gguf(&content, &mut file, dense)?;
             let name = content
                 .metadata
                 .get("general.name")
                 .and_then(|v| v.to_string().ok().cloned())
-                .unwrap_or_else(|| {
-                    path.file_stem()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned()
-                });
-            Ok(Self {
-                model,
-                tokenizer,
-                chat,
-                path: path.to_path_buf(),
-                name,
-            })
+                .unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned());
+            Ok(Self { model, tokenizer, chat, path: path.to_path_buf(), name })
         };
         load().with_context(|| format!("loading model {}", path.display()))
     }
@@ -153,20 +135,11 @@ impl Llm {
     }
 
     /// Prompts left-padded (with eos, masked out of attention) to `longest`, and each one's padding.
-    fn left_pad<'a>(
-        &self,
-        prompts: impl Iterator<Item = &'a [u32]>,
-        longest: usize,
-    ) -> (Vec<Vec<u32>>, Vec<usize>) {
+    fn left_pad<'a>(&self, prompts: impl Iterator<Item = &'a [u32]>, longest: usize) -> (Vec<Vec<u32>>, Vec<usize>) {
         prompts
             .map(|p| {
                 let pad = longest - p.len();
-                (
-                    std::iter::repeat_n(self.tokenizer.eos, pad)
-                        .chain(p.iter().copied())
-                        .collect(),
-                    pad,
-                )
+                (std::iter::repeat_n(self.tokenizer.eos, pad).chain(p.iter().copied()).collect(), pad)
             })
             .unzip()
     }
@@ -174,11 +147,7 @@ impl Llm {
     /// The next-token logits after each prompt, computed as one left-padded batch.
     pub fn next_token_logits(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        anyhow::ensure!(
-            longest > 0 && longest < self.model.hyper.context,
-            "prompts must be 1..{} tokens",
-            self.model.hyper.context
-        );
+        anyhow::ensure!(longest > 0 && longest < self.model.hyper.context, "prompts must be 1..{} tokens", self.model.hyper.context);
         let (rows, pads) = self.left_pad(prompts.iter().map(Vec::as_slice), longest);
         let mut cache = self.model.new_cache(pads, longest);
         Ok(self.model.forward(&rows, &mut cache)?.to_vec2()?)
@@ -226,23 +195,13 @@ impl Llm {
         let context = self.model.hyper.context;
         let longest = ids.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
         anyhow::ensure!(longest > 0, "empty prompt");
-        anyhow::ensure!(
-            longest < context,
-            "prompt of {longest} tokens does not fit the model context of {context}"
-        );
+        anyhow::ensure!(longest < context, "prompt of {longest} tokens does not fit the model context of {context}");
         let (mut rows, pads) = self.left_pad(ids.iter().map(|&i| prompts[i].as_slice()), longest);
-        let most_new = ids
-            .iter()
-            .map(|&i| params[i].max_new_tokens)
-            .max()
-            .unwrap_or(0);
+        let most_new = ids.iter().map(|&i| params[i].max_new_tokens).max().unwrap_or(0);
         let mut cache = self.model.new_cache(pads, longest + most_new);
         let mut live: Vec<usize> = ids.to_vec();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
-        let mut rngs: Vec<SeededRng> = ids
-            .iter()
-            .map(|&i| SeededRng::new(params[i].seed))
-            .collect();
+        let mut rngs: Vec<SeededRng> = ids.iter().map(|&i| SeededRng::new(params[i].seed)).collect();
         let mut slot: Vec<usize> = (0..ids.len()).collect(); // live row -> index into ids/out/rngs
         let mut emitted = vec![0usize; ids.len()]; // bytes of text already streamed
         loop {
@@ -260,10 +219,7 @@ impl Llm {
                     if let Some(delta) = delta.as_mut() {
                         // Decode the whole answer so far: tokens can split a character.
                         let text = self.tokenizer.decode(&out[s])?;
-                        if text.len() > emitted[s]
-                            && !text.ends_with('\u{FFFD}')
-                            && text.is_char_boundary(emitted[s])
-                        {
+                        if text.len() > emitted[s] && !text.ends_with('\u{FFFD}') && text.is_char_boundary(emitted[s]) {
                             delta(i, &text[emitted[s]..]);
                             emitted[s] = text.len();
                         }
@@ -277,19 +233,12 @@ impl Llm {
                             delta(i, &text[emitted[s]..]);
                         }
                     }
-                    done(
-                        i,
-                        Completion {
-                            text,
-                            prompt_tokens: prompts[i].len(),
-                            completion_tokens: out[s].len() + stopped as usize,
-                            finish: if stopped {
-                                FinishReason::Stop
-                            } else {
-                                FinishReason::Length
-                            },
-                        },
-                    )?;
+                    done(i, Completion {
+                        text,
+                        prompt_tokens: prompts[i].len(),
+                        completion_tokens: out[s].len() + stopped as usize,
+                        finish: if stopped { FinishReason::Stop } else { FinishReason::Length },
+                    })?;
                 } else {
                     keep.push(r);
                     next_rows.push(vec![token]);
@@ -310,25 +259,13 @@ impl Llm {
 
 /// Greedy when temperature is 0, else nucleus sampling with the row's own seeded generator.
 fn sample(logits: &[f32], p: &GenParams, rng: &mut SeededRng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            )
-            .0 as u32
-    };
+    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
     if p.temperature <= 0.0 {
         return argmax();
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp()))
-        .collect();
+    let mut probs: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &v)| (i as u32, ((v - max) / p.temperature).exp())).collect();
     let total: f32 = probs.iter().map(|x| x.1).sum();
     probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
     let mut kept = 0.0;
@@ -354,18 +291,11 @@ mod tests {
 
     #[test]
     fn penalties_follow_openai_semantics() {
-        let p = GenParams {
-            frequency_penalty: 0.1,
-            presence_penalty: 0.05,
-            ..Default::default()
-        };
+        let p = GenParams { frequency_penalty: 0.1, presence_penalty: 0.05, ..Default::default() };
         let mut logits = vec![5.0, 4.9, 1.0];
         penalize(&mut logits, &[0, 0, 2], &p);
         // token 0 generated twice: 5 - 2×0.1 - 0.05; token 2 once: 1 - 0.1 - 0.05.
-        assert!(
-            (logits[0] - 4.75).abs() < 1e-6 && logits[1] == 4.9 && (logits[2] - 0.85).abs() < 1e-6,
-            "{logits:?}"
-        );
+        assert!((logits[0] - 4.75).abs() < 1e-6 && logits[1] == 4.9 && (logits[2] - 0.85).abs() < 1e-6, "{logits:?}");
         assert_eq!(sample(&logits, &p, &mut SeededRng::new(0)), 1);
     }
 }

@@ -36,15 +36,8 @@ const DENSE_ROWS: usize = 8;
 impl Linear {
     fn new(t: QTensor, dense: bool) -> Result<Self> {
         let t = fast_format(t)?;
-        let dense = if dense {
-            Some(t.dequantize(&Device::Cpu)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            quantized: QMatMul::from_qtensor(t)?,
-            dense,
-        })
+        let dense = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
+        Ok(Self { quantized: QMatMul::from_qtensor(t)?, dense })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -58,9 +51,7 @@ impl Linear {
     fn bytes(&self) -> usize {
         match &self.quantized {
             QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                t.elem_count() * t.dtype().size_in_bytes()
-            }
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
         }
     }
 }
@@ -106,10 +97,7 @@ impl KvCache {
 
     /// Keeps only the given rows (in that order).
     pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
-        let index = Tensor::new(
-            keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            &Device::Cpu,
-        )?;
+        let index = Tensor::new(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
         for layer in self.layers.iter_mut().flatten() {
             layer.0 = layer.0.index_select(&index, 0)?;
             layer.1 = layer.1.index_select(&index, 0)?;
@@ -147,19 +135,13 @@ fn fast_format(t: QTensor) -> Result<QTensor> {
 
 impl Model {
     /// `dense`: also keep f32 copies of the projections for prefill and wide batches.
-    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
-        content: &Content,
-        reader: &mut R,
-        dense: bool,
-    ) -> Result<Self> {
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, dense: bool) -> Result<Self> {
         let arch = meta(content, "general.architecture")?.to_string()?.clone();
         if arch != "llama" {
             bail!("general.architecture = {arch:?}: only llama-architecture models are supported");
         }
         let u = |key: &str| -> Result<usize> {
-            Ok(meta(content, &format!("llama.{key}"))?
-                .to_u32()
-                .with_context(|| key.to_string())? as usize)
+            Ok(meta(content, &format!("llama.{key}"))?.to_u32().with_context(|| key.to_string())? as usize)
         };
         let dim = u("embedding_length")?;
         let heads = u("attention.head_count")?;
@@ -180,9 +162,7 @@ impl Model {
         };
         let device = Device::Cpu;
         let mut qt = |name: &str| -> Result<QTensor> {
-            content
-                .tensor(reader, name, &device)
-                .with_context(|| format!("GGUF tensor `{name}`"))
+            content.tensor(reader, name, &device).with_context(|| format!("GGUF tensor `{name}`"))
         };
         let embedding = Arc::new(qt("token_embd.weight")?);
         let norm = qt("output_norm.weight")?.dequantize(&device)?;
@@ -207,34 +187,17 @@ impl Model {
             });
         }
         let half = hyper.head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / hyper.rope_base.powf(2.0 * i as f32 / hyper.head_dim as f32))
-            .collect();
+        let inv: Vec<f32> =
+            (0..half).map(|i| 1.0 / hyper.rope_base.powf(2.0 * i as f32 / hyper.head_dim as f32)).collect();
         let inv = Tensor::from_vec(inv, (1, half), &device)?;
-        let pos = Tensor::arange(0u32, hyper.context as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((hyper.context, 1))?;
+        let pos = Tensor::arange(0u32, hyper.context as u32, &device)?.to_dtype(DType::F32)?.reshape((hyper.context, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
-            hyper,
-            embedding,
-            layers,
-            norm,
-            output,
-            device,
-        })
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, hyper, embedding, layers, norm, output, device })
     }
 
     /// A cache for rows with these left paddings, for sequences of at most `capacity` tokens.
     pub fn new_cache(&self, pads: Vec<usize>, capacity: usize) -> KvCache {
-        KvCache {
-            layers: (0..self.hyper.layers).map(|_| None).collect(),
-            pads,
-            len: 0,
-            capacity: capacity.min(self.hyper.context),
-        }
+        KvCache { layers: (0..self.hyper.layers).map(|_| None).collect(), pads, len: 0, capacity: capacity.min(self.hyper.context) }
     }
 
     /// Runs `tokens` (`rows × t`, the same `t` for every row) after what the cache holds and
@@ -247,19 +210,11 @@ impl Model {
         let t = tokens[0].len();
         let start = cache.len;
         if start + t > cache.capacity {
-            bail!(
-                "sequence of {} tokens exceeds the cache capacity of {} (model context {})",
-                start + t,
-                cache.capacity,
-                self.hyper.context
-            );
+            bail!("sequence of {} tokens exceeds the cache capacity of {} (model context {})", start + t, cache.capacity, self.hyper.context);
         }
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, rows * t, &self.device)?;
-        let mut x = self
-            .embedding
-            .embedding(&ids)?
-            .reshape((rows, t, self.hyper.dim))?;
+        let mut x = self.embedding.embedding(&ids)?.reshape((rows, t, self.hyper.dim))?;
         let mask = self.mask(&cache.pads, start, t)?;
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
@@ -268,10 +223,7 @@ impl Model {
             let residual = &x;
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.hyper.eps as f32)?;
             let heads = |w: &Linear, count: usize| -> Result<Tensor> {
-                Ok(w.forward(&n)?
-                    .reshape((rows, t, count, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
+                Ok(w.forward(&n)?.reshape((rows, t, count, hd))?.transpose(1, 2)?.contiguous()?)
             };
             let q = candle_nn::rotary_emb::rope_i(&heads(&layer.q, h)?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&heads(&layer.k, kvh)?, &cos, &sin)?;
@@ -289,25 +241,12 @@ impl Model {
             let group = h / kvh;
             let q = q.reshape((rows, kvh, group * t, hd))?;
             let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-            let scores = scores
-                .reshape((rows, kvh, group, t, start + t))?
-                .broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((
-                rows,
-                kvh,
-                group * t,
-                start + t,
-            ))?)?;
-            let attn = probs
-                .matmul(&v)?
-                .reshape((rows, h, t, hd))?
-                .transpose(1, 2)?
-                .reshape((rows, t, h * hd))?;
+            let scores = scores.reshape((rows, kvh, group, t, start + t))?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((rows, kvh, group * t, start + t))?)?;
+            let attn = probs.matmul(&v)?.reshape((rows, h, t, hd))?.transpose(1, 2)?.reshape((rows, t, h * hd))?;
             x = (residual + layer.o.forward(&attn)?)?;
             let n = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.hyper.eps as f32)?;
-            let mlp = layer
-                .down
-                .forward(&(layer.gate.forward(&n)?.silu()? * layer.up.forward(&n)?)?)?;
+            let mlp = layer.down.forward(&(layer.gate.forward(&n)?.silu()? * layer.up.forward(&n)?)?)?;
             x = (x + mlp)?;
         }
         cache.len += t;
@@ -331,21 +270,12 @@ impl Model {
                 }
             }
         }
-        Ok(Tensor::from_vec(
-            m,
-            (pads.len(), 1, 1, t, total),
-            &self.device,
-        )?)
+        Ok(Tensor::from_vec(m, (pads.len(), 1, 1, t, total), &self.device)?)
     }
 
     /// Bytes of quantized weights one decoding step reads.
     pub fn weight_bytes(&self) -> usize {
-        let layer = |l: &Layer| {
-            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .iter()
-                .map(|w| w.bytes())
-                .sum::<usize>()
-        };
+        let layer = |l: &Layer| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|w| w.bytes()).sum::<usize>();
         self.layers.iter().map(layer).sum::<usize>() + self.output.bytes()
     }
 }

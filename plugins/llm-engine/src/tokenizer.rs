@@ -24,10 +24,7 @@ pub struct GgufTokenizer {
 }
 
 pub(crate) fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
-    content
-        .metadata
-        .get(key)
-        .with_context(|| format!("GGUF metadata has no `{key}`"))
+    content.metadata.get(key).with_context(|| format!("GGUF metadata has no `{key}`"))
 }
 
 fn strings(content: &Content, key: &str) -> Result<Vec<String>> {
@@ -35,11 +32,7 @@ fn strings(content: &Content, key: &str) -> Result<Vec<String>> {
         .to_vec()
         .with_context(|| format!("GGUF metadata `{key}` is not an array"))?
         .iter()
-        .map(|v| {
-            v.to_string()
-                .cloned()
-                .with_context(|| format!("`{key}` holds a non-string"))
-        })
+        .map(|v| v.to_string().cloned().with_context(|| format!("`{key}` holds a non-string")))
         .collect()
 }
 
@@ -59,18 +52,11 @@ impl GgufTokenizer {
             })
             .collect::<Result<_>>()?;
         let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()?
-                .iter()
-                .map(|t| t.to_i32())
-                .collect::<candle_core::Result<_>>()?,
+            Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<candle_core::Result<_>>()?,
             None => vec![1; tokens.len()],
         };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -90,28 +76,17 @@ impl GgufTokenizer {
             .filter(|(_, &t)| t == CONTROL || t == USER_DEFINED)
             .map(|(tok, _)| AddedToken::from(tok.clone(), true))
             .collect();
-        inner
-            .add_special_tokens(special)
-            .map_err(|e| anyhow::anyhow!("adding control tokens: {e}"))?;
+        inner.add_special_tokens(special).map_err(|e| anyhow::anyhow!("adding control tokens: {e}"))?;
         let id = |key: &str| -> Result<Option<u32>> {
-            content
-                .metadata
-                .get(key)
-                .map(|v| v.to_u32().with_context(|| key.to_string()))
-                .transpose()
+            content.metadata.get(key).map(|v| v.to_u32().with_context(|| key.to_string())).transpose()
         };
-        let eos =
-            id("tokenizer.ggml.eos_token_id")?.context("GGUF metadata has no eos token id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")?.context("GGUF metadata has no eos token id")?;
         let add_bos = content
             .metadata
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
-        let bos = if add_bos {
-            id("tokenizer.ggml.bos_token_id")?
-        } else {
-            None
-        };
+        let bos = if add_bos { id("tokenizer.ggml.bos_token_id")? } else { None };
         let mut stop = vec![eos];
         for end_of_turn in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
             if let Some(t) = inner.token_to_id(end_of_turn) {
@@ -120,12 +95,7 @@ impl GgufTokenizer {
                 }
             }
         }
-        Ok(Self {
-            inner,
-            bos,
-            eos,
-            stop,
-        })
+        Ok(Self { inner, bos, eos, stop })
     }
 
     /// Encodes text in which control tokens (`<|im_start|>` ...) are written literally, as a
@@ -138,17 +108,12 @@ impl GgufTokenizer {
 
     /// Encodes text that continues a sequence (no beginning-of-sequence token).
     pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
+        self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -5,12 +5,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)"
-    );
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)");
     p
 }
 
@@ -22,10 +18,7 @@ fn llm() -> &'static Llm {
 }
 
 fn user(text: &str) -> Vec<Message> {
-    vec![Message {
-        role: "user".into(),
-        content: text.into(),
-    }]
+    vec![Message { role: "user".into(), content: text.into() }]
 }
 
 #[test]
@@ -35,51 +28,31 @@ fn tokenizer_from_gguf_metadata_matches_llama_cpp() {
     // Covers control tokens, digits split one by one, punctuation, non-ASCII and whitespace runs.
     let text = "<|im_start|>user\nUser 42 rated 'Toy Story (1995)' 4.5/5 — naïve café, 12345 times!\n  Indented\tTab<|im_end|>\n";
     let expected = [
-        1, 4093, 198, 11126, 216, 36, 34, 18361, 637, 68, 922, 10124, 365, 33, 41, 41, 37, 28392,
-        216, 36, 30, 37, 31, 37, 1841, 15486, 46494, 37366, 28, 216, 33, 34, 35, 36, 37, 1711, 17,
-        3805, 1218, 6574, 197, 30064, 2, 198,
+        1, 4093, 198, 11126, 216, 36, 34, 18361, 637, 68, 922, 10124, 365, 33, 41, 41, 37, 28392, 216, 36, 30, 37, 31, 37,
+        1841, 15486, 46494, 37366, 28, 216, 33, 34, 35, 36, 37, 1711, 17, 3805, 1218, 6574, 197, 30064, 2, 198,
     ];
     let ids = llm().tokenizer.encode(text).unwrap();
     assert_eq!(ids, expected);
-    assert_eq!(
-        llm().tokenizer.decode(&ids[3..ids.len() - 2]).unwrap(),
-        &text[17..text.len() - 11]
-    );
+    assert_eq!(llm().tokenizer.decode(&ids[3..ids.len() - 2]).unwrap(), &text[17..text.len() - 11]);
 }
 
 #[test]
 fn chat_template_comes_from_the_gguf() {
     let rendered = llm().render_chat(&user("Hi")).unwrap();
     // SmolLM2's template adds its default system prompt and opens the assistant turn.
-    assert!(
-        rendered.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
-        "{rendered}"
-    );
-    assert!(
-        rendered.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
-        "{rendered}"
-    );
+    assert!(rendered.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"), "{rendered}");
+    assert!(rendered.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), "{rendered}");
 }
 
 #[test]
 fn generates_coherent_text_and_stops_at_end_of_turn() {
     let llm = llm();
-    let prompt = llm
-        .encode_chat(&user("Write the word 'hello' and nothing else."))
-        .unwrap();
+    let prompt = llm.encode_chat(&user("Write the word 'hello' and nothing else.")).unwrap();
     let mut got = None;
-    llm.generate(
-        &[prompt.clone()],
-        &[GenParams {
-            max_new_tokens: 40,
-            ..Default::default()
-        }],
-        1,
-        |_, c| {
-            got = Some(c);
-            Ok(())
-        },
-    )
+    llm.generate(&[prompt.clone()], &[GenParams { max_new_tokens: 40, ..Default::default() }], 1, |_, c| {
+        got = Some(c);
+        Ok(())
+    })
     .unwrap();
     let c = got.expect("one completion");
     assert_eq!(c.finish, FinishReason::Stop, "{c:?}");
@@ -97,44 +70,17 @@ fn batched_generation_equals_one_at_a_time() {
     // at a near-tie late in the answer.
     static DENSE: OnceLock<Llm> = OnceLock::new();
     let llm = DENSE.get_or_init(|| Llm::load(&model_path(), true).expect("model loads"));
-    let questions = [
-        "Name a fruit.",
-        "What colour is the sky on a clear day? Answer in one sentence.",
-        "Count from one to five.",
-    ];
-    let prompts: Vec<Vec<u32>> = questions
-        .iter()
-        .map(|q| llm.encode_chat(&user(q)).unwrap())
-        .collect();
-    assert_eq!(
-        prompts
-            .iter()
-            .map(Vec::len)
-            .collect::<std::collections::HashSet<_>>()
-            .len(),
-        3
-    );
+    let questions = ["Name a fruit.", "What colour is the sky on a clear day? Answer in one sentence.", "Count from one to five."];
+    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| llm.encode_chat(&user(q)).unwrap()).collect();
+    assert_eq!(prompts.iter().map(Vec::len).collect::<std::collections::HashSet<_>>().len(), 3);
     let batched = llm.next_token_logits(&prompts).unwrap();
     for (p, b) in prompts.iter().zip(&batched) {
         let single = &llm.next_token_logits(std::slice::from_ref(p)).unwrap()[0];
-        let diff = single
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = single.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         let scale = single.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        assert!(
-            diff < 1e-3 * scale,
-            "batched logits differ by {diff} (scale {scale})"
-        );
+        assert!(diff < 1e-3 * scale, "batched logits differ by {diff} (scale {scale})");
     }
-    let params = vec![
-        GenParams {
-            max_new_tokens: 24,
-            ..Default::default()
-        };
-        3
-    ];
+    let params = vec![GenParams { max_new_tokens: 24, ..Default::default() }; 3];
     let run = |batch: usize| {
         let mut out = vec![String::new(); 3];
         llm.generate(&prompts, &params, batch, |i, c| {
@@ -149,12 +95,7 @@ fn batched_generation_equals_one_at_a_time() {
         // Only the opening words: later greedy choices can flip at near-ties, because padding
         // shifts the int8 activation quantization (seen on this machine at the third word:
         // "I'm referring" vs "I mentioned"); the logits check above is the exact guard.
-        let words = |t: &str| {
-            t.split_whitespace()
-                .take(2)
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
+        let words = |t: &str| t.split_whitespace().take(2).map(str::to_string).collect::<Vec<_>>();
         assert!(!s.is_empty());
         assert_eq!(words(s), words(b), "single {s:?} vs batched {b:?}");
     }
@@ -163,18 +104,10 @@ fn batched_generation_equals_one_at_a_time() {
 #[test]
 fn sampling_is_seeded() {
     let llm = llm();
-    let prompt = llm
-        .encode_chat(&user("Tell me a story about a cat."))
-        .unwrap();
+    let prompt = llm.encode_chat(&user("Tell me a story about a cat.")).unwrap();
     let gen = |seed: u64| {
         let mut out = String::new();
-        let p = GenParams {
-            max_new_tokens: 16,
-            temperature: 1.0,
-            top_p: 0.95,
-            seed,
-            ..Default::default()
-        };
+        let p = GenParams { max_new_tokens: 16, temperature: 1.0, top_p: 0.95, seed, ..Default::default() };
         llm.generate(&[prompt.clone()], &[p], 1, |_, c| {
             out = c.text;
             Ok(())
@@ -192,27 +125,17 @@ fn a_file_that_is_not_gguf_is_refused_by_name() {
     let p = dir.path().join("model.gguf");
     std::fs::write(&p, b"not a model").unwrap();
     let err = format!("{:#}", Llm::load(&p, false).err().expect("refused"));
-    assert!(
-        err.contains("model.gguf") && err.contains("not a GGUF file"),
-        "{err}"
-    );
+    assert!(err.contains("model.gguf") && err.contains("not a GGUF file"), "{err}");
 }
 
 #[test]
 fn penalties_discourage_repeating_tokens() {
     let llm = llm();
-    let prompt = llm
-        .encode_chat(&user("Write the word dog twenty times."))
-        .unwrap();
+    let prompt = llm.encode_chat(&user("Write the word dog twenty times.")).unwrap();
     // (text, how often its most frequent token occurs)
     let generate = |frequency_penalty: f32| {
         let mut out = (String::new(), 0);
-        let p = GenParams {
-            max_new_tokens: 40,
-            frequency_penalty,
-            ignore_stop: true,
-            ..Default::default()
-        };
+        let p = GenParams { max_new_tokens: 40, frequency_penalty, ignore_stop: true, ..Default::default() };
         llm.generate(&[prompt.clone()], &[p], 1, |_, c| {
             let mut counts = std::collections::HashMap::new();
             for t in llm.tokenizer.encode(&c.text).unwrap() {
@@ -226,10 +149,5 @@ fn penalties_discourage_repeating_tokens() {
     };
     let (plain, penalized) = (generate(0.0), generate(1.5));
     assert_ne!(plain.0, penalized.0);
-    assert!(
-        penalized.1 < plain.1,
-        "most repeated token: {} times without, {} with the penalty",
-        plain.1,
-        penalized.1
-    );
+    assert!(penalized.1 < plain.1, "most repeated token: {} times without, {} with the penalty", plain.1, penalized.1);
 }

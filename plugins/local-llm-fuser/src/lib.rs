@@ -97,45 +97,20 @@ impl KnowledgeFuser for LocalLlmFuser {
     fn new(cfg: LocalLlmConfig, host: Host) -> Result<Self> {
         ensure!(cfg.batch_size > 0, "batch_size must be at least 1");
         ensure!(cfg.max_tokens > 0, "max_tokens must be at least 1");
-        ensure!(
-            cfg.temperature >= 0.0 && cfg.top_p > 0.0 && cfg.top_p <= 1.0,
-            "temperature must be ≥ 0 and top_p in (0, 1]"
-        );
+        ensure!(cfg.temperature >= 0.0 && cfg.top_p > 0.0 && cfg.top_p <= 1.0, "temperature must be ≥ 0 and top_p in (0, 1]");
         if !cfg.model.exists() {
             bail!(
                 "model: {} not found{}",
                 cfg.model.display(),
-                if cfg.model == PathBuf::from(DEFAULT_MODEL) {
-                    " (run scripts/fetch-data.sh smollm2)"
-                } else {
-                    ""
-                }
+                if cfg.model == PathBuf::from(DEFAULT_MODEL) { " (run scripts/fetch-data.sh smollm2)" } else { "" }
             );
         }
-        let prompt = FusionPrompt::new(
-            cfg.system_prompt.clone(),
-            cfg.user_prompt.clone(),
-            cfg.behaviour.clone(),
-        )?;
+        let prompt = FusionPrompt::new(cfg.system_prompt.clone(), cfg.user_prompt.clone(), cfg.behaviour.clone())?;
         let model_sha256 = sha256_file(&cfg.model)?;
-        let llm = Llm::load(&cfg.model, cfg.dense)
-            .with_context(|| format!("model = {}", cfg.model.display()))?;
-        host.info(format!(
-            "{} loaded from {} ({} MB of quantized weights)",
-            llm.name,
-            cfg.model.display(),
-            llm.weight_bytes() >> 20
-        ));
+        let llm = Llm::load(&cfg.model, cfg.dense).with_context(|| format!("model = {}", cfg.model.display()))?;
+        host.info(format!("{} loaded from {} ({} MB of quantized weights)", llm.name, cfg.model.display(), llm.weight_bytes() >> 20));
         let cache = CompletionCache::open(&host.run_dir().join("cache.jsonl"))?;
-        Ok(Self {
-            cfg,
-            host,
-            llm,
-            model_sha256,
-            prompt,
-            cache,
-            usage: Usage::default(),
-        })
+        Ok(Self { cfg, host, llm, model_sha256, prompt, cache, usage: Usage::default() })
     }
 
     fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
@@ -148,10 +123,7 @@ impl KnowledgeFuser for LocalLlmFuser {
                 .prompt
                 .messages(view, u)?
                 .into_iter()
-                .map(|m| Message {
-                    role: m.role,
-                    content: m.content,
-                })
+                .map(|m| Message { role: m.role, content: m.content })
                 .collect();
             let key = CompletionCache::key(&json!({
                 "model_sha256": self.model_sha256, "messages": messages, "max_tokens": self.cfg.max_tokens,
@@ -161,11 +133,7 @@ impl KnowledgeFuser for LocalLlmFuser {
             }))?;
             if let Some(hit) = self.cache.get(&key) {
                 self.usage.cache_hits += 1;
-                out.push(Knowledge {
-                    user: u,
-                    text: hit.text.clone(),
-                    vectors: vec![],
-                });
+                out.push(Knowledge { user: u, text: hit.text.clone(), vectors: vec![] });
                 continue;
             }
             let tokens = self.llm.encode_chat(&messages)?;
@@ -196,27 +164,22 @@ impl KnowledgeFuser for LocalLlmFuser {
                 .collect();
             let bar = self.host.progress("generate", todo.len() as u64);
             let (host, cache, usage) = (&self.host, &self.cache, &mut self.usage);
-            self.llm
-                .generate(&prompts, &params, self.cfg.batch_size, |i, c| {
-                    host.check_cancelled()?;
-                    let (user, key, _) = &todo[i];
-                    usage.requests += 1;
-                    usage.prompt_tokens += c.prompt_tokens as u64;
-                    usage.completion_tokens += c.completion_tokens as u64;
-                    let text = c.text.trim().to_string();
-                    out.push(Knowledge {
-                        user: *user,
-                        text: text.clone(),
-                        vectors: vec![],
-                    });
-                    bar.inc(1);
-                    cache.put(Completion {
-                        key: key.clone(),
-                        text,
-                        prompt_tokens: c.prompt_tokens as u64,
-                        completion_tokens: c.completion_tokens as u64,
-                    })
-                })?;
+            self.llm.generate(&prompts, &params, self.cfg.batch_size, |i, c| {
+                host.check_cancelled()?;
+                let (user, key, _) = &todo[i];
+                usage.requests += 1;
+                usage.prompt_tokens += c.prompt_tokens as u64;
+                usage.completion_tokens += c.completion_tokens as u64;
+                let text = c.text.trim().to_string();
+                out.push(Knowledge { user: *user, text: text.clone(), vectors: vec![] });
+                bar.inc(1);
+                cache.put(Completion {
+                    key: key.clone(),
+                    text,
+                    prompt_tokens: c.prompt_tokens as u64,
+                    completion_tokens: c.completion_tokens as u64,
+                })
+            })?;
         }
         self.usage.save(&self.host)?;
         out.sort_by_key(|k| k.user);

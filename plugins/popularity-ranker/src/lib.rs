@@ -21,26 +21,17 @@ pub struct Popularity {
 
 impl Ranker for Popularity {
     type Config = PopularityConfig;
-    const DESCRIPTION: &'static str =
-        "train popularity, optionally per behaviour kind and time-decayed";
+    const DESCRIPTION: &'static str = "train popularity, optionally per behaviour kind and time-decayed";
 
     fn new(cfg: PopularityConfig, _host: Host) -> Result<Self> {
         if let Some(h) = cfg.half_life_days {
             ensure!(h > 0.0, "half_life_days must be positive, got {h}");
         }
-        Ok(Self {
-            cfg,
-            scores: Vec::new(),
-        })
+        Ok(Self { cfg, scores: Vec::new() })
     }
 
     fn fit(&mut self, view: &TrainView, _inputs: &FitInputs) -> Result<()> {
-        let kinds: Vec<u32> = self
-            .cfg
-            .kinds
-            .iter()
-            .filter_map(|k| view.catalog.kind(k))
-            .collect();
+        let kinds: Vec<u32> = self.cfg.kinds.iter().filter_map(|k| view.catalog.kind(k)).collect();
         let now = view.events.iter().map(|e| e.timestamp).max().unwrap_or(0);
         let mut scores = vec![0f64; view.n_items()];
         for e in view.events {
@@ -58,10 +49,7 @@ impl Ranker for Popularity {
     }
 
     fn score(&self, batch: &ScoreBatch, out: &mut [f32]) -> Result<()> {
-        ensure!(
-            !self.scores.is_empty() || batch.items.is_empty(),
-            "popularity ranker scored before fit"
-        );
+        ensure!(!self.scores.is_empty() || batch.items.is_empty(), "popularity ranker scored before fit");
         let n = batch.per_user();
         for (row, chunk) in out.chunks_mut(n.max(1)).enumerate().take(batch.users.len()) {
             for (slot, &item) in chunk.iter_mut().zip(batch.candidates(row)) {
@@ -82,31 +70,13 @@ mod tests {
     use super::*;
 
     fn ev(user: u32, item: u32, kind: u32, ts: i64) -> Event {
-        Event {
-            user,
-            item,
-            kind,
-            scenario: 0,
-            subject: NONE,
-            value: 1.0,
-            timestamp: ts,
-        }
+        Event { user, item, kind, scenario: 0, subject: NONE, value: 1.0, timestamp: ts }
     }
 
     fn catalog() -> Catalog {
         Catalog {
-            items: (0..3)
-                .map(|i| Item {
-                    id: i.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
-            users: (0..2)
-                .map(|i| User {
-                    id: i.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
+            items: (0..3).map(|i| Item { id: i.to_string(), ..Default::default() }).collect(),
+            users: (0..2).map(|i| User { id: i.to_string(), ..Default::default() }).collect(),
             kinds: vec!["click".into(), "order".into()],
             ..Default::default()
         }
@@ -115,50 +85,21 @@ mod tests {
     #[test]
     fn counts_and_filters_kinds() {
         let cat = catalog();
-        let events = vec![
-            ev(0, 0, 0, 1),
-            ev(0, 1, 1, 2),
-            ev(1, 1, 0, 3),
-            ev(1, 2, 1, 4),
-        ];
-        let view = TrainView {
-            catalog: &cat,
-            events: &events,
-            offsets: &[0, 2, 4],
-        };
+        let events = vec![ev(0, 0, 0, 1), ev(0, 1, 1, 2), ev(1, 1, 0, 3), ev(1, 2, 1, 4)];
+        let view = TrainView { catalog: &cat, events: &events, offsets: &[0, 2, 4] };
         let host = Host::standalone(std::env::temp_dir(), 0);
 
         let mut all = Popularity::new(PopularityConfig::default(), host.clone()).unwrap();
         all.fit(&view, &FitInputs::default()).unwrap();
         let mut out = vec![0.0; 6];
-        all.score(
-            &ScoreBatch {
-                users: &[0, 1],
-                items: &[0, 1, 2],
-                shared: true,
-            },
-            &mut out,
-        )
-        .unwrap();
+        all.score(&ScoreBatch { users: &[0, 1], items: &[0, 1, 2], shared: true }, &mut out).unwrap();
         assert_eq!(out, vec![1.0, 2.0, 1.0, 1.0, 2.0, 1.0]);
 
-        let cfg = PopularityConfig {
-            kinds: vec!["order".into()],
-            half_life_days: None,
-        };
+        let cfg = PopularityConfig { kinds: vec!["order".into()], half_life_days: None };
         let mut orders = Popularity::new(cfg, host).unwrap();
         orders.fit(&view, &FitInputs::default()).unwrap();
         let mut out = vec![0.0; 4];
-        orders
-            .score(
-                &ScoreBatch {
-                    users: &[0, 1],
-                    items: &[2, 0, 1, 2],
-                    shared: false,
-                },
-                &mut out,
-            )
-            .unwrap();
+        orders.score(&ScoreBatch { users: &[0, 1], items: &[2, 0, 1, 2], shared: false }, &mut out).unwrap();
         assert_eq!(out, vec![1.0, 0.0, 1.0, 1.0]);
     }
 
@@ -167,27 +108,12 @@ mod tests {
         let cat = catalog();
         let day = 86_400;
         let events = vec![ev(0, 0, 0, 0), ev(1, 1, 0, 10 * day)];
-        let view = TrainView {
-            catalog: &cat,
-            events: &events,
-            offsets: &[0, 1, 2],
-        };
-        let cfg = PopularityConfig {
-            kinds: vec![],
-            half_life_days: Some(5.0),
-        };
+        let view = TrainView { catalog: &cat, events: &events, offsets: &[0, 1, 2] };
+        let cfg = PopularityConfig { kinds: vec![], half_life_days: Some(5.0) };
         let mut r = Popularity::new(cfg, Host::standalone(std::env::temp_dir(), 0)).unwrap();
         r.fit(&view, &FitInputs::default()).unwrap();
         let mut out = vec![0.0; 2];
-        r.score(
-            &ScoreBatch {
-                users: &[0],
-                items: &[0, 1],
-                shared: true,
-            },
-            &mut out,
-        )
-        .unwrap();
+        r.score(&ScoreBatch { users: &[0], items: &[0, 1], shared: true }, &mut out).unwrap();
         assert!((out[0] - 0.25).abs() < 1e-6 && out[1] == 1.0, "{out:?}");
     }
 }

@@ -123,10 +123,7 @@ fn format_of(path: &Path, given: Option<Format>) -> Result<Format> {
         Some("csv") => Ok(Format::Csv),
         Some("tsv") | Some("tab") => Ok(Format::Tsv),
         Some("jsonl") | Some("ndjson") => Ok(Format::Jsonl),
-        _ => bail!(
-            "{}: cannot tell the format from the extension; set `format`",
-            path.display()
-        ),
+        _ => bail!("{}: cannot tell the format from the extension; set `format`", path.display()),
     }
 }
 
@@ -134,13 +131,7 @@ fn format_of(path: &Path, given: Option<Format>) -> Result<Format> {
 type Row<'a> = HashMap<&'a str, String>;
 
 /// Visits every row of a file as a map of column → text; errors name file and line.
-fn read_rows(
-    path: &Path,
-    format: Format,
-    lenient: bool,
-    host: &Host,
-    mut f: impl FnMut(usize, &Row) -> Result<()>,
-) -> Result<u64> {
+fn read_rows(path: &Path, format: Format, lenient: bool, host: &Host, mut f: impl FnMut(usize, &Row) -> Result<()>) -> Result<u64> {
     let mut skipped = 0u64;
     let mut fail = |line: usize, msg: String| -> Result<()> {
         if lenient {
@@ -155,8 +146,7 @@ fn read_rows(
     };
     match format {
         Format::Jsonl => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
             for (n, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
@@ -211,10 +201,7 @@ fn read_rows(
                 }
                 let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
                 if record.len() != keys.len() {
-                    fail(
-                        line,
-                        format!("expected {} columns, found {}", keys.len(), record.len()),
-                    )?;
+                    fail(line, format!("expected {} columns, found {}", keys.len(), record.len()))?;
                     continue;
                 }
                 row.clear();
@@ -234,10 +221,7 @@ fn read_rows(
 fn leak_key(k: &str) -> &'static str {
     use std::sync::{Mutex, OnceLock};
     static KEYS: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
-    let mut keys = KEYS
-        .get_or_init(Default::default)
-        .lock()
-        .expect("keys lock");
+    let mut keys = KEYS.get_or_init(Default::default).lock().expect("keys lock");
     if let Some(k) = keys.get(k) {
         return k;
     }
@@ -247,9 +231,7 @@ fn leak_key(k: &str) -> &'static str {
 }
 
 fn column<'r>(row: &'r Row, name: &str) -> Result<&'r str> {
-    row.get(name)
-        .map(String::as_str)
-        .with_context(|| format!("no column `{name}`"))
+    row.get(name).map(String::as_str).with_context(|| format!("no column `{name}`"))
 }
 
 /// Fills `{column}` placeholders of a template from a row.
@@ -258,10 +240,7 @@ fn render(template: &str, row: &Row) -> Result<String> {
     let mut rest = template;
     while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
-        let end = rest[start..]
-            .find('}')
-            .with_context(|| format!("unclosed `{{` in {template:?}"))?
-            + start;
+        let end = rest[start..].find('}').with_context(|| format!("unclosed `{{` in {template:?}"))? + start;
         out.push_str(column(row, &rest[start + 1..end])?);
         rest = &rest[end + 1..];
     }
@@ -272,134 +251,96 @@ fn render(template: &str, row: &Row) -> Result<String> {
 impl TableSource {
     fn load_entities(&self, spec: &EntityFile, b: &mut DatasetBuilder, items: bool) -> Result<u64> {
         let format = format_of(&spec.path, spec.format)?;
-        let skipped = read_rows(
-            &spec.path,
-            format,
-            self.cfg.lenient,
-            &self.host,
-            |_, row| {
-                let id = column(row, &spec.id)?;
-                let mut attrs = BTreeMap::new();
-                for (k, v) in row.iter() {
-                    let keep = if spec.attrs.is_empty() {
-                        *k != spec.id && Some(*k) != spec.title.as_deref()
-                    } else {
-                        spec.attrs.iter().any(|a| a == k)
-                    };
-                    if keep && !v.is_empty() {
-                        attrs.insert(k.to_string(), v.clone());
-                    }
-                }
-                if items {
-                    let title = match &spec.title {
-                        Some(t) => column(row, t)?,
-                        None => "",
-                    };
-                    b.describe_item(id, title, attrs);
+        let skipped = read_rows(&spec.path, format, self.cfg.lenient, &self.host, |_, row| {
+            let id = column(row, &spec.id)?;
+            let mut attrs = BTreeMap::new();
+            for (k, v) in row.iter() {
+                let keep = if spec.attrs.is_empty() {
+                    *k != spec.id && Some(*k) != spec.title.as_deref()
                 } else {
-                    b.describe_user(id, attrs);
+                    spec.attrs.iter().any(|a| a == k)
+                };
+                if keep && !v.is_empty() {
+                    attrs.insert(k.to_string(), v.clone());
                 }
-                Ok(())
-            },
-        )?;
+            }
+            if items {
+                let title = match &spec.title {
+                    Some(t) => column(row, t)?,
+                    None => "",
+                };
+                b.describe_item(id, title, attrs);
+            } else {
+                b.describe_user(id, attrs);
+            }
+            Ok(())
+        })?;
         b.input(spec.path.display().to_string());
         Ok(skipped)
     }
 
     fn load_events(&self, spec: &EventFile, b: &mut DatasetBuilder) -> Result<u64> {
         let format = format_of(&spec.path, spec.format)?;
-        ensure!(
-            !spec.timestamp.is_empty(),
-            "{}: `timestamp` needs at least one column",
-            spec.path.display()
-        );
+        ensure!(!spec.timestamp.is_empty(), "{}: `timestamp` needs at least one column", spec.path.display());
         ensure!(
             spec.timestamp_scale.is_empty() || spec.timestamp_scale.len() == spec.timestamp.len(),
             "{}: `timestamp_scale` needs one factor per timestamp column",
             spec.path.display()
         );
-        let skipped = read_rows(
-            &spec.path,
-            format,
-            self.cfg.lenient,
-            &self.host,
-            |_, row| {
-                let user = b.user(column(row, &spec.user)?);
-                let item = match &spec.item {
-                    Some(c) => match column(row, c)? {
-                        "" => NONE,
-                        id => b.item(id),
-                    },
-                    None => NONE,
-                };
-                let value = match &spec.value {
-                    Some(c) => {
-                        let v = column(row, c)?;
-                        v.parse::<f32>()
-                            .with_context(|| format!("column `{c}`: not a number: {v:?}"))?
-                    }
-                    None => 1.0,
-                };
-                let mut timestamp = 0f64;
-                for (i, c) in spec.timestamp.iter().enumerate() {
+        let skipped = read_rows(&spec.path, format, self.cfg.lenient, &self.host, |_, row| {
+            let user = b.user(column(row, &spec.user)?);
+            let item = match &spec.item {
+                Some(c) => match column(row, c)? {
+                    "" => NONE,
+                    id => b.item(id),
+                },
+                None => NONE,
+            };
+            let value = match &spec.value {
+                Some(c) => {
                     let v = column(row, c)?;
-                    let x = if v.is_empty() {
-                        0.0
-                    } else {
-                        v.parse::<f64>()
-                            .with_context(|| format!("column `{c}`: not a number: {v:?}"))?
-                    };
-                    timestamp += x * spec.timestamp_scale.get(i).copied().unwrap_or(1.0);
+                    v.parse::<f32>().with_context(|| format!("column `{c}`: not a number: {v:?}"))?
                 }
-                let kind = match &spec.kind {
-                    KindSpec::Constant(k) => k.clone(),
-                    KindSpec::Column {
-                        column: c,
-                        map,
-                        default,
-                    } => {
-                        let v = column(row, c)?;
-                        match (map.get(v), default) {
-                            (Some(k), _) => k.clone(),
-                            (None, Some(d)) if !map.is_empty() => d.clone(),
-                            (None, None) if !map.is_empty() => {
-                                bail!("column `{c}`: value {v:?} is not in `kind.map`")
-                            }
-                            _ => v.to_string(),
-                        }
+                None => 1.0,
+            };
+            let mut timestamp = 0f64;
+            for (i, c) in spec.timestamp.iter().enumerate() {
+                let v = column(row, c)?;
+                let x = if v.is_empty() { 0.0 } else { v.parse::<f64>().with_context(|| format!("column `{c}`: not a number: {v:?}"))? };
+                timestamp += x * spec.timestamp_scale.get(i).copied().unwrap_or(1.0);
+            }
+            let kind = match &spec.kind {
+                KindSpec::Constant(k) => k.clone(),
+                KindSpec::Column { column: c, map, default } => {
+                    let v = column(row, c)?;
+                    match (map.get(v), default) {
+                        (Some(k), _) => k.clone(),
+                        (None, Some(d)) if !map.is_empty() => d.clone(),
+                        (None, None) if !map.is_empty() => bail!("column `{c}`: value {v:?} is not in `kind.map`"),
+                        _ => v.to_string(),
                     }
-                    KindSpec::Rules { rules, default } => rules
-                        .iter()
-                        .find(|r| {
-                            r.min.is_none_or(|m| value >= m) && r.max.is_none_or(|m| value <= m)
-                        })
-                        .map(|r| r.kind.clone())
-                        .unwrap_or_else(|| default.clone()),
-                };
-                let kind = b.kind(&kind);
-                let scenario = match &spec.scenario {
-                    Some(t) => b.scenario(&render(t, row)?),
-                    None => b.scenario(""),
-                };
-                let subject = match &spec.subject {
-                    Some(c) => match column(row, c)? {
-                        "" => NONE,
-                        s => b.subject(s),
-                    },
-                    None => NONE,
-                };
-                b.event(Event {
-                    user,
-                    item,
-                    kind,
-                    scenario,
-                    subject,
-                    value,
-                    timestamp: timestamp as i64,
-                });
-                Ok(())
-            },
-        )?;
+                }
+                KindSpec::Rules { rules, default } => rules
+                    .iter()
+                    .find(|r| r.min.is_none_or(|m| value >= m) && r.max.is_none_or(|m| value <= m))
+                    .map(|r| r.kind.clone())
+                    .unwrap_or_else(|| default.clone()),
+            };
+            let kind = b.kind(&kind);
+            let scenario = match &spec.scenario {
+                Some(t) => b.scenario(&render(t, row)?),
+                None => b.scenario(""),
+            };
+            let subject = match &spec.subject {
+                Some(c) => match column(row, c)? {
+                    "" => NONE,
+                    s => b.subject(s),
+                },
+                None => NONE,
+            };
+            b.event(Event { user, item, kind, scenario, subject, value, timestamp: timestamp as i64 });
+            Ok(())
+        })?;
         b.input(spec.path.display().to_string());
         Ok(skipped)
     }
@@ -407,8 +348,7 @@ impl TableSource {
 
 impl BehaviorSource for TableSource {
     type Config = TableConfig;
-    const DESCRIPTION: &'static str =
-        "a platform's own CSV/TSV/JSONL behaviour logs, columns mapped in config";
+    const DESCRIPTION: &'static str = "a platform's own CSV/TSV/JSONL behaviour logs, columns mapped in config";
 
     fn new(cfg: TableConfig, host: Host) -> Result<Self> {
         ensure!(!cfg.events.is_empty(), "`events` needs at least one file");
@@ -455,11 +395,7 @@ mod tests {
              0,9,1,1,2,8,,196,1.0,0.0\n1,9,1,1,2,8,,14084,2.0,0.0\n2,10,1,2,3,7,15.0,196,1.0,1.0\n",
         )
         .unwrap();
-        std::fs::write(
-            d.path().join("tags.jsonl"),
-            "{\"u\": 1, \"m\": 196, \"tag\": \"organic\", \"t\": 5}\n",
-        )
-        .unwrap();
+        std::fs::write(d.path().join("tags.jsonl"), "{\"u\": 1, \"m\": 196, \"tag\": \"organic\", \"t\": 5}\n").unwrap();
         let ds = load(
             d.path(),
             serde_json::json!({"events": [
@@ -471,19 +407,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ds.events.len(), 4);
-        let kinds: Vec<&str> = ds
-            .events
-            .iter()
-            .map(|e| ds.catalog.kind_name(e.kind))
-            .collect();
+        let kinds: Vec<&str> = ds.events.iter().map(|e| ds.catalog.kind_name(e.kind)).collect();
         assert_eq!(kinds, vec!["order", "order", "reorder", "tag"]);
         let ts: Vec<i64> = ds.events.iter().map(|e| e.timestamp).collect();
         assert_eq!(ts, vec![1001, 1002, 2001, 5]);
         assert_eq!(ds.catalog.scenario_name(ds.events[2].scenario), "day 3");
-        assert_eq!(
-            ds.catalog.subject_text(ds.events[3].subject),
-            Some("organic")
-        );
+        assert_eq!(ds.catalog.subject_text(ds.events[3].subject), Some("organic"));
         // the JSONL user 1 / item 196 are the same entities as the CSV's
         assert_eq!(ds.catalog.users.len(), 1);
         assert_eq!(ds.events[3].item, ds.events[0].item);
@@ -492,16 +421,8 @@ mod tests {
     #[test]
     fn value_rules_items_and_errors_with_file_and_line() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(
-            d.path().join("movies.csv"),
-            "movieId,title,genres\n1,\"Toy Story, The (1995)\",Animation|Comedy\n",
-        )
-        .unwrap();
-        std::fs::write(
-            d.path().join("ratings.csv"),
-            "userId,movieId,rating,timestamp\n1,1,4.5,10\n1,2,1.0,11\n1,3,oops,12\n",
-        )
-        .unwrap();
+        std::fs::write(d.path().join("movies.csv"), "movieId,title,genres\n1,\"Toy Story, The (1995)\",Animation|Comedy\n").unwrap();
+        std::fs::write(d.path().join("ratings.csv"), "userId,movieId,rating,timestamp\n1,1,4.5,10\n1,2,1.0,11\n1,3,oops,12\n").unwrap();
         let cfg = |lenient: bool| {
             serde_json::json!({"lenient": lenient,
                 "items": {"path": d.path().join("movies.csv"), "id": "movieId", "title": "title"},
@@ -510,19 +431,12 @@ mod tests {
                             "kind": {"rules": [{"min": 4.0, "kind": "like"}, {"max": 2.0, "kind": "dislike"}], "default": "rate"}}]})
         };
         let err = format!("{:#}", load(d.path(), cfg(false)).unwrap_err());
-        assert!(
-            err.contains("ratings.csv:4:") && err.contains("column `rating`"),
-            "{err}"
-        );
+        assert!(err.contains("ratings.csv:4:") && err.contains("column `rating`"), "{err}");
         let ds = load(d.path(), cfg(true)).unwrap();
         assert_eq!((ds.events.len(), ds.skipped), (2, 1));
         assert_eq!(ds.catalog.items[0].title, "Toy Story, The (1995)");
         assert_eq!(ds.catalog.items[0].attrs["genres"], "Animation|Comedy");
-        let kinds: Vec<&str> = ds
-            .events
-            .iter()
-            .map(|e| ds.catalog.kind_name(e.kind))
-            .collect();
+        let kinds: Vec<&str> = ds.events.iter().map(|e| ds.catalog.kind_name(e.kind)).collect();
         assert_eq!(kinds, vec!["like", "dislike"]);
     }
 }

@@ -18,25 +18,16 @@ impl TemplateFuser {
 
 impl KnowledgeFuser for TemplateFuser {
     type Config = BehaviourConfig;
-    const DESCRIPTION: &'static str =
-        "behaviour written out through per-kind minijinja templates (no LLM)";
+    const DESCRIPTION: &'static str = "behaviour written out through per-kind minijinja templates (no LLM)";
 
     fn new(cfg: BehaviourConfig, _host: Host) -> Result<Self> {
-        Ok(Self {
-            writer: BehaviourWriter::new(cfg)?,
-        })
+        Ok(Self { writer: BehaviourWriter::new(cfg)? })
     }
 
     fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
         users
             .iter()
-            .map(|&u| {
-                Ok(Knowledge {
-                    user: u,
-                    text: self.render(view, u)?,
-                    vectors: vec![],
-                })
-            })
+            .map(|&u| Ok(Knowledge { user: u, text: self.render(view, u)?, vectors: vec![] }))
             .collect()
     }
 }
@@ -58,54 +49,26 @@ mod tests {
             items: ["Toy Story", "Heat", "Alien"]
                 .iter()
                 .enumerate()
-                .map(|(i, t)| Item {
-                    id: i.to_string(),
-                    title: t.to_string(),
-                    ..Default::default()
-                })
+                .map(|(i, t)| Item { id: i.to_string(), title: t.to_string(), ..Default::default() })
                 .collect(),
-            users: vec![User {
-                id: "u0".into(),
-                attrs,
-            }],
+            users: vec![User { id: "u0".into(), attrs }],
             kinds: vec!["like".into(), "search".into()],
             scenarios: vec!["".into(), "app".into()],
             subjects: vec!["space horror".into()],
         };
-        let ev = |item, kind, scenario, subject, ts| Event {
-            user: 0,
-            item,
-            kind,
-            scenario,
-            subject,
-            value: 5.0,
-            timestamp: ts,
-        };
-        let events = vec![
-            ev(0, 0, 0, NONE, 1),
-            ev(1, 0, 0, NONE, 2),
-            ev(NONE, 1, 1, 0, 3),
-            ev(2, 0, 0, NONE, 4),
-        ];
+        let ev = |item, kind, scenario, subject, ts| Event { user: 0, item, kind, scenario, subject, value: 5.0, timestamp: ts };
+        let events = vec![ev(0, 0, 0, NONE, 1), ev(1, 0, 0, NONE, 2), ev(NONE, 1, 1, 0, 3), ev(2, 0, 0, NONE, 4)];
         (cat, events)
     }
 
     fn fuser(cfg: serde_json::Value) -> TemplateFuser {
-        TemplateFuser::new(
-            serde_json::from_value(cfg).unwrap(),
-            Host::standalone(std::env::temp_dir(), 0),
-        )
-        .unwrap()
+        TemplateFuser::new(serde_json::from_value(cfg).unwrap(), Host::standalone(std::env::temp_dir(), 0)).unwrap()
     }
 
     #[test]
     fn groups_by_kind_newest_first_with_limit() {
         let (cat, events) = fixture();
-        let view = TrainView {
-            catalog: &cat,
-            events: &events,
-            offsets: &[0, 4],
-        };
+        let view = TrainView { catalog: &cat, events: &events, offsets: &[0, 4] };
         let f = fuser(serde_json::json!({"max_per_kind": 2}));
         let text = f.render(&view, 0).unwrap();
         assert_eq!(
@@ -122,38 +85,24 @@ mod tests {
         for (e, ts) in events.iter_mut().zip([0, 20 * day, 29 * day, 30 * day]) {
             e.timestamp = ts;
         }
-        let view = TrainView {
-            catalog: &cat,
-            events: &events,
-            offsets: &[0, 4],
-        };
+        let view = TrainView { catalog: &cat, events: &events, offsets: &[0, 4] };
         let f = fuser(serde_json::json!({"max_age_days": 10.5, "profile": ""}));
         assert_eq!(f.render(&view, 0).unwrap(), "like, 3 in total, recently: Alien; Heat.\nsearch (app), 1 in total, recently: space horror.");
         let f = fuser(serde_json::json!({"max_age_days": 0.5, "profile": ""}));
-        assert_eq!(
-            f.render(&view, 0).unwrap(),
-            "like, 3 in total, recently: Alien."
-        );
+        assert_eq!(f.render(&view, 0).unwrap(), "like, 3 in total, recently: Alien.");
     }
 
     #[test]
     fn per_kind_templates_and_order() {
         let (cat, events) = fixture();
-        let view = TrainView {
-            catalog: &cat,
-            events: &events,
-            offsets: &[0, 4],
-        };
+        let view = TrainView { catalog: &cat, events: &events, offsets: &[0, 4] };
         let f = fuser(serde_json::json!({
             "templates": {"search": "Searched for {{ subjects | join(', ') }}"},
             "profile": "",
             "kind_order": ["search", "like"],
         }));
         let text = f.render(&view, 0).unwrap();
-        assert!(
-            text.starts_with("Searched for space horror\nlike, 3 in total"),
-            "{text}"
-        );
+        assert!(text.starts_with("Searched for space horror\nlike, 3 in total"), "{text}");
     }
 
     #[test]

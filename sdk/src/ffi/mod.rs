@@ -43,18 +43,11 @@ impl ErrorFfi {
     pub fn from_anyhow(err: &anyhow::Error) -> Self {
         ErrorFfi {
             message: err.to_string().into(),
-            causes: err
-                .chain()
-                .skip(1)
-                .map(|c| RString::from(c.to_string()))
-                .collect(),
+            causes: err.chain().skip(1).map(|c| RString::from(c.to_string())).collect(),
         }
     }
     pub fn msg(message: impl Into<String>) -> Self {
-        ErrorFfi {
-            message: message.into().into(),
-            causes: RVec::new(),
-        }
+        ErrorFfi { message: message.into().into(), causes: RVec::new() }
     }
     /// Rebuilds an `anyhow::Error` whose chain (`{:#}`) reads as the plugin's did.
     pub fn into_anyhow(self) -> anyhow::Error {
@@ -93,14 +86,9 @@ mod tests {
 
     #[test]
     fn error_chain_survives_the_round_trip() {
-        let e = anyhow::anyhow!("disk full")
-            .context("writing knowledge.jsonl")
-            .context("fuse stage");
+        let e = anyhow::anyhow!("disk full").context("writing knowledge.jsonl").context("fuse stage");
         let back = ErrorFfi::from_anyhow(&e).into_anyhow();
-        assert_eq!(
-            format!("{back:#}"),
-            "fuse stage: writing knowledge.jsonl: disk full"
-        );
+        assert_eq!(format!("{back:#}"), "fuse stage: writing knowledge.jsonl: disk full");
         assert_eq!(back.chain().count(), 3);
     }
 

@@ -9,14 +9,10 @@ use std::collections::BTreeMap;
 pub type AttrsFfi = RVec<Tuple2<RString, RString>>;
 
 fn attrs_to_ffi(a: &BTreeMap<String, String>) -> AttrsFfi {
-    a.iter()
-        .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
-        .collect()
+    a.iter().map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str()))).collect()
 }
 fn attrs_from_ffi(a: &AttrsFfi) -> BTreeMap<String, String> {
-    a.iter()
-        .map(|Tuple2(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    a.iter().map(|Tuple2(k, v)| (k.to_string(), v.to_string())).collect()
 }
 fn strings_to_ffi(v: &[String]) -> RVec<RString> {
     v.iter().map(|s| RString::from(s.as_str())).collect()
@@ -56,20 +52,9 @@ impl CatalogFfi {
             items: c
                 .items
                 .iter()
-                .map(|i| ItemFfi {
-                    id: i.id.as_str().into(),
-                    title: i.title.as_str().into(),
-                    attrs: attrs_to_ffi(&i.attrs),
-                })
+                .map(|i| ItemFfi { id: i.id.as_str().into(), title: i.title.as_str().into(), attrs: attrs_to_ffi(&i.attrs) })
                 .collect(),
-            users: c
-                .users
-                .iter()
-                .map(|u| UserFfi {
-                    id: u.id.as_str().into(),
-                    attrs: attrs_to_ffi(&u.attrs),
-                })
-                .collect(),
+            users: c.users.iter().map(|u| UserFfi { id: u.id.as_str().into(), attrs: attrs_to_ffi(&u.attrs) }).collect(),
             kinds: strings_to_ffi(&c.kinds),
             scenarios: strings_to_ffi(&c.scenarios),
             subjects: strings_to_ffi(&c.subjects),
@@ -80,20 +65,9 @@ impl CatalogFfi {
             items: self
                 .items
                 .iter()
-                .map(|i| Item {
-                    id: i.id.to_string(),
-                    title: i.title.to_string(),
-                    attrs: attrs_from_ffi(&i.attrs),
-                })
+                .map(|i| Item { id: i.id.to_string(), title: i.title.to_string(), attrs: attrs_from_ffi(&i.attrs) })
                 .collect(),
-            users: self
-                .users
-                .iter()
-                .map(|u| User {
-                    id: u.id.to_string(),
-                    attrs: attrs_from_ffi(&u.attrs),
-                })
-                .collect(),
+            users: self.users.iter().map(|u| User { id: u.id.to_string(), attrs: attrs_from_ffi(&u.attrs) }).collect(),
             kinds: strings_from_ffi(&self.kinds),
             scenarios: strings_from_ffi(&self.scenarios),
             subjects: strings_from_ffi(&self.subjects),
@@ -187,15 +161,7 @@ impl InstructionRequestFfi {
             split: self.split,
             task: String::new(),
             knowledge: self.knowledge.to_string(),
-            targets: self
-                .targets
-                .iter()
-                .map(|t| Target {
-                    item: t.item,
-                    label: t.label,
-                    ..Target::default()
-                })
-                .collect(),
+            targets: self.targets.iter().map(|t| Target { item: t.item, label: t.label, ..Target::default() }).collect(),
         }
     }
 }
@@ -250,39 +216,22 @@ pub struct ArtifactFfi {
 
 impl ArtifactFfi {
     pub fn from_artifact(a: &Artifact) -> Self {
-        ArtifactFfi {
-            kind: a.kind.as_str().into(),
-            path: a.path.as_str().into(),
-            meta: a.meta.as_str().into(),
-        }
+        ArtifactFfi { kind: a.kind.as_str().into(), path: a.path.as_str().into(), meta: a.meta.as_str().into() }
     }
     pub fn to_artifact(&self) -> Artifact {
-        Artifact {
-            kind: self.kind.to_string(),
-            path: self.path.to_string(),
-            meta: self.meta.to_string(),
-        }
+        Artifact { kind: self.kind.to_string(), path: self.path.to_string(), meta: self.meta.to_string() }
     }
 }
+
 
 // ---------------------------------------------------------------------------------------------
 // Added in ABI 1.1
 
 fn vectors_to_ffi(v: &[NamedVector]) -> RVec<NamedVectorFfi> {
-    v.iter()
-        .map(|v| NamedVectorFfi {
-            name: v.name.as_str().into(),
-            values: v.values.as_slice().into(),
-        })
-        .collect()
+    v.iter().map(|v| NamedVectorFfi { name: v.name.as_str().into(), values: v.values.as_slice().into() }).collect()
 }
 fn vectors_from_ffi(v: &RVec<NamedVectorFfi>) -> Vec<NamedVector> {
-    v.iter()
-        .map(|v| NamedVector {
-            name: v.name.to_string(),
-            values: v.values.to_vec(),
-        })
-        .collect()
+    v.iter().map(|v| NamedVector { name: v.name.to_string(), values: v.values.to_vec() }).collect()
 }
 
 #[repr(C)]
@@ -295,18 +244,10 @@ pub struct ItemKnowledgeFfi {
 
 impl ItemKnowledgeFfi {
     pub fn from_knowledge(k: &ItemKnowledge) -> Self {
-        ItemKnowledgeFfi {
-            item: k.item,
-            text: k.text.as_str().into(),
-            vectors: vectors_to_ffi(&k.vectors),
-        }
+        ItemKnowledgeFfi { item: k.item, text: k.text.as_str().into(), vectors: vectors_to_ffi(&k.vectors) }
     }
     pub fn to_knowledge(&self) -> ItemKnowledge {
-        ItemKnowledge {
-            item: self.item,
-            text: self.text.to_string(),
-            vectors: vectors_from_ffi(&self.vectors),
-        }
+        ItemKnowledge { item: self.item, text: self.text.to_string(), vectors: vectors_from_ffi(&self.vectors) }
     }
 }
 
@@ -374,14 +315,7 @@ impl TaskRequestFfi {
             user: self.user,
             split: self.split,
             knowledge: self.knowledge.clone(),
-            targets: self
-                .targets
-                .iter()
-                .map(|t| LabeledItem {
-                    item: t.item,
-                    label: t.label,
-                })
-                .collect(),
+            targets: self.targets.iter().map(|t| LabeledItem { item: t.item, label: t.label }).collect(),
         }
     }
 }

@@ -2,9 +2,9 @@
 //! converts records, runs the component under [`guard`] and implements every method of the
 //! current ABI, so a plugin built against this SDK answers 1.1 calls natively.
 
-use super::module::ComponentKind;
 use super::records::*;
 use super::traits::*;
+use super::module::ComponentKind;
 use super::{guard, FfiResult};
 use crate::component::*;
 use crate::host::Host;
@@ -33,11 +33,7 @@ fn parse_config<C: serde::de::DeserializeOwned>(json: &str) -> anyhow::Result<C>
 }
 
 fn view_from_ffi<'a>(v: &TrainViewFfi<'a>, catalog: &'a Catalog) -> TrainView<'a> {
-    TrainView {
-        catalog,
-        events: v.events.as_slice(),
-        offsets: v.offsets.as_slice(),
-    }
+    TrainView { catalog, events: v.events.as_slice(), offsets: v.offsets.as_slice() }
 }
 
 /// Caches the plugin-side copy of the host's catalog, which is the same for a whole run.
@@ -49,11 +45,7 @@ struct CatalogCache {
 
 impl CatalogCache {
     fn get(&mut self, c: &CatalogFfi) -> &Catalog {
-        let key = (
-            c as *const CatalogFfi as usize,
-            c.items.len(),
-            c.users.len(),
-        );
+        let key = (c as *const CatalogFfi as usize, c.items.len(), c.users.len());
         if self.key != Some(key) {
             self.catalog = c.to_catalog();
             self.key = Some(key);
@@ -80,29 +72,17 @@ impl<T: KnowledgeFuser> FuserFfi for FuserShim<T> {
             self.inner.prepare(&view_from_ffi(&view, catalog))
         })
     }
-    fn fuse(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        users: RSlice<'_, u32>,
-    ) -> FfiResult<RVec<KnowledgeFfi>> {
+    fn fuse(&mut self, view: TrainViewFfi<'_>, users: RSlice<'_, u32>) -> FfiResult<RVec<KnowledgeFfi>> {
         guard(|| {
             let catalog = self.cache.get(view.catalog);
-            let out = self
-                .inner
-                .fuse(&view_from_ffi(&view, catalog), users.as_slice())?;
+            let out = self.inner.fuse(&view_from_ffi(&view, catalog), users.as_slice())?;
             Ok(out.iter().map(KnowledgeFfi::from_knowledge).collect())
         })
     }
-    fn fuse_items(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        items: RSlice<'_, u32>,
-    ) -> FfiResult<RVec<ItemKnowledgeFfi>> {
+    fn fuse_items(&mut self, view: TrainViewFfi<'_>, items: RSlice<'_, u32>) -> FfiResult<RVec<ItemKnowledgeFfi>> {
         guard(|| {
             let catalog = self.cache.get(view.catalog);
-            let out = self
-                .inner
-                .fuse_items(&view_from_ffi(&view, catalog), items.as_slice())?;
+            let out = self.inner.fuse_items(&view_from_ffi(&view, catalog), items.as_slice())?;
             Ok(out.iter().map(ItemKnowledgeFfi::from_knowledge).collect())
         })
     }
@@ -113,11 +93,7 @@ struct InstructionsShim<T> {
     cache: CatalogCache,
 }
 impl<T: InstructionBuilder> InstructionsShim<T> {
-    fn run(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        reqs: Vec<InstructionRequest>,
-    ) -> FfiResult<RVec<InstructionFfi>> {
+    fn run(&mut self, view: TrainViewFfi<'_>, reqs: Vec<InstructionRequest>) -> FfiResult<RVec<InstructionFfi>> {
         guard(|| {
             let catalog = self.cache.get(view.catalog);
             let out = self.inner.build(&view_from_ffi(&view, catalog), &reqs)?;
@@ -126,72 +102,25 @@ impl<T: InstructionBuilder> InstructionsShim<T> {
     }
 }
 impl<T: InstructionBuilder> InstructionsFfi for InstructionsShim<T> {
-    fn build(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        requests: RSlice<'_, InstructionRequestFfi>,
-    ) -> FfiResult<RVec<InstructionFfi>> {
-        self.run(
-            view,
-            requests
-                .iter()
-                .map(InstructionRequestFfi::to_request)
-                .collect(),
-        )
+    fn build(&mut self, view: TrainViewFfi<'_>, requests: RSlice<'_, InstructionRequestFfi>) -> FfiResult<RVec<InstructionFfi>> {
+        self.run(view, requests.iter().map(InstructionRequestFfi::to_request).collect())
     }
-    fn build_tasks(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        requests: RSlice<'_, TaskRequestFfi>,
-    ) -> FfiResult<RVec<InstructionFfi>> {
-        self.run(
-            view,
-            requests.iter().map(TaskRequestFfi::to_request).collect(),
-        )
+    fn build_tasks(&mut self, view: TrainViewFfi<'_>, requests: RSlice<'_, TaskRequestFfi>) -> FfiResult<RVec<InstructionFfi>> {
+        self.run(view, requests.iter().map(TaskRequestFfi::to_request).collect())
     }
 }
 
 struct TunerShim<T>(T);
 impl<T: Tuner> TunerShim<T> {
-    fn run(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        inputs: TuneInputsFfi<'_>,
-        out_dir: RStr<'_>,
-    ) -> FfiResult<ArtifactFfi> {
+    fn run(&mut self, view: TrainViewFfi<'_>, inputs: TuneInputsFfi<'_>, out_dir: RStr<'_>) -> FfiResult<ArtifactFfi> {
         guard(|| {
             let catalog = view.catalog.to_catalog();
-            let train: Vec<Instruction> = inputs
-                .train
-                .iter()
-                .map(InstructionFfi::to_instruction)
-                .collect();
-            let valid: Vec<Instruction> = inputs
-                .valid
-                .iter()
-                .map(InstructionFfi::to_instruction)
-                .collect();
-            let knowledge: Vec<Knowledge> = inputs
-                .knowledge
-                .iter()
-                .map(KnowledgeFfi::to_knowledge)
-                .collect();
-            let item_knowledge: Vec<ItemKnowledge> = inputs
-                .item_knowledge
-                .iter()
-                .map(ItemKnowledgeFfi::to_knowledge)
-                .collect();
-            let inputs = TuneInputs {
-                train: &train,
-                valid: &valid,
-                knowledge: &knowledge,
-                item_knowledge: &item_knowledge,
-            };
-            let a = self.0.tune(
-                &view_from_ffi(&view, &catalog),
-                &inputs,
-                Path::new(out_dir.as_str()),
-            )?;
+            let train: Vec<Instruction> = inputs.train.iter().map(InstructionFfi::to_instruction).collect();
+            let valid: Vec<Instruction> = inputs.valid.iter().map(InstructionFfi::to_instruction).collect();
+            let knowledge: Vec<Knowledge> = inputs.knowledge.iter().map(KnowledgeFfi::to_knowledge).collect();
+            let item_knowledge: Vec<ItemKnowledge> = inputs.item_knowledge.iter().map(ItemKnowledgeFfi::to_knowledge).collect();
+            let inputs = TuneInputs { train: &train, valid: &valid, knowledge: &knowledge, item_knowledge: &item_knowledge };
+            let a = self.0.tune(&view_from_ffi(&view, &catalog), &inputs, Path::new(out_dir.as_str()))?;
             Ok(ArtifactFfi::from_artifact(&a))
         })
     }
@@ -204,45 +133,20 @@ impl<T: Tuner> TunerFfi for TunerShim<T> {
         valid: RSlice<'_, InstructionFfi>,
         out_dir: RStr<'_>,
     ) -> FfiResult<ArtifactFfi> {
-        let inputs = TuneInputsFfi {
-            train,
-            valid,
-            knowledge: RSlice::EMPTY,
-            item_knowledge: RSlice::EMPTY,
-        };
+        let inputs = TuneInputsFfi { train, valid, knowledge: RSlice::EMPTY, item_knowledge: RSlice::EMPTY };
         self.run(view, inputs, out_dir)
     }
-    fn tune_with(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        inputs: TuneInputsFfi<'_>,
-        out_dir: RStr<'_>,
-    ) -> FfiResult<ArtifactFfi> {
+    fn tune_with(&mut self, view: TrainViewFfi<'_>, inputs: TuneInputsFfi<'_>, out_dir: RStr<'_>) -> FfiResult<ArtifactFfi> {
         self.run(view, inputs, out_dir)
     }
 }
 
 /// Runs `f` with the safe form of a ranker's fit inputs.
-fn with_fit_inputs<R>(
-    inputs: &FitInputsFfi<'_>,
-    f: impl FnOnce(&TrainView<'_>, &FitInputs<'_>) -> anyhow::Result<R>,
-) -> anyhow::Result<R> {
+fn with_fit_inputs<R>(inputs: &FitInputsFfi<'_>, f: impl FnOnce(&TrainView<'_>, &FitInputs<'_>) -> anyhow::Result<R>) -> anyhow::Result<R> {
     let catalog = inputs.view.catalog.to_catalog();
-    let knowledge: Vec<Knowledge> = inputs
-        .knowledge
-        .iter()
-        .map(KnowledgeFfi::to_knowledge)
-        .collect();
-    let item_knowledge: Vec<ItemKnowledge> = inputs
-        .item_knowledge
-        .iter()
-        .map(ItemKnowledgeFfi::to_knowledge)
-        .collect();
-    let artifact = inputs
-        .artifact
-        .as_ref()
-        .into_option()
-        .map(ArtifactFfi::to_artifact);
+    let knowledge: Vec<Knowledge> = inputs.knowledge.iter().map(KnowledgeFfi::to_knowledge).collect();
+    let item_knowledge: Vec<ItemKnowledge> = inputs.item_knowledge.iter().map(ItemKnowledgeFfi::to_knowledge).collect();
+    let artifact = inputs.artifact.as_ref().into_option().map(ArtifactFfi::to_artifact);
     let dir = inputs.model_dir.as_str();
     let fit = FitInputs {
         knowledge: &knowledge,
@@ -250,10 +154,7 @@ fn with_fit_inputs<R>(
         artifact: artifact.as_ref(),
         context: Some(view_from_ffi(&inputs.context, &catalog)),
         model_dir: (!dir.is_empty()).then(|| Path::new(dir)),
-        validation: crate::metrics::Validation {
-            users: inputs.valid_users.as_slice(),
-            items: inputs.valid_items.as_slice(),
-        },
+        validation: crate::metrics::Validation { users: inputs.valid_users.as_slice(), items: inputs.valid_items.as_slice() },
     };
     f(&view_from_ffi(&inputs.view, &catalog), &fit)
 }
@@ -279,19 +180,9 @@ impl<T: Ranker> RankerFfi for RankerShim<T> {
         };
         self.fit_with(inputs)
     }
-    fn score(
-        &self,
-        users: RSlice<'_, u32>,
-        items: RSlice<'_, u32>,
-        shared: bool,
-        mut out: RSliceMut<'_, f32>,
-    ) -> FfiResult<()> {
+    fn score(&self, users: RSlice<'_, u32>, items: RSlice<'_, u32>, shared: bool, mut out: RSliceMut<'_, f32>) -> FfiResult<()> {
         guard(|| {
-            let batch = ScoreBatch {
-                users: users.as_slice(),
-                items: items.as_slice(),
-                shared,
-            };
+            let batch = ScoreBatch { users: users.as_slice(), items: items.as_slice(), shared };
             anyhow::ensure!(
                 out.len() == batch.out_len(),
                 "score buffer has {} slots, the batch needs {}",
@@ -308,84 +199,47 @@ impl<T: Ranker> RankerFfi for RankerShim<T> {
         guard(|| self.0.save(Path::new(dir.as_str())))
     }
     fn load(&mut self, inputs: FitInputsFfi<'_>, dir: RStr<'_>) -> FfiResult<bool> {
-        guard(|| {
-            with_fit_inputs(&inputs, |view, fit| {
-                self.0.load(view, fit, Path::new(dir.as_str()))
-            })
-        })
+        guard(|| with_fit_inputs(&inputs, |view, fit| self.0.load(view, fit, Path::new(dir.as_str()))))
     }
     fn seconds_per_candidate(&self) -> f64 {
         // A panic here must not cross either; an unknown cost counts as cheap.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.0.seconds_per_candidate()
-        }))
-        .unwrap_or(0.0)
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.seconds_per_candidate())).unwrap_or(0.0)
     }
 }
+
+
 
 #[doc(hidden)]
 pub fn new_source<T: BehaviorSource>(config: &str, host: HostFfiBox) -> anyhow::Result<SourceBox> {
     let c = parse_config::<T::Config>(config)?;
-    Ok(SourceBox::from_value(
-        SourceShim(T::new(c, Host::from_ffi(host))?),
-        TD_Opaque,
-    ))
+    Ok(SourceBox::from_value(SourceShim(T::new(c, Host::from_ffi(host))?), TD_Opaque))
 }
 #[doc(hidden)]
 pub fn new_fuser<T: KnowledgeFuser>(config: &str, host: HostFfiBox) -> anyhow::Result<FuserBox> {
     let c = parse_config::<T::Config>(config)?;
     let inner = T::new(c, Host::from_ffi(host))?;
-    Ok(FuserBox::from_value(
-        FuserShim {
-            inner,
-            cache: CatalogCache::default(),
-        },
-        TD_Opaque,
-    ))
+    Ok(FuserBox::from_value(FuserShim { inner, cache: CatalogCache::default() }, TD_Opaque))
 }
 #[doc(hidden)]
-pub fn new_instructions<T: InstructionBuilder>(
-    config: &str,
-    host: HostFfiBox,
-) -> anyhow::Result<InstructionsBox> {
+pub fn new_instructions<T: InstructionBuilder>(config: &str, host: HostFfiBox) -> anyhow::Result<InstructionsBox> {
     let c = parse_config::<T::Config>(config)?;
     let inner = T::new(c, Host::from_ffi(host))?;
-    Ok(InstructionsBox::from_value(
-        InstructionsShim {
-            inner,
-            cache: CatalogCache::default(),
-        },
-        TD_Opaque,
-    ))
+    Ok(InstructionsBox::from_value(InstructionsShim { inner, cache: CatalogCache::default() }, TD_Opaque))
 }
 #[doc(hidden)]
 pub fn new_tuner<T: Tuner>(config: &str, host: HostFfiBox) -> anyhow::Result<TunerBox> {
     let c = parse_config::<T::Config>(config)?;
-    Ok(TunerBox::from_value(
-        TunerShim(T::new(c, Host::from_ffi(host))?),
-        TD_Opaque,
-    ))
+    Ok(TunerBox::from_value(TunerShim(T::new(c, Host::from_ffi(host))?), TD_Opaque))
 }
 #[doc(hidden)]
 pub fn new_ranker<T: Ranker>(config: &str, host: HostFfiBox) -> anyhow::Result<RankerBox> {
     let c = parse_config::<T::Config>(config)?;
-    Ok(RankerBox::from_value(
-        RankerShim(T::new(c, Host::from_ffi(host))?),
-        TD_Opaque,
-    ))
+    Ok(RankerBox::from_value(RankerShim(T::new(c, Host::from_ffi(host))?), TD_Opaque))
 }
 
 #[doc(hidden)]
-pub fn unknown_component(
-    plugin: &str,
-    kind: ComponentKind,
-    name: &str,
-    known: &[&str],
-) -> anyhow::Error {
-    anyhow::anyhow!(
-        "plugin `{plugin}` has no {kind} named `{name}` (it has: {})",
-        known.join(", ")
-    )
+pub fn unknown_component(plugin: &str, kind: ComponentKind, name: &str, known: &[&str]) -> anyhow::Error {
+    anyhow::anyhow!("plugin `{plugin}` has no {kind} named `{name}` (it has: {})", known.join(", "))
 }
 
 #[cfg(test)]
@@ -406,14 +260,10 @@ mod tests {
         struct Inner {
             alpha: f32,
         }
-        let e = parse_config::<C>(r#"{"inner": {"alpha": "x"}}"#)
-            .unwrap_err()
-            .to_string();
+        let e = parse_config::<C>(r#"{"inner": {"alpha": "x"}}"#).unwrap_err().to_string();
         assert!(e.contains("`inner.alpha`"), "{e}");
         assert!(!e.contains("line 1") && !e.contains("column"), "{e}");
-        let e = parse_config::<C>(r#"{"inner": {"alpha": 1, "beta": 2}}"#)
-            .unwrap_err()
-            .to_string();
+        let e = parse_config::<C>(r#"{"inner": {"alpha": 1, "beta": 2}}"#).unwrap_err().to_string();
         assert!(e.contains("unknown field `beta`"), "{e}");
         assert!(!e.contains("column"), "{e}");
     }

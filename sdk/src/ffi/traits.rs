@@ -38,14 +38,8 @@ pub trait HostFfi: Clone + Send + Sync {
     }
     /// 1.1: renders `requests` with the run's builder of `task`, exactly as the instructions
     /// stage did, so a ranker scores the prompts the tuner trained on.
-    fn render_instructions(
-        &self,
-        task: RStr<'_>,
-        _requests: RSlice<'_, TaskRequestFfi>,
-    ) -> FfiResult<RVec<InstructionFfi>> {
-        RResult::RErr(ErrorFfi::msg(format!(
-            "this host cannot render instructions of task `{task}`"
-        )))
+    fn render_instructions(&self, task: RStr<'_>, _requests: RSlice<'_, TaskRequestFfi>) -> FfiResult<RVec<InstructionFfi>> {
+        RResult::RErr(ErrorFfi::msg(format!("this host cannot render instructions of task `{task}`")))
     }
 }
 
@@ -61,18 +55,10 @@ pub trait SourceFfi: Send + Sync {
 pub trait FuserFfi: Send + Sync {
     fn prepare(&mut self, view: TrainViewFfi<'_>) -> FfiResult<()>;
     #[sabi(last_prefix_field)]
-    fn fuse(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        users: RSlice<'_, u32>,
-    ) -> FfiResult<RVec<KnowledgeFfi>>;
+    fn fuse(&mut self, view: TrainViewFfi<'_>, users: RSlice<'_, u32>) -> FfiResult<RVec<KnowledgeFfi>>;
 
     /// 1.1: knowledge about items. A 1.0 fuser knows none.
-    fn fuse_items(
-        &mut self,
-        _view: TrainViewFfi<'_>,
-        _items: RSlice<'_, u32>,
-    ) -> FfiResult<RVec<ItemKnowledgeFfi>> {
+    fn fuse_items(&mut self, _view: TrainViewFfi<'_>, _items: RSlice<'_, u32>) -> FfiResult<RVec<ItemKnowledgeFfi>> {
         RResult::ROk(RVec::new())
     }
 }
@@ -80,21 +66,12 @@ pub trait FuserFfi: Send + Sync {
 #[sabi_trait]
 pub trait InstructionsFfi: Send + Sync {
     #[sabi(last_prefix_field)]
-    fn build(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        requests: RSlice<'_, InstructionRequestFfi>,
-    ) -> FfiResult<RVec<InstructionFfi>>;
+    fn build(&mut self, view: TrainViewFfi<'_>, requests: RSlice<'_, InstructionRequestFfi>) -> FfiResult<RVec<InstructionFfi>>;
 
     /// 1.1: requests with their task, target values and item knowledge. A 1.0 builder gets the
     /// 1.0 form of the same requests.
-    fn build_tasks(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        requests: RSlice<'_, TaskRequestFfi>,
-    ) -> FfiResult<RVec<InstructionFfi>> {
-        let old: Vec<InstructionRequestFfi> =
-            requests.iter().map(TaskRequestFfi::to_v1_0).collect();
+    fn build_tasks(&mut self, view: TrainViewFfi<'_>, requests: RSlice<'_, TaskRequestFfi>) -> FfiResult<RVec<InstructionFfi>> {
+        let old: Vec<InstructionRequestFfi> = requests.iter().map(TaskRequestFfi::to_v1_0).collect();
         self.build(view, RSlice::from_slice(&old))
     }
 }
@@ -111,12 +88,7 @@ pub trait TunerFfi: Send + Sync {
     ) -> FfiResult<ArtifactFfi>;
 
     /// 1.1: with user and item knowledge. A 1.0 tuner gets the examples only.
-    fn tune_with(
-        &mut self,
-        view: TrainViewFfi<'_>,
-        inputs: TuneInputsFfi<'_>,
-        out_dir: RStr<'_>,
-    ) -> FfiResult<ArtifactFfi> {
+    fn tune_with(&mut self, view: TrainViewFfi<'_>, inputs: TuneInputsFfi<'_>, out_dir: RStr<'_>) -> FfiResult<ArtifactFfi> {
         self.tune(view, inputs.train, inputs.valid, out_dir)
     }
 }
@@ -131,22 +103,11 @@ pub trait RankerFfi: Send + Sync {
         artifact: ROption<ArtifactFfi>,
     ) -> FfiResult<()>;
     #[sabi(last_prefix_field)]
-    fn score(
-        &self,
-        users: RSlice<'_, u32>,
-        items: RSlice<'_, u32>,
-        shared: bool,
-        out: RSliceMut<'_, f32>,
-    ) -> FfiResult<()>;
+    fn score(&self, users: RSlice<'_, u32>, items: RSlice<'_, u32>, shared: bool, out: RSliceMut<'_, f32>) -> FfiResult<()>;
 
     /// 1.1: fit with item knowledge and a model directory. A 1.0 ranker gets its 1.0 `fit`.
     fn fit_with(&mut self, inputs: FitInputsFfi<'_>) -> FfiResult<()> {
-        self.fit(
-            inputs.view,
-            inputs.context,
-            inputs.knowledge,
-            inputs.artifact,
-        )
+        self.fit(inputs.view, inputs.context, inputs.knowledge, inputs.artifact)
     }
     /// 1.1: saves the fitted model into `dir`; `false` = not supported (1.0 rankers).
     fn save(&self, _dir: RStr<'_>) -> FfiResult<bool> {
