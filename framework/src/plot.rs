@@ -135,3 +135,57 @@ pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
     }
     grouped_bars(&panels, path)
 }
+
+/// Draws a training loss curve (`(step, loss)` points) into a PNG at `path`, with the mean of
+/// a moving window over it (one batch's loss is noisy).
+pub fn loss_curve(title: &str, points: &[(f64, f64)], path: &Path) -> Result<()> {
+    if points.is_empty() {
+        bail!("no loss values to draw");
+    }
+    ensure_font()?;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max.max(1e-6))
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss (mean per answer token)")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), PALETTE[0].mix(0.35)))
+        .map_err(|e| anyhow!("{e}"))?
+        .label("batch")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], PALETTE[0].mix(0.35)));
+    let window = (points.len() / 20).max(1);
+    let smooth: Vec<(f64, f64)> = (0..points.len())
+        .map(|i| {
+            let lo = i.saturating_sub(window - 1);
+            (points[i].0, points[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i + 1 - lo) as f64)
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(smooth, PALETTE[1].stroke_width(2)))
+        .map_err(|e| anyhow!("{e}"))?
+        .label(format!("mean of {window}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], PALETTE[1].stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -20,7 +20,19 @@ pub fn run(r: &mut Runner, tuner: &mut TunerHandle, history: &ViewData, knowledg
     std::fs::create_dir_all(&out_dir)?;
     let inputs = TuneInputs { train: &train, valid: &valid, knowledge: &knowledge.users, item_knowledge: &knowledge.items };
     let a = tuner.tune(history, &inputs, &out_dir)?;
+    plot_loss(&a, &out_dir.join("loss.png"));
     write_atomic(&r.run.path("artifact.json"), serde_json::to_string_pretty(&a)?.as_bytes())
+}
+
+/// `tuner/loss.png` when the artifact's metadata has a `train.loss_curve` of `[step, loss]`
+/// pairs (the `lora` tuner's); a chart that cannot be drawn (no font) is only a warning.
+fn plot_loss(a: &Artifact, path: &std::path::Path) {
+    let Ok(meta) = serde_json::from_str::<serde_json::Value>(&a.meta) else { return };
+    let Some(curve) = meta.pointer("/train/loss_curve").and_then(|c| c.as_array()) else { return };
+    let points: Vec<(f64, f64)> = curve.iter().filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?))).collect();
+    if let Err(e) = crate::plot::loss_curve(&format!("{} tuning loss", a.kind), &points, path) {
+        tracing::warn!("loss chart not drawn: {e:#}");
+    }
 }
 
 /// The artifact a finished tune stage left.

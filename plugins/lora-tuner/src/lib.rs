@@ -21,7 +21,7 @@ use optim::{accumulate, clip, AdamW, MicroBatch};
 use recfuse_llm_engine::tunable::lora::{
     write_file, write_safetensors, Adapter, LoraSpec, LoraStack,
 };
-use recfuse_llm_engine::tunable::{answer_log_probs, Base, Sequence};
+use recfuse_llm_engine::tunable::{answer_log_probs, family_of, Base, Sequence};
 use recfuse_sdk::prelude::*;
 use recfuse_sdk::SeededRng;
 use sha2::{Digest, Sha256};
@@ -170,8 +170,14 @@ impl Tuner for LoraTuner {
             cfg.checkpoint_every > 0,
             "`checkpoint_every` must be at least 1"
         );
+        // The model's family from its metadata alone, so `recfuse validate` catches a wrong
+        // file or target module without loading weights.
+        let (family, modules) = family_of(&cfg.model).with_context(|| format!("`model` ({})", cfg.model.display()))?;
         if let Some(t) = &cfg.target_modules {
             ensure!(!t.is_empty(), "`target_modules` is empty");
+            for m in t {
+                ensure!(modules.contains(&m.as_str()), "`target_modules`: the {family} model has no module `{m}` (it has {})", modules.join(", "));
+            }
         }
         Ok(Self { cfg, host })
     }

@@ -14,6 +14,9 @@ use super::lora::LoraStack;
 use super::ops;
 use super::{CausalLm, ModuleInfo};
 
+/// LoRA-targetable modules of every layer, as PEFT names them.
+pub const MODULES: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"];
+
 /// The config.json fields the model reads (names as THUDM spells them).
 #[derive(Deserialize, Debug, Clone)]
 pub struct ChatGlmConfig {

@@ -50,6 +50,9 @@ fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
+/// LoRA-targetable modules of every layer, as PEFT names them.
+pub const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
 /// The shape of a Llama model, for [`Llama::random`].
 #[derive(Clone, Debug)]
 pub struct LlamaDims {

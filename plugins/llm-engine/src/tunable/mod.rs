@@ -66,6 +66,29 @@ pub trait CausalLm: Send + Sync {
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
 }
 
+/// The family of the model at `path` (`llama` or `chatglm`) and its LoRA-targetable module
+/// names, read from the GGUF metadata or config.json only (no weights): lets a config be
+/// checked before a run loads the model.
+pub fn family_of(path: &Path) -> Result<(&'static str, &'static [&'static str])> {
+    if path.is_dir() {
+        let config_path = path.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{} is a directory without config.json: not a checkpoint", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", config_path.display()))?;
+        return match config.get("model_type").and_then(|v| v.as_str()) {
+            Some("chatglm") => Ok(("chatglm", &chatglm::MODULES)),
+            other => bail!("{}: model_type {other:?}; checkpoint directories of `chatglm` (ChatGLM2/3) are supported, Llama-family models load from GGUF", config_path.display()),
+        };
+    }
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+    let content = Content::read(&mut file)
+        .with_context(|| format!("{} is not a GGUF file (a checkpoint directory with config.json also works)", path.display()))?;
+    match meta(&content, "general.architecture")?.to_string()?.as_str() {
+        "llama" => Ok(("llama", &llama::MODULES)),
+        other => bail!("{}: general.architecture = {other:?}: only llama-architecture GGUF models can be tuned", path.display()),
+    }
+}
+
 /// A prompt followed by its answer: the model is trained (and a candidate scored) on the
 /// answer tokens only.
 #[derive(Clone, Debug, PartialEq)]
