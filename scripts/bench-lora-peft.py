@@ -9,16 +9,9 @@ import argparse, json, os, resource, time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 
-def tie_output(model):
-    """A GGUF without `output.weight` (SmolLM2) ties the output layer to the embeddings, but
-    transformers 4.46's GGUF loader leaves `lm_head` randomly initialised: tie it."""
-    from gguf import GGUFReader
-    if not any(t.name == "output.weight" for t in GGUFReader(GGUF).tensors):
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.get_input_embeddings().weight
+from gguf_transformers import load_gguf
 
 p = argparse.ArgumentParser()
 p.add_argument("--gguf", required=True)
@@ -30,14 +23,10 @@ p.add_argument("--rank", type=int, default=8)
 p.add_argument("--dropout", type=float, default=0.05)
 p.add_argument("--targets", default="q_proj,v_proj")
 a = p.parse_args()
-GGUF = a.gguf
 
 torch.manual_seed(1)
 torch.set_num_threads(os.cpu_count())
-model = AutoModelForCausalLM.from_pretrained(
-    os.path.dirname(os.path.abspath(a.gguf)), gguf_file=os.path.basename(a.gguf), torch_dtype=torch.float32
-)
-tie_output(model)
+model = load_gguf(a.gguf)
 cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=a.dropout, target_modules=a.targets.split(","), task_type="CAUSAL_LM")
 model = get_peft_model(model, cfg)
 model.train()

@@ -14,16 +14,10 @@ import numpy as np
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 
-def tie_output(model):
-    """A GGUF without `output.weight` (SmolLM2) ties the output layer to the embeddings, but
-    transformers 4.46's GGUF loader leaves `lm_head` randomly initialised: tie it."""
-    from gguf import GGUFReader
-    if not any(t.name == "output.weight" for t in GGUFReader(GGUF).tensors):
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.get_input_embeddings().weight
+from gguf_transformers import load_gguf
 
 p = argparse.ArgumentParser()
 p.add_argument("--gguf", required=True)
@@ -31,13 +25,11 @@ p.add_argument("--adapter", action="append", required=True)
 p.add_argument("--tol", type=float, default=2e-3, help="max |logit difference| allowed")
 p.add_argument("--text", default="<|im_start|>user\nWill the user who liked Heat and Fargo enjoy Speed? Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
 a = p.parse_args()
-GGUF = a.gguf
 
 d, f = os.path.dirname(os.path.abspath(a.gguf)), os.path.basename(a.gguf)
 tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
 ids = tok(a.text, return_tensors="pt").input_ids
-base = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
-tie_output(base)
+base = load_gguf(a.gguf).eval()
 names = [f"a{i}" for i in range(len(a.adapter))]
 model = PeftModel.from_pretrained(base, a.adapter[0], adapter_name=names[0])
 for path, name in zip(a.adapter[1:], names[1:]):

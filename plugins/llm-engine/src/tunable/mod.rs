@@ -50,12 +50,7 @@ pub trait CausalLm: Send + Sync {
     /// The final (normalised) hidden states `[b, t, dim]` of input embeddings `[b, t, dim]`,
     /// causally attended from position 0.
     fn hidden(&self, embeds: &Tensor, lora: &LoraStack) -> Result<Tensor> {
-        let t = embeds.dim(1)?;
-        ensure!(
-            t <= self.context(),
-            "sequence of {t} tokens exceeds the model context of {}",
-            self.context()
-        );
+        check_context(self, embeds.dim(1)?)?;
         let mut x = embeds.clone();
         for i in 0..self.layers() {
             x = self.layer(i, &x, lora)?;
@@ -87,6 +82,11 @@ pub fn family_of(path: &Path) -> Result<(&'static str, &'static [&'static str])>
         "llama" => Ok(("llama", &llama::MODULES)),
         other => bail!("{}: general.architecture = {other:?}: only llama-architecture GGUF models can be tuned", path.display()),
     }
+}
+
+fn check_context(model: &(impl CausalLm + ?Sized), t: usize) -> Result<()> {
+    ensure!(t <= model.context(), "sequence of {t} tokens exceeds the model context of {}", model.context());
+    Ok(())
 }
 
 /// A prompt followed by its answer: the model is trained (and a candidate scored) on the
@@ -138,6 +138,18 @@ impl AnswerIndex {
         })
     }
 
+    /// The index of `seqs` and their input embeddings (`embeds`, or the ids' own), checked
+    /// against the model's context.
+    fn with_embeddings(model: &dyn CausalLm, seqs: &[Sequence], embeds: Option<Tensor>) -> Result<(Self, Tensor)> {
+        let index = Self::new(seqs)?;
+        let embeds = match embeds {
+            Some(e) => e,
+            None => model.embed(&index.ids)?,
+        };
+        check_context(model, embeds.dim(1)?)?;
+        Ok((index, embeds))
+    }
+
     /// Log-probabilities of the answer tokens from the last block's output `[b, t, dim]`.
     /// Vocabulary logits are computed at the answer positions only: the output layer is the
     /// widest matmul of a small model (49k × 576 for SmolLM2), and prompts are most of every
@@ -164,17 +176,7 @@ pub fn answer_log_probs(
     embeds: Option<Tensor>,
     lora: &LoraStack,
 ) -> Result<Tensor> {
-    let index = AnswerIndex::new(seqs)?;
-    let embeds = match embeds {
-        Some(e) => e,
-        None => model.embed(&index.ids)?,
-    };
-    let t = embeds.dim(1)?;
-    ensure!(
-        t <= model.context(),
-        "sequence of {t} tokens exceeds the model context of {}",
-        model.context()
-    );
+    let (index, embeds) = AnswerIndex::with_embeddings(model, seqs, embeds)?;
     let mut x = embeds;
     for i in 0..model.layers() {
         x = model.layer(i, &x, lora)?;
@@ -199,17 +201,7 @@ pub fn answer_loss_backward(
     vars: &[Var],
     grads: &mut [Option<Tensor>],
 ) -> Result<f64> {
-    let index = AnswerIndex::new(seqs)?;
-    let embeds = match embeds {
-        Some(e) => e,
-        None => model.embed(&index.ids)?,
-    };
-    let t = embeds.dim(1)?;
-    ensure!(
-        t <= model.context(),
-        "sequence of {t} tokens exceeds the model context of {}",
-        model.context()
-    );
+    let (index, embeds) = AnswerIndex::with_embeddings(model, seqs, embeds)?;
     // Block i's (input variable, output); block 0's input stays as given (it may depend on
     // variables of its own, e.g. soft tokens from a trainable mapping).
     let mut blocks: Vec<(Option<Var>, Tensor)> = Vec::with_capacity(model.layers());
