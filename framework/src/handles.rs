@@ -20,6 +20,20 @@ pub struct Provenance {
     pub version: String,
     pub abi: SdkAbiVersion,
     pub origin: String,
+    /// sha256 of a dynamic plugin's library file (None for built-ins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl Provenance {
+    /// What a stage key records of a component's code: plugin, version and, for a dynamic
+    /// plugin, its library's sha256 (a rebuild with an unchanged version still changes it).
+    pub fn code_identity(&self) -> String {
+        match &self.sha256 {
+            Some(sha) => format!("{}@{}#{sha}", self.plugin, self.version),
+            None => format!("{}@{}", self.plugin, self.version),
+        }
+    }
 }
 
 /// The host-owned data a train view borrows across the boundary. The catalog (and its FFI
@@ -200,6 +214,7 @@ impl Registry {
                 Origin::Builtin => "builtin".into(),
                 Origin::Dynamic(path) => path.display().to_string(),
             },
+            sha256: p.sha256.clone(),
         };
         Ok((prov, p.module))
     }

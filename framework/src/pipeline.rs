@@ -382,10 +382,12 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     // From here on rankers may ask the host to render their task's prompts.
     let _ = tasks.set(Tasks::new(c.instructions.clone(), split.history.clone()));
 
-    let version_of = |prov: &Provenance| format!("{}@{}", prov.plugin, prov.version);
+    let version_of = |prov: &Provenance| prov.code_identity();
     let spec_json = |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();
     let split_json = serde_json::to_string(&p.split)?;
-    let mut key = hash_parts(&[r.manifest.dataset.sha256.as_bytes(), split_json.as_bytes()]);
+    // Every stage's key chains from this one, so a new seed (negatives, sampling, training)
+    // reruns everything after the split.
+    let mut key = hash_parts(&[r.manifest.dataset.sha256.as_bytes(), split_json.as_bytes(), &p.run.seed.to_le_bytes()]);
 
     if !c.fusers.is_empty() {
         let parts: Vec<String> =

@@ -48,6 +48,9 @@ pub struct Plugin {
     pub version: String,
     pub abi: SdkAbiVersion,
     pub origin: Origin,
+    /// sha256 of a dynamic plugin's library file: a rebuilt library with an unchanged version
+    /// is a different plugin to stage keys.
+    pub sha256: Option<String>,
     pub components: Vec<ComponentInfo>,
     pub module: Module,
 }
@@ -82,6 +85,7 @@ impl Plugin {
             version: info.version.to_string(),
             abi,
             origin,
+            sha256: None,
             components: info
                 .components
                 .iter()
@@ -98,6 +102,7 @@ impl Plugin {
             version,
             abi,
             origin,
+            sha256: None,
             components: components.into_iter().map(|(kind, name, description)| ComponentInfo { kind, name, description }).collect(),
             module: Module::V1_0(module),
         }
@@ -254,5 +259,5 @@ fn load_dynamic(path: &Path) -> Result<Plugin> {
     };
     // Never unloaded: trait objects created by the plugin point into its code.
     std::mem::forget(raw);
-    Ok(plugin)
+    Ok(Plugin { sha256: Some(crate::runstore::hash_file(path)?), ..plugin })
 }

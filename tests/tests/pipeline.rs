@@ -111,6 +111,10 @@ fn unchanged_stages_are_skipped_and_a_changed_one_reruns() {
     // A fuser change invalidates everything downstream of it.
     let refused = run(&load(&cfg, &[], &["fusers[0].max_per_kind=2"]).unwrap(), &RunOptions::default()).unwrap();
     assert!(refused.stages.iter().all(|(_, s)| *s == StageStart::Fresh), "{:?}", refused.stages);
+
+    // A new seed (negatives, sampling, training) reruns every stage: no old figures survive.
+    let reseeded = run(&load(&cfg, &[], &["fusers[0].max_per_kind=2", "run.seed=7"]).unwrap(), &RunOptions::default()).unwrap();
+    assert!(reseeded.stages.iter().all(|(_, s)| *s == StageStart::Fresh), "{:?}", reseeded.stages);
 }
 
 #[test]

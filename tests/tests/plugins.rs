@@ -39,6 +39,42 @@ fn third_party_plugin_loads_and_runs_in_a_pipeline() {
     assert!(ranker["origin"].as_str().unwrap().ends_with("librecency_ranker.so"));
 }
 
+/// A rebuilt plugin with an unchanged version is a different plugin: its library's sha256 is
+/// in the manifest and in the stage keys, so nothing it computed before is reused.
+#[test]
+fn a_changed_plugin_library_reruns_its_stages() {
+    let d = tempfile::tempdir().unwrap();
+    // Each build in its own directory: a loaded library is never unloaded, so this process
+    // must not see the same path change under it (a new `recfuse` process would).
+    let build = |name: &str, extra: &[u8]| -> std::path::PathBuf {
+        let dir = d.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lib = dir.join("librecency_ranker.so");
+        let mut bytes = std::fs::read(recency_plugin()).unwrap();
+        bytes.extend_from_slice(extra); // trailing bytes leave an ELF loadable
+        std::fs::write(&lib, bytes).unwrap();
+        lib
+    };
+    let run_with = |lib: &std::path::Path| {
+        let extra = format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"recency\"\nhalf_life_days = 30\n", lib.display());
+        run(&load(&ml100k_config(d.path(), "rebuilt", &extra)), &RunOptions::default()).unwrap()
+    };
+    let sha = |outcome: &recfuse::pipeline::RunOutcome| -> String {
+        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(outcome.run_dir.join("manifest.json")).unwrap()).unwrap();
+        m["components"].as_array().unwrap().iter().find(|c| c["kind"] == "ranker").unwrap()["sha256"].as_str().unwrap().to_string()
+    };
+    let original = build("a", b"");
+    let first = sha(&run_with(&original)); // the run directory is shared: read each manifest at once
+    assert_eq!(first, recfuse::runstore::hash_file(&original).unwrap());
+    // The same bytes elsewhere: nothing reruns.
+    let same = run_with(&build("b", b""));
+    assert_eq!(same.stage("evaluate.recency"), Some(recfuse::runstore::StageStart::Skip));
+    // "Rebuilt": same name and version, different bytes.
+    let rebuilt = run_with(&build("c", b"rebuilt"));
+    assert_eq!(rebuilt.stage("evaluate.recency"), Some(recfuse::runstore::StageStart::Fresh));
+    assert_ne!(sha(&rebuilt), first);
+}
+
 #[test]
 fn plugins_command_lists_dynamic_components_with_origin_and_abi() {
     let lib = recency_plugin();
