@@ -54,7 +54,7 @@ impl Side {
 
 /// Writes the vectors of one batch (`(index, name, values)`) as one safetensors file; tensors
 /// are named `<index>/<name>`. Nothing is written for a batch without vectors.
-pub fn write_batch_vectors(dir: &Path, first: u32, vectors: &[(u32, &NamedVector)]) -> Result<()> {
+pub fn write_batch_vectors(dir: &Path, seq: usize, vectors: &[(u32, &NamedVector)]) -> Result<()> {
     if vectors.is_empty() {
         return Ok(());
     }
@@ -69,7 +69,9 @@ pub fn write_batch_vectors(dir: &Path, first: u32, vectors: &[(u32, &NamedVector
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let meta = Some(std::collections::HashMap::from([("format".to_string(), "recfuse-knowledge".to_string())]));
     let data = safetensors::serialize(views, meta)?;
-    write_atomic(&dir.join(format!("{first:010}.safetensors")), &data)
+    // Named by the journal position of the batch, so a retried user's vectors land in a later
+    // file (read after, so they win) and never overwrite another batch's.
+    write_atomic(&dir.join(format!("batch-{seq:010}.safetensors")), &data)
 }
 
 /// Every vector in `dir`, by (index, name).
@@ -100,7 +102,7 @@ pub fn load_side(run_root: &Path, side: Side) -> Result<Vec<(KnowledgeRecord, Ve
     if !path.exists() {
         return Ok(vec![]);
     }
-    let records: Vec<KnowledgeRecord> = crate::runstore::read_journal(&path)?;
+    let records = latest_records(crate::runstore::read_journal(&path)?);
     let mut vectors = read_vectors(&run_root.join(side.vector_dir()))?;
     records
         .into_iter()
@@ -118,6 +120,16 @@ pub fn load_side(run_root: &Path, side: Side) -> Result<Vec<(KnowledgeRecord, Ve
             Ok((r, vs))
         })
         .collect()
+}
+
+/// One record per index, the last one journaled: a user the fuse stage retried (an earlier
+/// attempt failed) has several lines, and the retry is what counts.
+pub fn latest_records(records: Vec<KnowledgeRecord>) -> Vec<KnowledgeRecord> {
+    let mut by_index: BTreeMap<u32, KnowledgeRecord> = BTreeMap::new();
+    for r in records {
+        by_index.insert(r.index, r);
+    }
+    by_index.into_values().collect()
 }
 
 /// The knowledge of a run as stages after fusion receive it, sorted by index.
@@ -162,7 +174,7 @@ mod tests {
         assert_eq!(v[&(0, "cf".to_string())], a.values);
         assert_eq!(v[&(1, "text".to_string())], b.values);
         // Binary, not JSON floats: 384 floats take 1536 bytes plus a small header.
-        let size = std::fs::metadata(d.path().join("0000000000.safetensors")).unwrap().len();
+        let size = std::fs::metadata(d.path().join("batch-0000000000.safetensors")).unwrap().len();
         assert!(size < 1536 + 12 + 400, "{size}");
     }
 }

@@ -3,9 +3,9 @@
 
 use super::Runner;
 use crate::handles::{FuserHandle, ViewData};
-use crate::knowledge::{write_batch_vectors, KnowledgeRecord, Side};
+use crate::knowledge::{latest_records, write_batch_vectors, KnowledgeRecord, Side};
 use crate::runstore::Journal;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use recfuse_sdk::records::*;
 use std::collections::{BTreeMap, HashSet};
 
@@ -19,13 +19,26 @@ pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch
     let catalog = &history.catalog;
     let names: Vec<String> = fusers.iter().map(|f| f.provenance.name.clone()).collect();
     let users: Vec<(u32, String)> = catalog.users.iter().enumerate().map(|(i, u)| (i as u32, u.id.clone())).collect();
-    fuse_side(r, Side::Users, &users, batch, |users| {
+    let failed = fuse_side(r, Side::Users, &users, batch, |users| {
         let mut out: Vec<Vec<(u32, String, Vec<NamedVector>)>> = Vec::new();
         for f in fusers.iter_mut() {
             out.push(f.fuse(history, users)?.into_iter().map(|k| (k.user, k.text, k.vectors)).collect());
         }
         Ok(out)
     }, &names)?;
+    if let Some(first) = failed.first() {
+        // Not done: the stage stays open, the run fails, and the next run asks again for
+        // exactly these users (the others are journaled and kept).
+        r.manifest.stages.insert("fuse".into(), serde_json::json!({"failed_users": failed.len()}));
+        r.save_manifest()?;
+        bail!(
+            "{} of {} users got no knowledge (user {}: {}); they are not recorded as done: rerun the same command to ask again for them",
+            failed.len(),
+            users.len(),
+            first.id,
+            first.errors.join("; ")
+        );
+    }
     let items: Vec<(u32, String)> = catalog.items.iter().enumerate().map(|(i, it)| (i as u32, it.id.clone())).collect();
     fuse_side(r, Side::Items, &items, batch, |items| {
         let mut out = Vec::new();
@@ -33,12 +46,15 @@ pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch
             out.push(f.fuse_items(history, items)?.into_iter().map(|k| (k.item, k.text, k.vectors)).collect());
         }
         Ok(out)
-    }, &[])
+    }, &[])?;
+    Ok(())
 }
 
 /// Fuses one side in batches, resuming after the indices already journaled. `fuse` returns, per
 /// fuser, what it said about the batch. For users, a fuser that says nothing about a user is a
 /// recorded failure (named after `fusers`); for items, silence means "no item knowledge".
+/// A user whose last record is a failure is not done: it is fused again (the new record
+/// supersedes the old, see [`latest_records`]). Returns the records still failing.
 fn fuse_side(
     r: &mut Runner,
     side: Side,
@@ -46,9 +62,11 @@ fn fuse_side(
     batch: usize,
     mut fuse: impl FnMut(&[u32]) -> Result<Vec<Vec<(u32, String, Vec<NamedVector>)>>>,
     fusers: &[String],
-) -> Result<()> {
-    let (mut journal, done) = Journal::open::<KnowledgeRecord>(&r.run.path(side.journal()))?;
-    let done: HashSet<u32> = done.iter().map(|k| k.index).collect();
+) -> Result<Vec<KnowledgeRecord>> {
+    let (mut journal, journaled) = Journal::open::<KnowledgeRecord>(&r.run.path(side.journal()))?;
+    let mut seq = journaled.len();
+    let done: HashSet<u32> = latest_records(journaled).iter().filter(|k| k.errors.is_empty()).map(|k| k.index).collect();
+    let mut failed = Vec::new();
     let todo: Vec<&(u32, String)> = all.iter().filter(|(i, _)| !done.contains(i)).collect();
     let label = match side {
         Side::Users => "fuse users",
@@ -93,10 +111,12 @@ fn fuse_side(
         }
         // Vectors first: a journaled line never points at a vector that is not on disk.
         let refs: Vec<(u32, &NamedVector)> = vectors.iter().map(|(i, v)| (*i, v)).collect();
-        write_batch_vectors(&r.run.path(side.vector_dir()), indices[0], &refs)?;
+        write_batch_vectors(&r.run.path(side.vector_dir()), seq, &refs)?;
         journal.append(&records)?;
+        seq += records.len();
+        failed.extend(records.into_iter().filter(|r| !r.errors.is_empty()));
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(())
+    Ok(failed)
 }
