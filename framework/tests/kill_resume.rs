@@ -85,6 +85,14 @@ fn kill_dash_nine_mid_fusion_repeats_only_calls_in_flight() {
     let answered = answered.lock().unwrap();
     assert_eq!(answered.len(), USERS);
     assert!(answered.values().sum::<usize>() <= USERS + CONCURRENCY, "{answered:?}");
+    // Usage counts both processes: every answer stored by either (only answers in flight at
+    // the kill, sent but never stored, can be missing).
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("runs/kill/manifest.json")).unwrap()).unwrap();
+    let requests = manifest["usage"]["fusers0"]["requests"].as_u64().unwrap() as usize;
+    let sent = answered.values().sum::<usize>();
+    assert!(requests <= sent && requests + CONCURRENCY >= sent, "usage counts {requests} requests, the server answered {sent}");
+    assert_eq!(manifest["usage"]["fusers0"]["completion_tokens"].as_u64().unwrap() as usize, requests * 5);
 }
 
 /// `epochs_done` of a checkpoint, read from the safetensors header (0 while none is complete).

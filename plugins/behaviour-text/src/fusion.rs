@@ -102,6 +102,18 @@ impl CompletionCache {
         self.entries().len()
     }
 
+    /// The completions stored after the first `n`, in the order they were appended.
+    pub fn stored_after(&self, n: usize) -> Result<Vec<Completion>> {
+        let Ok(f) = std::fs::File::open(&self.path) else { return Ok(vec![]) };
+        let mut out = Vec::new();
+        for line in BufReader::new(f).lines().skip(n) {
+            if let Ok(e) = serde_json::from_str::<Completion>(&line?) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries().is_empty()
     }
@@ -123,7 +135,8 @@ impl CompletionCache {
 }
 
 /// Token usage of a fuser, written to `usage.json` in its run directory (the host copies it
-/// into the run manifest).
+/// into the run manifest). Cumulative over every process that worked in the run directory:
+/// a run killed and resumed reports what both processes spent.
 #[derive(Serialize, Deserialize, Default, Clone, Debug)]
 pub struct Usage {
     pub requests: u64,
@@ -133,11 +146,41 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub estimated_cost: f64,
+    /// Cache entries these figures account for: entries beyond them were answered by a
+    /// process that died before saving its usage, and are added on resume.
+    #[serde(default)]
+    pub cache_entries: u64,
 }
 
 impl Usage {
-    pub fn save(&self, host: &Host) -> Result<()> {
+    /// What earlier processes of this run spent: their saved usage, plus the completions a
+    /// killed process stored in the cache after its last save (its retries and failures after
+    /// that save are not known).
+    pub fn resume(host: &Host, cache: &CompletionCache) -> Result<Self> {
         let path = host.run_dir().join("usage.json");
-        std::fs::write(&path, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+        let mut usage: Self = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{} is not a usage record", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        for c in cache.stored_after(usage.cache_entries as usize)? {
+            usage.requests += 1;
+            usage.prompt_tokens += c.prompt_tokens;
+            usage.completion_tokens += c.completion_tokens;
+        }
+        usage.cache_entries = cache.len() as u64;
+        Ok(usage)
+    }
+
+    /// Writes `usage.json` whole or not at all (temporary file, sync, rename), accounting for
+    /// every entry now in `cache`.
+    pub fn save(&mut self, host: &Host, cache: &CompletionCache) -> Result<()> {
+        self.cache_entries = cache.len() as u64;
+        use std::io::Write;
+        let path = host.run_dir().join("usage.json");
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes()).and_then(|_| f.sync_all())?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
     }
 }

@@ -235,7 +235,8 @@ impl KnowledgeFuser for ChatGptFuser {
         let prompt = FusionPrompt::new(cfg.system_prompt.clone(), cfg.user_prompt.clone(), cfg.behaviour.clone())?;
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs_f64(cfg.timeout_secs)).build();
         let cache = CompletionCache::open(&host.run_dir().join("cache.jsonl"))?;
-        Ok(Self { cfg, host, prompt, api_key, agent, cache, usage: Usage::default() })
+        let usage = Usage::resume(&host, &cache)?; // a resumed run adds to what it spent before
+        Ok(Self { cfg, host, prompt, api_key, agent, cache, usage })
     }
 
     fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
@@ -296,7 +297,7 @@ impl KnowledgeFuser for ChatGptFuser {
         }
         self.usage.estimated_cost = self.usage.prompt_tokens as f64 / 1000.0 * self.cfg.price_per_1k_input
             + self.usage.completion_tokens as f64 / 1000.0 * self.cfg.price_per_1k_output;
-        self.usage.save(&self.host)?;
+        self.usage.save(&self.host, &self.cache)?;
         out.sort_by_key(|k| k.user);
         Ok(out)
     }

@@ -110,7 +110,8 @@ impl KnowledgeFuser for LocalLlmFuser {
         let llm = Llm::load(&cfg.model, cfg.dense).with_context(|| format!("model = {}", cfg.model.display()))?;
         host.info(format!("{} loaded from {} ({} MB of quantized weights)", llm.name, cfg.model.display(), llm.weight_bytes() >> 20));
         let cache = CompletionCache::open(&host.run_dir().join("cache.jsonl"))?;
-        Ok(Self { cfg, host, llm, model_sha256, prompt, cache, usage: Usage::default() })
+        let usage = Usage::resume(&host, &cache)?; // a resumed run adds to what it spent before
+        Ok(Self { cfg, host, llm, model_sha256, prompt, cache, usage })
     }
 
     fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
@@ -181,7 +182,7 @@ impl KnowledgeFuser for LocalLlmFuser {
                 })
             })?;
         }
-        self.usage.save(&self.host)?;
+        self.usage.save(&self.host, &self.cache)?;
         out.sort_by_key(|k| k.user);
         Ok(out)
     }
