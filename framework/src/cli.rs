@@ -80,6 +80,10 @@ pub enum Command {
 }
 
 /// Runs the CLI with `args` (including the program name); returns the exit code.
+/// Exit status of `recfuse run` when it finished but a model failed (its report says which
+/// and why). Other failures (bad config, a stage that could not complete) exit with 1.
+pub const EXIT_MODEL_FAILED: i32 = 2;
+
 pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> Result<i32> {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
@@ -103,6 +107,12 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                 writeln!(out, "\n{}", crate::eval::markdown(&outcome.reports))?;
             }
             writeln!(out, "run directory: {}", outcome.run_dir.display())?;
+            let failed = outcome.failed();
+            if !failed.is_empty() {
+                // The run finished and reported the others; the status still says it lost results.
+                eprintln!("error: {} model(s) failed: {} (see report.md)", failed.len(), failed.join(", "));
+                return Ok(EXIT_MODEL_FAILED);
+            }
             Ok(0)
         }
         Command::Validate { config } => {

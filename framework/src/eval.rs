@@ -154,6 +154,10 @@ pub struct Report {
     /// Wall time of scoring (both stages when reranking) per evaluated user.
     #[serde(default)]
     pub seconds_per_user: f64,
+    /// Set when the model failed (fit, scoring, a panic): it has no figures, and the run's exit
+    /// status says a model failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -193,7 +197,33 @@ pub fn top_n(scores: &[f32], masked: impl Fn(usize) -> bool, n: usize) -> Vec<us
     idx
 }
 
+/// How a run evaluates, in words (the reports' `protocol`).
+fn protocol_name(split: &SplitData, cfg: &EvalSection) -> String {
+    let split_name = match split.method {
+        SplitMethod::LeaveOneOut => "leave-one-out",
+        SplitMethod::Temporal => "temporal split",
+    };
+    match cfg.protocol {
+        Protocol::Full => format!("{split_name}, full ranking (train and validation items masked)"),
+        Protocol::Sampled => format!("{split_name}, {} {:?}-sampled negatives", cfg.negatives, cfg.sampling).to_lowercase(),
+    }
+}
+
 impl Report {
+    /// A report with the run's protocol and no figures, for a model that failed.
+    pub fn failed_shell(ctx: &EvalContext) -> Report {
+        Report {
+            model: String::new(),
+            protocol: protocol_name(ctx.split, ctx.cfg),
+            items: ctx.split.history.catalog.items.len(),
+            cold_start_max: ctx.cfg.cold_start_max,
+            segments: BTreeMap::new(),
+            reranked: None,
+            seconds_per_user: 0.0,
+            error: None,
+        }
+    }
+
     /// Metric names by family, then cut-off: HR@5, HR@10, NDCG@5, ..., AUC, UAUC.
     pub fn metric_names(&self) -> Vec<String> {
         let mut metrics: Vec<String> = self.segments.get("all").map(|s| s.metrics.keys().cloned().collect()).unwrap_or_default();
@@ -206,7 +236,21 @@ impl Report {
 }
 
 /// All reports of a run as one Markdown document: a table per segment, a row per model.
-pub fn markdown(reports: &[Report]) -> String {
+pub fn markdown(all: &[Report]) -> String {
+    let failed: Vec<&Report> = all.iter().filter(|r| r.error.is_some()).collect();
+    let reports: Vec<&Report> = all.iter().filter(|r| r.error.is_none()).collect();
+    let mut out = markdown_tables(&reports);
+    if !failed.is_empty() {
+        out.push_str("\n## failed models\n\n| model | error |\n|---|---|\n");
+        for r in failed {
+            let error = r.error.as_deref().unwrap_or_default().replace('|', "\\|").replace('\n', " ");
+            out.push_str(&format!("| {} | {error} |\n", r.model));
+        }
+    }
+    out
+}
+
+fn markdown_tables(reports: &[&Report]) -> String {
     let Some(first) = reports.first() else { return String::new() };
     let metrics = first.metric_names();
     let mut out = format!(
@@ -216,7 +260,7 @@ pub fn markdown(reports: &[Report]) -> String {
     for segment in ["all", "cold", "warm"] {
         let users = first.segments.get(segment).map(|s| s.users).unwrap_or(0);
         out.push_str(&format!("\n## {segment} ({users} users)\n\n| model | {} |\n|---|{}\n", metrics.join(" | "), "---:|".repeat(metrics.len())));
-        for r in reports {
+        for r in reports.iter() {
             if let Some(s) = r.segments.get(segment) {
                 let vals: Vec<String> = metrics
                     .iter()
@@ -481,22 +525,15 @@ pub fn evaluate(
     segments.insert("all".to_string(), all.finish());
     segments.insert("cold".to_string(), cold.finish());
     segments.insert("warm".to_string(), warm.finish());
-    let split_name = match split.method {
-        SplitMethod::LeaveOneOut => "leave-one-out",
-        SplitMethod::Temporal => "temporal split",
-    };
-    let protocol = match cfg.protocol {
-        Protocol::Full => format!("{split_name}, full ranking (train and validation items masked)"),
-        Protocol::Sampled => format!("{split_name}, {} {:?}-sampled negatives", cfg.negatives, cfg.sampling).to_lowercase(),
-    };
     Ok(Report {
         model: label.to_string(),
-        protocol,
+        protocol: protocol_name(split, cfg),
         items: n_items,
         cold_start_max: cfg.cold_start_max,
         segments,
         reranked: first_stage.map(|(_, info)| info.clone()),
         seconds_per_user: started.elapsed().as_secs_f64() / users.len().max(1) as f64,
+        error: None,
     })
 }
 

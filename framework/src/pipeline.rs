@@ -43,7 +43,7 @@ impl Default for RunOptions {
 #[derive(Debug)]
 pub struct RunOutcome {
     pub run_dir: PathBuf,
-    /// One report per ranker, in config order.
+    /// One report per ranker, in config order (a failed model's has `error` set).
     pub reports: Vec<Report>,
     /// Each stage and whether it ran afresh, resumed or was skipped.
     pub stages: Vec<(String, StageStart)>,
@@ -55,6 +55,10 @@ impl RunOutcome {
     /// The report of the ranker labelled `label`.
     pub fn report(&self, label: &str) -> Option<&Report> {
         self.reports.iter().find(|r| r.model == label)
+    }
+    /// Labels of the models that failed.
+    pub fn failed(&self) -> Vec<&str> {
+        self.reports.iter().filter(|r| r.error.is_some()).map(|r| r.model.as_str()).collect()
     }
     pub fn stage(&self, name: &str) -> Option<StageStart> {
         self.stages.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
@@ -471,7 +475,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             let json_name = format!("reports/{}.json", spec.label);
             let first_key = first.map(|(f, top)| format!("{}|{top}", slots[f].fit_key)).unwrap_or_default();
             let stage_key = hash_parts(&[slots[i].fit_key.as_bytes(), b"evaluate", eval_json.as_bytes(), first_key.as_bytes()]);
-            r.stage(&stage, &stage_key, &[&json_name], |r, _| {
+            let evaluated = r.stage(&stage, &stage_key, &[&json_name], |r, _| {
                 let kb = knowledge()?;
                 let fit_data = FitData {
                     train: &split.train,
@@ -485,7 +489,15 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
                 };
                 let rep = stages::rank::evaluate(r, &mut slots, i, first, &fit_data, &ctx)?;
                 write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&rep)?.as_bytes())
-            })?;
+            });
+            // A model that fails (or panics) is reported as failed; the others still run.
+            // Cancellation is not a model failure: it stops the run.
+            if let Err(e) = evaluated {
+                r.check_cancel()?;
+                tracing::error!(ranker = spec.label.as_str(), "model failed: {e:#}");
+                reports.push(Report { model: spec.label.clone(), error: Some(format!("{e:#}")), ..Report::failed_shell(&ctx) });
+                continue;
+            }
             let text = std::fs::read_to_string(r.run.path(&json_name)).with_context(|| format!("reading {json_name}"))?;
             reports.push(serde_json::from_str::<Report>(&text).with_context(|| json_name.clone())?);
         }

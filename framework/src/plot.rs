@@ -111,7 +111,8 @@ pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
 
 /// Draws the models of a run side by side into a PNG at `path`: one panel per segment with
 /// users (all, cold-start), ranking metrics along x, one colour per model.
-pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
+pub fn comparison_chart(all: &[Report], path: &Path) -> Result<()> {
+    let reports: Vec<&Report> = all.iter().filter(|r| r.error.is_none()).collect();
     if reports.is_empty() {
         bail!("no reports to draw");
     }
@@ -121,7 +122,7 @@ pub fn comparison_chart(reports: &[Report], path: &Path) -> Result<()> {
         .into_iter()
         .filter_map(|segment| {
             let users = reports[0].segments.get(segment).map(|s| s.users).filter(|&u| u > 0)?;
-            let value = |r: &Report, m: &str| r.segments.get(segment).and_then(|s| s.metrics.get(m)).copied().unwrap_or(0.0);
+            let value = |r: &&Report, m: &str| r.segments.get(segment).and_then(|s| s.metrics.get(m)).copied().unwrap_or(0.0);
             Some(Panel {
                 title: format!("{segment} users ({users})"),
                 categories: metrics.clone(),

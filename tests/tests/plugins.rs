@@ -142,19 +142,43 @@ fn files_that_are_not_plugins_give_clear_errors() {
 fn a_panicking_plugin_gives_an_error_and_the_host_goes_on() {
     let lib = panicky_plugin();
     let d = tempfile::tempdir().unwrap();
-    for (where_, expect) in [("new", "told to panic in new"), ("fit", "index out of bounds"), ("score", "told to panic in score")] {
+    // A panic while starting the component is a configuration error: nothing runs.
+    let cfg = ml100k_config(
+        d.path(),
+        "panic-new",
+        &format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"panicky\"\npanic_in = \"new\"\n", lib.display()),
+    );
+    let err = format!("{:#}", run(&load(&cfg), &RunOptions::default()).err().expect("the panic is an error"));
+    assert!(err.contains("plugin panicked") && err.contains("told to panic in new"), "{err}");
+    // A model that panics in fit or score is reported as failed, beside a healthy model that
+    // is still evaluated and reported; the CLI's exit status says a model failed.
+    for (where_, expect) in [("fit", "index out of bounds"), ("score", "told to panic in score")] {
+        let name = format!("panic-{where_}");
         let cfg = ml100k_config(
             d.path(),
-            &format!("panic-{where_}"),
-            &format!("[plugins]\npaths = [\"{}\"]\n\n[ranker]\nkind = \"panicky\"\npanic_in = \"{where_}\"\n", lib.display()),
+            &name,
+            &format!(
+                "[plugins]\npaths = [\"{}\"]\n\n[[rankers]]\nkind = \"panicky\"\npanic_in = \"{where_}\"\n\n[[rankers]]\nkind = \"popularity\"\n",
+                lib.display()
+            ),
         );
-        let err = format!("{:#}", run(&load(&cfg), &RunOptions::default()).err().expect("the panic is an error"));
-        assert!(err.contains("plugin panicked") && err.contains(expect), "{where_}: {err}");
+        let outcome = run(&load(&cfg), &RunOptions::default()).expect("the run finishes");
+        assert_eq!(outcome.failed(), ["panicky"]);
+        let failed = outcome.report("panicky").unwrap().error.clone().unwrap();
+        assert!(failed.contains("plugin panicked") && failed.contains(expect), "{where_}: {failed}");
+        assert!(outcome.report("popularity").unwrap().segments["all"].metrics["HR@10"] > 0.0);
+        let md = std::fs::read_to_string(outcome.run_dir.join("report.md")).unwrap();
+        assert!(md.contains("## failed models") && md.contains("| panicky |") && md.contains("| popularity |"), "{md}");
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(outcome.run_dir.join("report.json")).unwrap()).unwrap();
+        assert!(json[0]["error"].as_str().unwrap().contains(expect));
+        let (code, _) = cli(&["run", cfg.to_str().unwrap(), "--quiet"]);
+        assert_eq!(code, Ok(recfuse::cli::EXIT_MODEL_FAILED));
     }
     // The same process goes on and runs a healthy pipeline.
     let cfg = ml100k_config(d.path(), "healthy", "[ranker]\nkind = \"popularity\"\n");
     let outcome = run(&load(&cfg), &RunOptions::default()).expect("host still works");
     assert!(outcome.reports[0].segments["all"].metrics["HR@10"] > 0.0);
+    assert!(outcome.failed().is_empty());
 }
 
 #[test]
