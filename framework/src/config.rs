@@ -533,7 +533,11 @@ impl LoadedConfig {
                     o.iter()
                         .map(|(k, v)| {
                             let secret = ["api_key", "secret", "password", "token"].iter().any(|s| k == s);
-                            (k.clone(), if secret && v.is_string() { Value::String("***redacted***".into()) } else { walk(v) })
+                            // `*_env` keys name variables; a value that cannot be one is most
+                            // likely a secret pasted in the wrong place.
+                            let pasted = k.ends_with("_env")
+                                && v.as_str().is_some_and(|s| !s.is_empty() && !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                            (k.clone(), if (secret || pasted) && v.is_string() { Value::String("***redacted***".into()) } else { walk(v) })
                         })
                         .collect(),
                 ),
@@ -648,5 +652,10 @@ kind = "popularity"
         let c = LoadedConfig::load(&ConfigSources { base, ..Default::default() }).unwrap();
         let r = c.redacted().to_string();
         assert!(!r.contains("sk-123") && r.contains("OPENAI_API_KEY"), "{r}");
+        // A key pasted into `api_key_env` (not a variable name) is redacted too.
+        let sets = vec!["fusers[0].api_key_env=\"sk-proj-Abc-123\"".to_string()];
+        let c = LoadedConfig::load(&ConfigSources { base: d.path().join("base.toml"), sets, ..Default::default() }).unwrap();
+        let r = c.redacted().to_string();
+        assert!(!r.contains("Abc-123"), "{r}");
     }
 }

@@ -137,7 +137,22 @@ struct Failure {
     message: String,
 }
 
+/// Whether `s` can name an environment variable (letters, digits, `_`, not starting with a
+/// digit): an API key pasted into `api_key_env` cannot.
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty() && !s.starts_with(|c: char| c.is_ascii_digit()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 impl ChatGptFuser {
+    /// `text` with the API key replaced, for anything that may be logged or stored: servers
+    /// echo request headers in error bodies.
+    fn scrub(&self, text: &str) -> String {
+        match &self.api_key {
+            Some(key) if !key.is_empty() => text.replace(key.as_str(), "[redacted]"),
+            _ => text.to_string(),
+        }
+    }
+
     fn request_body(&self, messages: &[ChatMessage]) -> Value {
         let mut body = json!({
             "model": self.cfg.model,
@@ -166,11 +181,11 @@ impl ChatGptFuser {
             Err(ureq::Error::Status(code, r)) => {
                 let retry_after = r.header("Retry-After").and_then(|v| v.trim().parse::<f64>().ok()).map(Duration::from_secs_f64);
                 let retry = code == 429 || code >= 500;
-                let text = r.into_string().unwrap_or_default();
+                let text = self.scrub(&r.into_string().unwrap_or_default());
                 return Err(Failure { retry, retry_after, message: format!("HTTP {code}: {}", text.chars().take(200).collect::<String>()) });
             }
             Err(ureq::Error::Transport(t)) => {
-                return Err(Failure { retry: true, retry_after: None, message: format!("transport: {t}") });
+                return Err(Failure { retry: true, retry_after: None, message: self.scrub(&format!("transport: {t}")) });
             }
         };
         let text = resp
@@ -228,6 +243,14 @@ impl KnowledgeFuser for ChatGptFuser {
         ensure!(cfg.concurrency > 0 && cfg.requests_per_minute > 0 && cfg.tokens_per_minute > 0, "concurrency and rate limits must be positive");
         ensure!(cfg.timeout_secs > 0.0, "timeout_secs must be positive");
         // An empty name (e.g. `--set fusers[0].api_key_env=` to point at a local server) = no key.
+        if let Some(v) = cfg.api_key_env.as_ref().filter(|v| !v.is_empty() && !is_env_name(v)) {
+            // Never echo it: it is most likely the key itself.
+            bail!(
+                "`api_key_env` must name an environment variable (letters, digits, `_`), but holds {} characters that cannot be one \
+                 (a pasted API key?): put the key in an environment variable and name it here, e.g. api_key_env = \"OPENAI_API_KEY\"",
+                v.chars().count()
+            );
+        }
         let api_key = match cfg.api_key_env.as_ref().filter(|v| !v.is_empty()) {
             Some(var) => Some(std::env::var(var).map_err(|_| anyhow!("api_key_env: environment variable `{var}` is not set"))?),
             None => None,
@@ -306,4 +329,44 @@ impl KnowledgeFuser for ChatGptFuser {
 export_plugin! {
     name: "chatgpt-fuser",
     fusers: { "chatgpt" => ChatGptFuser },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn fuser(api_key_env: &str, base_url: &str) -> Result<ChatGptFuser> {
+        let cfg: ChatGptConfig = serde_json::from_value(json!({"api_key_env": api_key_env, "base_url": base_url, "model": "m"}))?;
+        ChatGptFuser::new(cfg, Host::standalone(std::env::temp_dir(), 0))
+    }
+
+    #[test]
+    fn a_key_pasted_into_api_key_env_is_refused_without_echoing_it() {
+        let err = fuser("sk-proj-Abc123-secret", "http://127.0.0.1:9").err().unwrap().to_string();
+        assert!(err.contains("`api_key_env`") && !err.contains("Abc123"), "{err}");
+        assert!(is_env_name("OPENAI_API_KEY") && !is_env_name("sk-x") && !is_env_name("9A"));
+    }
+
+    /// A server that echoes the request (Authorization header included) in its error body:
+    /// the failure message, which is logged, never carries the key.
+    #[test]
+    fn error_bodies_are_scrubbed_of_the_key() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap();
+            let echoed = String::from_utf8_lossy(&buf[..n]).replace(['\r', '\n', '"'], " ");
+            let body = format!("{{\"error\": \"bad request: {echoed}\"}}");
+            let reply = format!("HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            s.write_all(reply.as_bytes()).unwrap();
+        });
+        std::env::set_var("RECFUSE_TEST_SCRUB_KEY", "sk-test-KEY-0123456789");
+        let f = fuser("RECFUSE_TEST_SCRUB_KEY", &url).unwrap();
+        let failure = f.attempt("{}").err().expect("HTTP 401");
+        assert!(failure.message.contains("[redacted]"), "{}", failure.message);
+        assert!(!failure.message.contains("KEY-0123456789"), "{}", failure.message);
+    }
 }
