@@ -54,13 +54,22 @@ pub struct Panel {
 }
 
 /// Draws panels stacked vertically into a PNG at `path`.
+/// The top of a value axis starting at 0 and the decimals its tick labels need: a panel whose
+/// figures are all zero gets 0..1 (not an axis on which every tick reads 0.00), and small
+/// figures get enough decimals to tell the ticks apart.
+fn value_axis(max: f64) -> (f64, usize) {
+    let top = if max > 0.0 { max * 1.15 } else { 1.0 };
+    let decimals = if top >= 10.0 { 0 } else { ((-(top / 10.0).log10()).ceil() as i64).max(2) as usize };
+    (top, decimals)
+}
+
 pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
     ensure_font()?;
     let root = BitMapBackend::new(path, (1100, 420 * panels.len() as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     for (area, panel) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
         let n = panel.categories.len();
-        let top = panel.series.iter().flat_map(|s| s.1.iter().copied()).fold(0.0, f64::max).max(1e-3) * 1.15;
+        let (top, decimals) = value_axis(panel.series.iter().flat_map(|s| s.1.iter().copied()).fold(0.0, f64::max));
         let mut chart = ChartBuilder::on(area)
             .caption(&panel.title, ("sans-serif", 22))
             .margin(12)
@@ -69,7 +78,6 @@ pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
             .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..top)
             .map_err(|e| anyhow!("{e}"))?;
         let names = panel.categories.clone();
-        let decimals = if top < 10.0 { 2 } else { 0 };
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -189,4 +197,18 @@ pub fn loss_curve(title: &str, points: &[(f64, f64)], path: &Path) -> Result<()>
         .map_err(|e| anyhow!("{e}"))?;
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::value_axis;
+
+    #[test]
+    fn value_axis_is_sane_for_zero_and_small_figures() {
+        assert_eq!(value_axis(0.0), (1.0, 2));
+        let (top, decimals) = value_axis(0.0004);
+        assert!(top > 0.0004 && decimals >= 4, "{top} {decimals}");
+        assert_eq!(value_axis(0.5).1, 2);
+        assert_eq!(value_axis(40.0).1, 0);
+    }
 }
