@@ -237,18 +237,22 @@ impl BehaviorSource for AtomicSource {
         let default_kind = b.kind(&self.cfg.default_kind);
         let mut bad = 0u64;
         let skipped = t.rows(lenient, &self.host, |line, row| {
-            let parsed = row[r].parse::<f32>().map_err(|e| (r, e.to_string())).and_then(|rating| {
+            let parsed = finite(row[r]).map_err(|e| (r, e)).and_then(|rating| {
                 // Timestamps are written as floats by some exports ("881250949.0").
-                row[ts].parse::<f64>().map(|t| (rating, t as i64)).map_err(|e| (ts, e.to_string()))
+                timestamp(row[ts]).map(|t| (rating as f32, t)).map_err(|e| (ts, e))
             });
             let (rating, timestamp) = match parsed {
                 Ok(v) => v,
                 Err((col, e)) => {
+                    let msg = format!("{}:{line}: column `{}`: {e}: {:?}", inter_path.display(), t.fields[col], row[col]);
                     if lenient {
                         bad += 1;
+                        if bad <= 5 {
+                            self.host.warn(format!("skipped (lenient): {msg}"));
+                        }
                         return Ok(());
                     }
-                    bail!("{}:{line}: column `{}`: {e}: {:?}", inter_path.display(), t.fields[col], row[col]);
+                    bail!("{msg}");
                 }
             };
             if self.cfg.min_rating.is_some_and(|m| rating < m) {
@@ -263,6 +267,28 @@ impl BehaviorSource for AtomicSource {
         b.input(inter_path.display().to_string());
         Ok(b.finish())
     }
+}
+
+/// A finite number (NaN and infinities are refused: a NaN rating would pass every
+/// `min_rating` comparison as false and a NaN timestamp silently become 0).
+fn finite(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("not a number ({e})"))?;
+    if !v.is_finite() {
+        return Err("not a finite number".into());
+    }
+    if v.abs() > f32::MAX as f64 {
+        return Err("out of range".into());
+    }
+    Ok(v)
+}
+
+/// A timestamp in seconds (integer or float), within ±292 billion years.
+fn timestamp(s: &str) -> std::result::Result<i64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("not a number ({e})"))?;
+    if !v.is_finite() || v.abs() >= i64::MAX as f64 {
+        return Err("not a finite timestamp".into());
+    }
+    Ok(v as i64)
 }
 
 export_plugin! {
@@ -317,5 +343,19 @@ mod tests {
 
         let ds = AtomicSource::new(cfg(d.path(), true), Host::standalone(d.path(), 0)).unwrap().load().unwrap();
         assert_eq!((ds.events.len(), ds.skipped), (1, 1));
+    }
+
+    /// NaN, infinities and out-of-range numbers are refused with file:line, or skipped and
+    /// counted in lenient mode.
+    #[test]
+    fn non_finite_numbers_are_refused() {
+        for (bad, col) in [("NaN\t101", "rating"), ("inf\t101", "rating"), ("1e300\t101", "rating"), ("4\tNaN", "timestamp"), ("4\t-inf", "timestamp"), ("4\t1e40", "timestamp")] {
+            let d = tempfile::tempdir().unwrap();
+            toy(d.path(), &format!("user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t5\t100\n7\t2\t{bad}\n"));
+            let err = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0)).unwrap().load().unwrap_err().to_string();
+            assert!(err.contains(&format!("toy.inter:3: column `{col}`")), "{bad}: {err}");
+            let ds = AtomicSource::new(cfg(d.path(), true), Host::standalone(d.path(), 0)).unwrap().load().unwrap();
+            assert_eq!((ds.events.len(), ds.skipped), (1, 1), "{bad}");
+        }
     }
 }

@@ -39,12 +39,21 @@ struct EventLine {
     scenario: Option<String>,
     #[serde(default)]
     subject: Option<String>,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "finite_f32")]
     value: f32,
     timestamp: i64,
 }
 fn one() -> f32 {
     1.0
+}
+
+/// A value that fits an f32: JSON has no NaN, but 1e300 would become infinity.
+fn finite_f32<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !v.is_finite() || v.abs() > f32::MAX as f64 {
+        return Err(serde::de::Error::custom(format!("`value` {v} is out of range")));
+    }
+    Ok(v as f32)
 }
 
 #[derive(Deserialize)]
@@ -199,6 +208,10 @@ mod tests {
         let err = source(events.clone(), None, false).load().unwrap_err().to_string();
         assert!(err.contains(&format!("{}:2:", events.display())), "{err}");
         assert!(err.contains("timestamp"), "{err}");
+        // A value beyond f32 (it would become infinity) is refused with file:line too.
+        let events = write(d.path(), "big.jsonl", "{\"user\":\"u1\",\"item\":\"i1\",\"kind\":\"buy\",\"value\":1e300,\"timestamp\":5}\n");
+        let err = source(events.clone(), None, false).load().unwrap_err().to_string();
+        assert!(err.contains(&format!("{}:1:", events.display())) && err.contains("out of range"), "{err}");
     }
 
     #[test]

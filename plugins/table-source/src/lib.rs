@@ -299,7 +299,9 @@ impl TableSource {
             let value = match &spec.value {
                 Some(c) => {
                     let v = column(row, c)?;
-                    v.parse::<f32>().with_context(|| format!("column `{c}`: not a number: {v:?}"))?
+                    let x = v.parse::<f32>().with_context(|| format!("column `{c}`: not a number: {v:?}"))?;
+                    ensure!(x.is_finite(), "column `{c}`: not a finite number: {v:?}");
+                    x
                 }
                 None => 1.0,
             };
@@ -307,6 +309,8 @@ impl TableSource {
             for (i, c) in spec.timestamp.iter().enumerate() {
                 let v = column(row, c)?;
                 let x = if v.is_empty() { 0.0 } else { v.parse::<f64>().with_context(|| format!("column `{c}`: not a number: {v:?}"))? };
+                // NaN would become timestamp 0, infinities saturate: refuse both.
+                ensure!(x.is_finite(), "column `{c}`: not a finite timestamp: {v:?}");
                 timestamp += x * spec.timestamp_scale.get(i).copied().unwrap_or(1.0);
             }
             let kind = match &spec.kind {
@@ -438,5 +442,12 @@ mod tests {
         assert_eq!(ds.catalog.items[0].attrs["genres"], "Animation|Comedy");
         let kinds: Vec<&str> = ds.events.iter().map(|e| ds.catalog.kind_name(e.kind)).collect();
         assert_eq!(kinds, vec!["like", "dislike"]);
+        // NaN and infinities are refused with file:line (skipped and counted when lenient).
+        for (row, col) in [("1,3,NaN,12", "rating"), ("1,3,inf,12", "rating"), ("1,3,4,NaN", "timestamp"), ("1,3,4,-inf", "timestamp")] {
+            std::fs::write(d.path().join("ratings.csv"), format!("userId,movieId,rating,timestamp\n1,1,4.5,10\n1,2,1.0,11\n{row}\n")).unwrap();
+            let err = format!("{:#}", load(d.path(), cfg(false)).unwrap_err());
+            assert!(err.contains("ratings.csv:4:") && err.contains(&format!("column `{col}`")), "{row}: {err}");
+            assert_eq!(load(d.path(), cfg(true)).unwrap().skipped, 1, "{row}");
+        }
     }
 }
