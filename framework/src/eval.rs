@@ -12,7 +12,7 @@
 //! rank = #higher + #equal/2 (rounded down); in AUC a tie counts one half. A constant scorer
 //! therefore lands in the middle, not at the top.
 
-use crate::config::{EvalSection, Protocol, Sampling, SplitMethod};
+use crate::config::{EvalSection, NegativePool, Protocol, Sampling, SplitMethod};
 use crate::handles::RankerHandle;
 use crate::split::SplitData;
 use anyhow::{bail, Result};
@@ -293,14 +293,24 @@ pub fn pick_users(split: &SplitData, max_users: usize) -> Vec<UserIdx> {
 /// dataset), uniformly or by train popularity. Used for instruction examples and evaluation.
 pub struct NegativeSampler {
     touched: Vec<HashSet<ItemIdx>>,
+    /// Items uniform sampling draws from (see [`NegativePool`]).
+    pool: Vec<ItemIdx>,
     /// Cumulative train popularity (empty for uniform sampling).
     cumulative: Vec<f64>,
     n_items: usize,
 }
 
 impl NegativeSampler {
-    pub fn new(split: &SplitData, dataset: &Dataset, sampling: Sampling) -> Self {
+    pub fn new(split: &SplitData, dataset: &Dataset, sampling: Sampling, pool: NegativePool) -> Self {
         let n_items = dataset.catalog.items.len();
+        let pool: Vec<ItemIdx> = match pool {
+            NegativePool::Catalog => (0..n_items as ItemIdx).collect(),
+            NegativePool::Interacted => {
+                let mut seen = vec![false; n_items];
+                dataset.events.iter().filter(|e| e.item != NONE).for_each(|e| seen[e.item as usize] = true);
+                (0..n_items as ItemIdx).filter(|&i| seen[i as usize]).collect()
+            }
+        };
         let mut touched: Vec<HashSet<ItemIdx>> = vec![HashSet::new(); dataset.catalog.users.len()];
         for e in dataset.events.iter().filter(|e| e.item != NONE) {
             touched[e.user as usize].insert(e.item);
@@ -317,13 +327,13 @@ impl NegativeSampler {
                 *c = acc;
             }
         }
-        Self { touched, cumulative, n_items }
+        Self { touched, pool, cumulative, n_items }
     }
 
     /// Up to `want` distinct negatives for `user` (fewer only when the catalog runs out).
     pub fn sample(&self, user: UserIdx, want: usize, rng: &mut SeededRng) -> Vec<ItemIdx> {
         let seen = &self.touched[user as usize];
-        let want = want.min(self.n_items.saturating_sub(seen.len()));
+        let want = want.min(self.pool.len().saturating_sub(seen.len())).min(self.n_items.saturating_sub(seen.len()));
         let total = self.cumulative.last().copied().unwrap_or(0.0);
         let mut out: Vec<ItemIdx> = Vec::with_capacity(want);
         let mut chosen: HashSet<ItemIdx> = HashSet::with_capacity(want);
@@ -334,7 +344,7 @@ impl NegativeSampler {
                 let x = rng.unit() * total;
                 self.cumulative.partition_point(|&c| c <= x).min(self.n_items - 1) as ItemIdx
             } else {
-                rng.below(self.n_items) as ItemIdx
+                self.pool[rng.below(self.pool.len())]
             };
             if !seen.contains(&item) && chosen.insert(item) {
                 out.push(item);
@@ -347,7 +357,7 @@ impl NegativeSampler {
 /// Evaluation negatives for each of `users`, drawn with the run's seed so every model sees the
 /// same ones.
 pub fn sample_negatives(split: &SplitData, dataset: &Dataset, users: &[UserIdx], cfg: &EvalSection, seed: u64) -> Vec<Vec<ItemIdx>> {
-    let sampler = NegativeSampler::new(split, dataset, cfg.sampling);
+    let sampler = NegativeSampler::new(split, dataset, cfg.sampling, cfg.negative_pool);
     users
         .iter()
         .map(|&u| sampler.sample(u, cfg.negatives, &mut SeededRng::new(seed ^ (u as u64).wrapping_mul(0x9E37_79B9))))
@@ -540,6 +550,31 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Negatives come from items someone interacted with unless the whole catalog is asked for.
+    #[test]
+    fn negatives_are_drawn_from_interacted_items_by_default() {
+        let ev = |user: u32, item: u32, t: i64| Event { user, item, kind: 0, scenario: 0, subject: NONE, value: 1.0, timestamp: t };
+        // Items 0..=5 have events; 6..=19 nobody touched.
+        let events: Vec<Event> = (0..6).map(|i| ev(0, i, i as i64)).chain((0..3).map(|i| ev(1, i, 10 + i as i64))).collect();
+        let catalog = Catalog {
+            items: (0..20).map(|i| Item { id: format!("i{i}"), ..Default::default() }).collect(),
+            users: (0..2).map(|i| User { id: format!("u{i}"), ..Default::default() }).collect(),
+            kinds: vec!["click".into()],
+            ..Default::default()
+        };
+        let ds = Dataset { catalog, events, ..Default::default() };
+        let split = crate::split::split_dataset(&ds, &crate::config::SplitSection::default());
+        let mut rng = SeededRng::new(1);
+        let interacted = NegativeSampler::new(&split, &ds, Sampling::Uniform, NegativePool::Interacted);
+        let drawn = interacted.sample(1, 10, &mut rng);
+        assert_eq!(drawn.len(), 3, "only items 3, 4, 5 are interacted and unseen by user 1: {drawn:?}");
+        assert!(drawn.iter().all(|&i| (3..6).contains(&i)));
+        let catalog = NegativeSampler::new(&split, &ds, Sampling::Uniform, NegativePool::Catalog);
+        let drawn = catalog.sample(1, 10, &mut rng);
+        assert_eq!(drawn.len(), 10);
+        assert!(drawn.iter().any(|&i| i >= 6), "{drawn:?}");
+    }
 
     #[test]
     fn two_stage_reranks_the_top_and_keeps_the_first_stage_order_below() {

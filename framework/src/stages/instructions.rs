@@ -41,7 +41,7 @@ pub fn run(
     let kv = knowledge.view();
     let item_text = |item: ItemIdx| kv.item(item).map(|k| k.text.clone()).unwrap_or_default();
 
-    let sampler = NegativeSampler::new(split, dataset, Sampling::Uniform);
+    let sampler = NegativeSampler::new(split, dataset, Sampling::Uniform, r.cfg.pipeline.eval.negative_pool);
     let bar = r.progress.bar("instructions", (users.len() + done.len()) as u64);
     bar.inc(done.len() as u64);
     for chunk in users.chunks(p.run.batch_size) {
