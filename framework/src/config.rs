@@ -286,6 +286,14 @@ fn to_config_value(v: Value) -> config::Value {
     config::Value::new(Some(&"--set".to_string()), kind)
 }
 
+/// The object at a key like `source` or `fusers[2]`.
+fn table_mut<'a>(tree: &'a mut Value, key: &str) -> Option<&'a mut Map<String, Value>> {
+    match key.split_once('[') {
+        Some((list, index)) => tree.get_mut(list)?.get_mut(index.trim_end_matches(']').parse::<usize>().ok()?)?.as_object_mut(),
+        None => tree.get_mut(key)?.as_object_mut(),
+    }
+}
+
 fn from_config_value(v: &config::Value, path: &str, origins: &mut BTreeMap<String, String>) -> Value {
     use config::ValueKind as K;
     if let Some(o) = v.origin() {
@@ -341,8 +349,64 @@ impl LoadedConfig {
             origins.insert(k, "--set".into());
         }
         let mut partial = LoadedConfig { pipeline: placeholder(), tree, origins, files };
+        // Each file on its own, to tell a layer that changes a component's kind from one that
+        // restates it.
+        let layers: Vec<Value> = partial
+            .files
+            .iter()
+            .map(|f| {
+                let c = Config::builder().add_source(File::from(f.as_path()).required(true)).build().map_err(|e| anyhow!("{e}"))?;
+                Ok(from_config_value(&c.cache, "", &mut BTreeMap::new()))
+            })
+            .collect::<Result<_>>()?;
+        partial.replace_swapped_components(&layers);
         partial.pipeline = partial.parse().map_err(anyhow::Error::new)?;
         Ok(partial)
+    }
+
+    /// A layer that changes a component's `kind` replaces the component's table: the keys
+    /// earlier layers gave the old kind are dropped (merging them key by key would hand a
+    /// `table` source the `recbole-atomic` keys of the base file). Later layers, environment
+    /// variables and `--set` still apply on top.
+    fn replace_swapped_components(&mut self, layers: &[Value]) {
+        // The config crate names a file's values by a path of its own making (relative to the
+        // working directory): compare canonical paths.
+        let canonical: Vec<Option<PathBuf>> = self.files.iter().map(|f| f.canonicalize().ok()).collect();
+        let rank = |origin: &str| {
+            let o = Path::new(origin).canonicalize().ok()?;
+            canonical.iter().position(|c| c.as_ref() == Some(&o))
+        };
+        let mut tables: Vec<String> = ["source", "tuner", "ranker", "instructions"].iter().map(|s| s.to_string()).collect();
+        for list in ["fusers", "rankers", "instructions"] {
+            if let Some(Value::Array(a)) = self.tree.get(list) {
+                tables.extend((0..a.len()).map(|i| format!("{list}[{i}]")));
+            }
+        }
+        for key in tables {
+            let Some(kind_layer) = self.origins.get(&format!("{key}.kind")).and_then(|o| rank(o)) else { continue };
+            let kind_in = |layer: &Value| -> Option<Value> {
+                let mut probe = layer.clone();
+                table_mut(&mut probe, &key)?.get("kind").cloned()
+            };
+            let previous = layers[..kind_layer].iter().rev().find_map(kind_in);
+            if previous.is_none() || previous == layers.get(kind_layer).and_then(kind_in) {
+                continue; // first definition, or the same kind restated: merge as usual
+            }
+            let stale: Vec<String> = self
+                .origins
+                .iter()
+                .filter(|(k, o)| {
+                    k.strip_prefix(&format!("{key}.")).is_some_and(|rest| !rest.contains(['.', '['])) && rank(o).is_some_and(|r| r < kind_layer)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            if let Some(table) = table_mut(&mut self.tree, &key) {
+                for k in &stale {
+                    table.remove(&k[key.len() + 1..]);
+                }
+            }
+            self.origins.retain(|k, _| !stale.iter().any(|s| k == s || k.starts_with(&format!("{s}.")) || k.starts_with(&format!("{s}["))));
+        }
     }
 
     /// Where the value at `key` (or its nearest parent) came from.
@@ -351,6 +415,24 @@ impl LoadedConfig {
         loop {
             if let Some(o) = self.origins.get(&k) {
                 return o.clone();
+            }
+            // A table that exists only through keys below it (`--set foo.bar=1` makes `foo`):
+            // it comes from where they came from.
+            if let Some((_, o)) = self.origins.iter().find(|(c, _)| c.starts_with(&format!("{k}.")) || c.starts_with(&format!("{k}["))) {
+                return o.clone();
+            }
+            // An array element nothing set: padding created by `--set name[j]...` for a j
+            // past the end.
+            if let Some((array, index)) = k.rsplit_once('[').and_then(|(a, i)| Some((a, i.trim_end_matches(']').parse::<usize>().ok()?))) {
+                let later = self.origins.iter().find(|(c, o)| {
+                    o.as_str() == "--set"
+                        && c.strip_prefix(&format!("{array}["))
+                            .and_then(|rest| rest.split(']').next()?.parse::<usize>().ok())
+                            .is_some_and(|j| j > index)
+                });
+                if let Some((c, _)) = later {
+                    return format!("--set `{c}`, which padded `{array}` up to its index");
+                }
             }
             match k.rfind(['.', '[']) {
                 Some(i) => k.truncate(i),
@@ -658,6 +740,40 @@ kind = "popularity"
         let base = write(d.path(), "base.json", r#"{"run": {"name": "x"}, "source": {"events": "e"}}"#);
         let msg = format!("{:#}", LoadedConfig::load(&ConfigSources { base, ..Default::default() }).unwrap_err());
         assert!(msg.contains("config key `source`") && msg.contains("missing `kind`"), "{msg}");
+    }
+
+    /// Swapping a component's kind by overlay replaces its table; keeping the kind merges.
+    #[test]
+    fn an_overlay_that_changes_a_kind_replaces_the_table() {
+        let d = tempfile::tempdir().unwrap();
+        let base = write(
+            d.path(),
+            "base.toml",
+            "[run]\nname = \"t\"\n[source]\nkind = \"recbole-atomic\"\ndir = \"d\"\nname = \"n\"\ndefault_kind = \"rate\"\n[ranker]\nkind = \"popularity\"\nhalf_life_days = 30\n",
+        );
+        let swap = write(d.path(), "swap.toml", "[source]\nkind = \"jsonl\"\nevents = \"e.jsonl\"\n\n[ranker]\nkind = \"bpr\"\ndim = 8\n");
+        let same = write(d.path(), "same.toml", "[ranker]\nkind = \"popularity\"\nkinds = [\"like\"]\n");
+        let c = LoadedConfig::load(&ConfigSources { base: base.clone(), overlays: vec![swap], sets: vec!["ranker.epochs=3".into()] }).unwrap();
+        let keys = |spec: &ComponentSpec| spec.settings.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(c.pipeline.source.kind, "jsonl");
+        assert_eq!(keys(&c.pipeline.source), ["events"]);
+        assert_eq!(keys(&c.pipeline.rankers[0]), ["dim", "epochs"], "--set still applies on top");
+        let c = LoadedConfig::load(&ConfigSources { base, overlays: vec![same], sets: vec![] }).unwrap();
+        assert_eq!(keys(&c.pipeline.rankers[0]), ["half_life_days", "kinds"]);
+    }
+
+    #[test]
+    fn set_origins_are_attributed_to_set() {
+        let d = tempfile::tempdir().unwrap();
+        let base = write(d.path(), "base.toml", BASE);
+        let load = |sets: &[&str]| {
+            let sets = sets.iter().map(|s| s.to_string()).collect();
+            LoadedConfig::load(&ConfigSources { base: base.clone(), sets, ..Default::default() }).unwrap_err().to_string()
+        };
+        let msg = load(&["bogus.key=1"]);
+        assert!(msg.contains("config key `bogus` (from --set)"), "{msg}");
+        let msg = load(&["fusers[2].kind=\"template\""]);
+        assert!(msg.contains("config key `fusers[0]` (from --set `fusers[2].kind`, which padded `fusers` up to its index)"), "{msg}");
     }
 
     #[test]

@@ -161,3 +161,38 @@ fn cli_run_and_validate() {
     assert_eq!(code, Ok(2));
     assert!(out.contains("unrecognized subcommand"), "{out}");
 }
+
+/// Every dataset overlay applies to the quickstart as the per-market swap it is meant for: a
+/// source of another kind replaces the quickstart's table (no `recbole-atomic` key survives
+/// under a `table` source), one of the same kind merges. Likewise a ranker swapped by overlay.
+#[test]
+fn dataset_overlays_swap_the_quickstart_source() {
+    let root = recfuse_e2e::root();
+    let quickstart = root.join("configs/quickstart.toml");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("configs/datasets")).unwrap() {
+        let overlay = entry.unwrap().path();
+        let text = std::fs::read_to_string(&overlay).unwrap();
+        let own: toml::Table = toml::from_str(&text).unwrap();
+        let own_source = own["source"].as_table().unwrap();
+        let loaded = load(&quickstart, &[overlay.clone()], &[]).unwrap_or_else(|e| panic!("{}: {e:#}", overlay.display()));
+        let source = &loaded.pipeline.source;
+        assert_eq!(source.kind, own_source["kind"].as_str().unwrap(), "{}", overlay.display());
+        let keys: Vec<&String> = source.settings.as_object().unwrap().keys().collect();
+        if own_source["kind"].as_str() != Some("recbole-atomic") {
+            assert!(keys.iter().all(|k| own_source.contains_key(k.as_str())), "{}: leftover keys {keys:?}", overlay.display());
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4);
+    // A market overlay that swaps the ranker's kind drops the old kind's keys.
+    let d = tempfile::tempdir().unwrap();
+    let market = d.path().join("bpr-market.toml");
+    std::fs::write(&market, "[ranker]\nkind = \"bpr\"\ndim = 16\n").unwrap();
+    let base = d.path().join("base.toml");
+    let text = std::fs::read_to_string(&quickstart).unwrap().replace("[ranker]\nkind = \"popularity\"", "[ranker]\nkind = \"popularity\"\nhalf_life_days = 30");
+    std::fs::write(&base, text).unwrap();
+    let loaded = load(&base, &[market], &[]).unwrap();
+    assert_eq!(loaded.pipeline.rankers[0].kind, "bpr");
+    assert_eq!(loaded.pipeline.rankers[0].settings, serde_json::json!({"dim": 16}));
+}

@@ -179,6 +179,10 @@ impl BehaviorSource for AtomicSource {
         for r in &cfg.kind_rules {
             ensure!(r.min.is_some() || r.max.is_some(), "kind_rules: rule for `{}` needs `min` or `max`", r.kind);
         }
+        // Checked here so that `recfuse validate` catches a wrong path, not only `run`.
+        ensure!(cfg.dir.is_dir(), "`dir`: {} is not a directory (scripts/fetch-data.sh fetches the datasets)", cfg.dir.display());
+        let inter = cfg.dir.join(&cfg.name).with_extension("inter");
+        ensure!(inter.is_file(), "`name`: {} does not exist (a RecBole atomic dataset `{}` has `{}.inter`)", inter.display(), cfg.name, cfg.name);
         Ok(Self { cfg, host })
     }
 
@@ -347,6 +351,15 @@ mod tests {
 
     /// NaN, infinities and out-of-range numbers are refused with file:line, or skipped and
     /// counted in lenient mode.
+    #[test]
+    fn a_missing_directory_or_dataset_is_a_start_up_error() {
+        let d = tempfile::tempdir().unwrap();
+        let err = AtomicSource::new(cfg(&d.path().join("nope"), false), Host::standalone(d.path(), 0)).err().unwrap().to_string();
+        assert!(err.contains("`dir`") && err.contains("nope"), "{err}");
+        let err = AtomicSource::new(cfg(d.path(), false), Host::standalone(d.path(), 0)).err().unwrap().to_string();
+        assert!(err.contains("`name`") && err.contains("toy.inter"), "{err}");
+    }
+
     #[test]
     fn non_finite_numbers_are_refused() {
         for (bad, col) in [("NaN\t101", "rating"), ("inf\t101", "rating"), ("1e300\t101", "rating"), ("4\tNaN", "timestamp"), ("4\t-inf", "timestamp"), ("4\t1e40", "timestamp")] {

@@ -112,6 +112,13 @@ impl BehaviorSource for JsonlSource {
     const DESCRIPTION: &'static str = "heterogeneous behaviour from recfuse-schema JSONL (events, items, users)";
 
     fn new(cfg: JsonlConfig, host: Host) -> Result<Self> {
+        // Checked here so that `recfuse validate` catches a wrong path, not only `run`.
+        let files = [("events", Some(&cfg.events)), ("items", cfg.items.as_ref()), ("users", cfg.users.as_ref())];
+        for (key, path) in files {
+            if let Some(p) = path {
+                ensure!(p.is_file(), "`{key}`: {} does not exist", p.display());
+            }
+        }
         Ok(Self { cfg, host })
     }
 

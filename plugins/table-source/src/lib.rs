@@ -356,6 +356,15 @@ impl BehaviorSource for TableSource {
 
     fn new(cfg: TableConfig, host: Host) -> Result<Self> {
         ensure!(!cfg.events.is_empty(), "`events` needs at least one file");
+        // Checked here so that `recfuse validate` catches a wrong path, not only `run`.
+        for (i, e) in cfg.events.iter().enumerate() {
+            ensure!(e.path.is_file(), "`events[{i}].path`: {} does not exist", e.path.display());
+        }
+        for (key, t) in [("items", cfg.items.as_ref()), ("users", cfg.users.as_ref())] {
+            if let Some(t) = t {
+                ensure!(t.path.is_file(), "`{key}.path`: {} does not exist", t.path.display());
+            }
+        }
         Ok(Self { cfg, host })
     }
 
