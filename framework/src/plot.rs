@@ -54,6 +54,20 @@ pub struct Panel {
 }
 
 /// Draws panels stacked vertically into a PNG at `path`.
+type Chart<'a> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+
+/// The series legend every chart of ours has: upper right, on a translucent box.
+fn draw_legend(chart: &mut Chart<'_>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))
+}
+
 /// The top of a value axis starting at 0 and the decimals its tick labels need: a panel whose
 /// figures are all zero gets 0..1 (not an axis on which every tick reads 0.00), and small
 /// figures get enough decimals to tell the ticks apart.
@@ -104,14 +118,7 @@ pub fn grouped_bars(panels: &[Panel], path: &Path) -> Result<()> {
                 .label(name.clone())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
+        draw_legend(&mut chart)?;
     }
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -187,14 +194,7 @@ pub fn loss_curve(title: &str, points: &[(f64, f64)], path: &Path) -> Result<()>
         .map_err(|e| anyhow!("{e}"))?
         .label(format!("mean of {window}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], PALETTE[1].stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    draw_legend(&mut chart)?;
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

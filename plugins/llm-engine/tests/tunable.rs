@@ -318,16 +318,7 @@ fn blockwise_backward_equals_whole_graph_backward() {
         assert!((value - loss(model, &adapter).to_scalar::<f32>().unwrap() as f64).abs() < 1e-5);
         for (var, g) in vars.iter().zip(&grads) {
             let expected = whole.get(var).unwrap();
-            let diff = (expected - g.as_ref().expect("a gradient"))
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = recfuse_llm_engine::tunable::ops::max_abs_diff(expected, g.as_ref().expect("a gradient")).unwrap();
             assert!(diff < 1e-5, "{} gradient differs by {diff}", model.family());
         }
     }

@@ -286,16 +286,7 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        super::super::ops::max_abs_diff(a, b).unwrap()
     }
 
     /// Value and input gradient (through a random linear functional) of a fused op and of

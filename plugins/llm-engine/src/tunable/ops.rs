@@ -116,6 +116,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         .reshape((b, t, h * hd))
 }
 
+/// The largest absolute difference between two tensors of one shape (tests and checks).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
 /// `x [.., in] · wᵀ (+ bias)` with `w` `[out, in]`, computed as one 2-D GEMM.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -136,16 +141,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        max_abs_diff(a, b).unwrap()
     }
 
     /// Each op agrees with candle-nn's fused kernel in value (so the model computes what the
