@@ -30,8 +30,16 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
+    /// The config, or every error in it: host-level errors together with those of the
+    /// components it names (docs/config.md).
     pub fn load(&self) -> Result<LoadedConfig> {
-        LoadedConfig::load(&ConfigSources { base: self.config.clone(), overlays: self.overlays.clone(), sets: self.sets.clone() })
+        let sources = ConfigSources { base: self.config.clone(), overlays: self.overlays.clone(), sets: self.sets.clone() };
+        let (cfg, mut errors) = LoadedConfig::load_partial(&sources)?;
+        if errors.is_empty() {
+            return Ok(cfg);
+        }
+        errors.extend(pipeline::component_errors(&cfg));
+        Err(crate::config::ConfigErrors(errors).into())
     }
 }
 

@@ -322,6 +322,18 @@ fn from_config_value(v: &config::Value, path: &str, origins: &mut BTreeMap<Strin
 
 impl LoadedConfig {
     pub fn load(sources: &ConfigSources) -> Result<Self> {
+        let (cfg, errors) = Self::load_partial(sources)?;
+        if !errors.is_empty() {
+            return Err(anyhow::Error::new(ConfigErrors(errors)));
+        }
+        Ok(cfg)
+    }
+
+    /// The config and its host-level errors (unknown sections, bad `[run]`, ...) without
+    /// failing on them: what did parse (components included) can still be checked, so that
+    /// every error is reported at once. The pipeline of a config with errors is incomplete
+    /// (placeholders where a section failed); use it only to check components.
+    pub fn load_partial(sources: &ConfigSources) -> Result<(Self, Vec<String>)> {
         use config::{Config, Environment, File};
         let mut files = vec![sources.base.clone()];
         files.extend(sources.overlays.iter().cloned());
@@ -360,8 +372,9 @@ impl LoadedConfig {
             })
             .collect::<Result<_>>()?;
         partial.replace_swapped_components(&layers);
-        partial.pipeline = partial.parse().map_err(anyhow::Error::new)?;
-        Ok(partial)
+        let (pipeline, errors) = partial.parse();
+        partial.pipeline = pipeline;
+        Ok((partial, errors))
     }
 
     /// A layer that changes a component's `kind` replaces the component's table: the keys
@@ -540,7 +553,7 @@ impl LoadedConfig {
         }
     }
 
-    fn parse(&self) -> std::result::Result<PipelineConfig, ConfigErrors> {
+    fn parse(&self) -> (PipelineConfig, Vec<String>) {
         let mut errors = Vec::new();
         if let Some(obj) = self.tree.as_object() {
             for k in obj.keys() {
@@ -614,12 +627,19 @@ impl LoadedConfig {
         if split.min_events < 3 {
             errors.push(self.key_error("split.min_events", "leave-one-out needs at least 3 (train, validation, test)"));
         }
-        match (errors.is_empty(), run, source) {
-            (true, Some(run), Some(source)) => {
-                Ok(PipelineConfig { run, plugins, source, fusers, instructions, tuner, rankers, split, eval })
-            }
-            _ => Err(ConfigErrors(errors)),
-        }
+        let fallback = placeholder();
+        let pipeline = PipelineConfig {
+            run: run.unwrap_or(fallback.run),
+            plugins,
+            source: source.unwrap_or(fallback.source),
+            fusers,
+            instructions,
+            tuner,
+            rankers,
+            split,
+            eval,
+        };
+        (pipeline, errors)
     }
 
     /// The resolved config with secrets redacted, for the run directory.

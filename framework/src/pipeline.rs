@@ -177,6 +177,26 @@ pub fn build_components(
     })
 }
 
+/// The errors of every component a partly valid config names (see
+/// [`LoadedConfig::load_partial`]): host-level errors do not hide them.
+pub fn component_errors(cfg: &LoadedConfig) -> Vec<String> {
+    let registry = match registry_for(&cfg.pipeline) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("{e:#}")],
+    };
+    let Ok(scratch) = tempfile_dir() else { return vec![] };
+    let (progress, cancel, tasks) = (Progress::new(false), Arc::new(AtomicBool::new(false)), TaskTable::default());
+    let host_for = |key: &str| {
+        HostServices { component: Arc::from(key), run_dir: scratch.clone(), seed: 0, cancel: cancel.clone(), progress: progress.clone(), tasks: tasks.clone() }
+            .into_ffi()
+    };
+    match build_components(cfg, &registry, &host_for) {
+        Ok(_) => vec![],
+        // A section that failed to parse left a placeholder with no kind: already reported.
+        Err(ConfigErrors(errors)) => errors.into_iter().filter(|e| !e.contains("config key `source.kind`") || !cfg.pipeline.source.kind.is_empty()).collect(),
+    }
+}
+
 /// `recfuse validate`: the config parses and every component accepts its table.
 pub fn validate(cfg: &LoadedConfig) -> Result<Vec<Provenance>> {
     let registry = registry_for(&cfg.pipeline)?;

@@ -196,3 +196,18 @@ fn dataset_overlays_swap_the_quickstart_source() {
     assert_eq!(loaded.pipeline.rankers[0].kind, "bpr");
     assert_eq!(loaded.pipeline.rankers[0].settings, serde_json::json!({"dim": 16}));
 }
+
+/// A host-level error (here `run.batch_size = 0`) does not hide a component's error (an
+/// unknown ranker key): `validate` and `run` say both at once.
+#[test]
+fn host_and_component_errors_are_reported_together() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = ml100k_config(d.path(), "both", "[ranker]\nkind = \"popularity\"\nbogus_key = 1\n");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("batch_size = 128", "batch_size = 0");
+    std::fs::write(&cfg, text).unwrap();
+    for command in ["validate", "run"] {
+        let (result, _) = cli(&[command, cfg.to_str().unwrap()]);
+        let err = result.expect_err("errors");
+        assert!(err.contains("run.batch_size") && err.contains("bogus_key") && err.contains("2 configuration error(s)"), "{command}: {err}");
+    }
+}
