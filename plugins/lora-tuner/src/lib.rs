@@ -348,7 +348,8 @@ impl<'a> Trainer<'a> {
         self.cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 
-    /// The examples of optimizer step `step`, grouped into micro-batches of one task each.
+    /// The examples of optimizer step `step`, grouped into micro-batches of one task each (and
+    /// of similar lengths).
     fn micro_batches(&self, step: usize) -> Vec<Vec<usize>> {
         let (epoch, within) = (step / self.steps_per_epoch(), step % self.steps_per_epoch());
         let mut order: Vec<usize> = (0..self.train.len()).collect();
@@ -367,7 +368,10 @@ impl<'a> Trainer<'a> {
         }
         by_task
             .into_values()
-            .flat_map(|ids| {
+            .flat_map(|mut ids| {
+                // Similar lengths share a micro-batch: rows are padded to the longest of theirs,
+                // and the gradient of the step does not depend on how it is split.
+                ids.sort_by_key(|&i| (self.train[i].seq.ids.len(), i));
                 ids.chunks(self.cfg.micro_batch)
                     .map(<[usize]>::to_vec)
                     .collect::<Vec<_>>()
