@@ -287,6 +287,14 @@ fn to_config_value(v: Value) -> config::Value {
 }
 
 /// The object at a key like `source` or `fusers[2]`.
+fn table<'a>(tree: &'a Value, key: &str) -> Option<&'a Map<String, Value>> {
+    match key.split_once('[') {
+        Some((list, index)) => tree.get(list)?.get(index.trim_end_matches(']').parse::<usize>().ok()?)?.as_object(),
+        None => tree.get(key)?.as_object(),
+    }
+}
+
+/// [`table`], to change.
 fn table_mut<'a>(tree: &'a mut Value, key: &str) -> Option<&'a mut Map<String, Value>> {
     match key.split_once('[') {
         Some((list, index)) => tree.get_mut(list)?.get_mut(index.trim_end_matches(']').parse::<usize>().ok()?)?.as_object_mut(),
@@ -397,10 +405,7 @@ impl LoadedConfig {
         }
         for key in tables {
             let Some(kind_layer) = self.origins.get(&format!("{key}.kind")).and_then(|o| rank(o)) else { continue };
-            let kind_in = |layer: &Value| -> Option<Value> {
-                let mut probe = layer.clone();
-                table_mut(&mut probe, &key)?.get("kind").cloned()
-            };
+            let kind_in = |layer: &Value| -> Option<Value> { table(layer, &key)?.get("kind").cloned() };
             let previous = layers[..kind_layer].iter().rev().find_map(kind_in);
             if previous.is_none() || previous == layers.get(kind_layer).and_then(kind_in) {
                 continue; // first definition, or the same kind restated: merge as usual

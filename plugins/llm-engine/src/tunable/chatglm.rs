@@ -102,6 +102,18 @@ fn norm(tensors: &mut HashMap<String, Tensor>, prefix: &str, rms: bool) -> Resul
     Ok(Norm { w, b })
 }
 
+/// The checkpoint's `*.safetensors` files (one, or the shards of a large model), in order.
+pub fn weight_shards(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut shards: Vec<_> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    ensure!(!shards.is_empty(), "{} has no *.safetensors weights", dir.display());
+    Ok(shards)
+}
+
 impl ChatGlm {
     /// Loads `dir/config.json` and every `*.safetensors` file of `dir` (shards included).
     pub fn load(dir: &Path) -> Result<Self> {
@@ -110,17 +122,7 @@ impl ChatGlm {
             .with_context(|| format!("reading {}", cfg_path.display()))?;
         let cfg: ChatGlmConfig =
             serde_json::from_str(&text).with_context(|| format!("{}", cfg_path.display()))?;
-        let mut shards: Vec<_> = std::fs::read_dir(dir)?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        shards.sort();
-        ensure!(
-            !shards.is_empty(),
-            "{} has no *.safetensors weights",
-            dir.display()
-        );
+        let shards = weight_shards(dir)?;
         let mut tensors = HashMap::new();
         for s in &shards {
             tensors.extend(

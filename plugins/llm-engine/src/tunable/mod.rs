@@ -381,13 +381,7 @@ impl Base {
         }
         .with_context(|| format!("{}: no eos_token_id", config_path.display()))?;
         let mut files = vec![config_path.clone()];
-        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        shards.sort();
-        files.extend(shards);
+        files.extend(chatglm::weight_shards(dir)?);
         Ok(Self {
             model: Box::new(model),
             tokenizer: TextTokenizer::Hf(Box::new(tokenizer)),
