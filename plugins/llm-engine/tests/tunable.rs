@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use recfuse_llm_engine::tunable::chatglm::{write_random_checkpoint, ChatGlm, ChatGlmConfig};
 use recfuse_llm_engine::tunable::llama::{Llama, LlamaDims};
 use recfuse_llm_engine::tunable::lora::{Adapter, LoraSpec, LoraStack};
-use recfuse_llm_engine::tunable::{answer_log_probs, Base, CausalLm, Sequence};
+use recfuse_llm_engine::tunable::{answer_log_probs, score, Base, CausalLm, Sequence};
 use recfuse_sdk::SeededRng;
 use std::path::PathBuf;
 
@@ -320,6 +320,87 @@ fn blockwise_backward_equals_whole_graph_backward() {
             let expected = whole.get(var).unwrap();
             let diff = recfuse_llm_engine::tunable::ops::max_abs_diff(expected, g.as_ref().expect("a gradient")).unwrap();
             assert!(diff < 1e-5, "{} gradient differs by {diff}", model.family());
+        }
+    }
+}
+
+/// Queries sharing a 12-token prefix: candidate suffixes of different lengths, read at the
+/// last position (yes/no style) and along an answer (likelihood style).
+fn prefix_queries(vocab: u32) -> Vec<score::Query> {
+    let prefix: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % vocab).collect();
+    let mut out = Vec::new();
+    for (c, len) in [3usize, 5, 1, 4, 6].iter().enumerate() {
+        let mut ids = prefix.clone();
+        ids.extend((0..*len).map(|j| ((c * 11 + j * 5 + 1) as u32) % vocab));
+        out.push(score::Query::next_token(ids.clone(), &[1, 2]));
+        if *len >= 2 {
+            // The candidate's first token ends the prompt, the rest is its answer.
+            out.push(score::Query::answer(&Sequence { answer_start: prefix.len() + 1, ids }));
+        }
+    }
+    out
+}
+
+/// Scoring with the prefix run once and its keys and values reused gives what a full forward
+/// of every sequence gives, in both families, with an adapter active, across several batches.
+#[test]
+fn prefix_reuse_scores_equal_full_forwards() {
+    for model in [&tiny_llama() as &dyn CausalLm, &tiny_chatglm()] {
+        let adapter = random_adapter(model, 9);
+        let lora = LoraStack::frozen(vec![&adapter]);
+        let queries = prefix_queries(40);
+        let (full, full_work) = score::log_probs(model, &lora, &queries, false, 64).unwrap();
+        let (reused, work) = score::log_probs(model, &lora, &queries, true, 16).unwrap();
+        assert_eq!(work.prefix, 12, "{}", model.family());
+        assert!(work.tokens < full_work.tokens && work.passes > 2);
+        // The full path agrees with the training path's answer log-probabilities.
+        let answers: Vec<Sequence> = queries
+            .iter()
+            .filter(|q| q.picks.len() > 2 || q.picks[0].1 != 1)
+            .map(|q| Sequence { ids: q.ids.clone(), answer_start: q.picks[0].0 + 1 })
+            .collect();
+        let trained: Vec<f32> = answer_log_probs(model, &answers, None, &LoraStack::eval(vec![&adapter])).unwrap().to_vec1().unwrap();
+        let from_full: Vec<f32> = queries.iter().zip(&full).filter(|(q, _)| q.picks.len() > 2 || q.picks[0].1 != 1).flat_map(|(_, v)| v.clone()).collect();
+        assert_eq!(trained.len(), from_full.len());
+        for (a, b) in trained.iter().zip(&from_full) {
+            assert!((a - b).abs() < 1e-4, "{}: {a} vs {b}", model.family());
+        }
+        for (f, r) in full.iter().zip(&reused) {
+            assert_eq!(f.len(), r.len());
+            for (a, b) in f.iter().zip(r) {
+                assert!((a - b).abs() < 1e-4, "{}: full {a} vs reused {b}", model.family());
+            }
+        }
+        // A different adapter changes the scores.
+        let other = random_adapter(model, 10);
+        let (changed, _) = score::log_probs(model, &LoraStack::frozen(vec![&other]), &queries, true, 16).unwrap();
+        let moved = reused.iter().flatten().zip(changed.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(moved > 1e-2, "{}: adapter changed scores by {moved}", model.family());
+    }
+}
+
+/// The same on the real SmolLM2: a user's prompt with two candidates (chat format, real
+/// tokenizer), read at the answer position.
+#[test]
+fn smollm2_prefix_reuse_equals_full_prompts() {
+    let base = Base::load(&smollm2()).unwrap();
+    let knowledge = "The user liked thrillers and science fiction from the 1990s, and rated comedies as average.";
+    let queries: Vec<score::Query> = ["Heat (1995)", "Toy Story (1995)", "Alien (1979)"]
+        .iter()
+        .map(|c| {
+            let ids = base.prompt_ids("Will the user interact with the candidate? Answer Yes or No.", &format!("{knowledge}\nCandidate item: {c}")).unwrap();
+            let yes = base.answer_ids("Yes").unwrap()[0];
+            let no = base.answer_ids("No").unwrap()[0];
+            score::Query::next_token(ids, &[yes, no])
+        })
+        .collect();
+    let lora = LoraStack::none();
+    let (full, _) = score::log_probs(base.model.as_ref(), &lora, &queries, false, 4096).unwrap();
+    let (reused, work) = score::log_probs(base.model.as_ref(), &lora, &queries, true, 4096).unwrap();
+    assert!(work.prefix > 20, "prefix {}", work.prefix);
+    for (f, r) in full.iter().zip(&reused) {
+        for (a, b) in f.iter().zip(r) {
+            assert!((a - b).abs() < 1e-4, "full {a} vs reused {b}");
         }
     }
 }

@@ -54,11 +54,20 @@ fn tensor(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, like.shape(), like.device())
 }
 
-/// Causal softmax of attention scores `[.., t·g, t]` (rows are `g` query groups of `t`
-/// positions each, query `i` seeing keys `0..=i`), with the `1/√d` scale folded in. Masked
+/// Causal softmax of attention scores `[.., t·g, past + t]` (rows are `g` query groups of `t`
+/// positions each; query `i` sits at position `past + i` and sees keys `0..=past + i`: the
+/// `past` keys of a cached prefix, then its own), with the `1/√d` scale folded in. Masked
 /// entries are exactly 0.
 pub struct CausalSoftmax {
     pub scale: f32,
+    pub past: usize,
+}
+
+impl CausalSoftmax {
+    /// Keys visible to row `r` of a score matrix `cols` wide.
+    fn visible(&self, r: usize, cols: usize) -> usize {
+        self.past + r % (cols - self.past) + 1
+    }
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -69,10 +78,13 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "causal-softmax")?;
         let t = l.dims()[l.dims().len() - 1];
+        if t <= self.past {
+            candle_core::bail!("causal-softmax: {t} columns for {} cached keys", self.past)
+        }
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, t, |r, o| {
             let row = &x[r * t..(r + 1) * t];
-            let n = r % t + 1;
+            let n = self.visible(r, t);
             let max = row[..n].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
             let mut sum = 0.0;
             for j in 0..n {
@@ -94,7 +106,7 @@ impl CustomOp1 for CausalSoftmax {
         let mut out = vec![0f32; y.len()];
         par_rows(&mut out, t, |r, o| {
             let (yr, gr) = (&y[r * t..(r + 1) * t], &g[r * t..(r + 1) * t]);
-            let n = r % t + 1;
+            let n = self.visible(r, t);
             let dot: f32 = (0..n).map(|j| yr[j] * gr[j]).sum();
             for j in 0..n {
                 o[j] = self.scale * yr[j] * (gr[j] - dot);
@@ -321,21 +333,25 @@ mod tests {
 
     #[test]
     fn causal_softmax_matches_masked_softmax() {
-        let (g, t) = (3, 5);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, g * t, t), &Device::Cpu).unwrap())
-            .unwrap();
-        let mask: Vec<f32> = (0..g * t * t)
-            .map(|i| if i % t > (i / t) % t { -1e9 } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask, (g * t, t), &Device::Cpu).unwrap();
-        agree(
-            &x,
-            |x| x.apply_op1(CausalSoftmax { scale: 0.5 }).unwrap(),
-            |x| {
-                super::super::ops::softmax_last(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap())
-                    .unwrap()
-            },
-        );
+        // With and without a cached prefix of `past` keys every query sees.
+        for past in [0, 4] {
+            let (g, t) = (3, 5);
+            let cols = past + t;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, g * t, cols), &Device::Cpu).unwrap())
+                .unwrap();
+            let mask: Vec<f32> = (0..g * t * cols)
+                .map(|i| if i % cols > past + (i / cols) % t { -1e9 } else { 0.0 })
+                .collect();
+            let mask = Tensor::from_vec(mask, (g * t, cols), &Device::Cpu).unwrap();
+            agree(
+                &x,
+                |x| x.apply_op1(CausalSoftmax { scale: 0.5, past }).unwrap(),
+                |x| {
+                    super::super::ops::softmax_last(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap())
+                        .unwrap()
+                },
+            );
+        }
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! rotary embedding; transformers un-permutes them on load, and so do we), so adapters trained
 //! here are PEFT adapters of the Hugging Face model.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 
 use super::lora::LoraStack;
 use super::ops;
-use super::{CausalLm, ModuleInfo};
+use super::{CausalLm, Kv, ModuleInfo};
 use crate::tokenizer::meta;
 
 struct Layer {
@@ -239,9 +239,11 @@ impl CausalLm for Llama {
             .reshape((b, t, self.embedding.dim(1)?))?)
     }
 
-    fn layer(&self, i: usize, x: &Tensor, lora: &LoraStack) -> Result<Tensor> {
+    fn layer_kv(&self, i: usize, x: &Tensor, past: Option<&Kv>, lora: &LoraStack) -> Result<(Tensor, Kv)> {
         let (b, t, _) = x.dims3()?;
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let start = past.map_or(0, Kv::len);
+        ensure!(start + t <= self.context, "{} positions exceed the model context of {}", start + t, self.context);
+        let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
         let hd = self.head_dim;
         let l = &self.layers[i];
         let lin =
@@ -255,11 +257,11 @@ impl CausalLm for Llama {
         let q = ops::rope_half(&heads(&l.q, "q_proj", self.heads)?, &cos, &sin)?;
         let k = ops::rope_half(&heads(&l.k, "k_proj", self.kv_heads)?, &cos, &sin)?;
         let v = heads(&l.v, "v_proj", self.kv_heads)?;
-        let attn = ops::causal_attention(&q, &k, &v)?;
+        let attn = ops::causal_attention(&q, &k, &v, past)?;
         let x = (x + lin(&attn, &l.o, "o_proj")?)?;
         let n = ops::rms_norm(&x, &l.ffn_norm, self.eps)?;
         let mlp = ops::swiglu(&lin(&n, &l.gate, "gate_proj")?, &lin(&n, &l.up, "up_proj")?)?;
-        Ok((x + lin(&mlp, &l.down, "down_proj")?)?)
+        Ok(((x + lin(&mlp, &l.down, "down_proj")?)?, Kv { k, v }))
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {

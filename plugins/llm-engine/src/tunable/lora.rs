@@ -208,22 +208,31 @@ impl Adapter {
 pub struct LoraStack<'a> {
     adapters: Vec<&'a Adapter>,
     dropout: Option<RefCell<SeededRng>>,
+    /// No gradient will be asked for: the adapters enter as constants, so the forward pass
+    /// builds no autograd graph (scoring).
+    frozen: bool,
 }
 
 impl<'a> LoraStack<'a> {
     /// The base model alone.
     pub fn none() -> Self {
-        Self {
-            adapters: vec![],
-            dropout: None,
-        }
+        Self::eval(vec![])
     }
 
-    /// For scoring: adapters without dropout.
+    /// Adapters without dropout, gradients still available (validation, gradient checks).
     pub fn eval(adapters: Vec<&'a Adapter>) -> Self {
         Self {
             adapters,
             dropout: None,
+            frozen: false,
+        }
+    }
+
+    /// For scoring: adapters without dropout, as constants.
+    pub fn frozen(adapters: Vec<&'a Adapter>) -> Self {
+        Self {
+            frozen: true,
+            ..Self::eval(adapters)
         }
     }
 
@@ -232,6 +241,7 @@ impl<'a> LoraStack<'a> {
         Self {
             adapters,
             dropout: Some(RefCell::new(SeededRng::new(seed))),
+            frozen: false,
         }
     }
 
@@ -248,11 +258,11 @@ impl<'a> LoraStack<'a> {
                 }
                 _ => x.clone(),
             };
-            let update = super::ops::linear(
-                &super::ops::linear(&x, a.as_tensor(), None)?,
-                b.as_tensor(),
-                None,
-            )?;
+            let (a, b) = match self.frozen {
+                true => (a.as_tensor().detach(), b.as_tensor().detach()),
+                false => (a.as_tensor().clone(), b.as_tensor().clone()),
+            };
+            let update = super::ops::linear(&super::ops::linear(&x, &a, None)?, &b, None)?;
             out = (out + (update * adapter.spec.scale())?)?;
         }
         Ok(out)

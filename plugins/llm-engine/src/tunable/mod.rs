@@ -11,6 +11,7 @@ pub mod fused;
 pub mod llama;
 pub mod lora;
 pub mod ops;
+pub mod score;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::Content;
@@ -44,7 +45,14 @@ pub trait CausalLm: Send + Sync {
     /// Token embeddings `[b, t, dim]` of ids `[b, t]`.
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
     /// Transformer block `i` on hidden states `[b, t, dim]` at positions `0..t`.
-    fn layer(&self, i: usize, x: &Tensor, lora: &LoraStack) -> Result<Tensor>;
+    fn layer(&self, i: usize, x: &Tensor, lora: &LoraStack) -> Result<Tensor> {
+        Ok(self.layer_kv(i, x, None, lora)?.0)
+    }
+    /// Transformer block `i` on hidden states `[b, t, dim]` that follow `past` (a prefix's
+    /// keys and values in this block, one row shared by all `b` rows; `None`: no prefix), at
+    /// positions `past.len()..past.len() + t`. Returns the output and this call's own keys and
+    /// values, which a later call may take as its `past`.
+    fn layer_kv(&self, i: usize, x: &Tensor, past: Option<&Kv>, lora: &LoraStack) -> Result<(Tensor, Kv)>;
     /// The normalisation after the last block.
     fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
     /// The final (normalised) hidden states `[b, t, dim]` of input embeddings `[b, t, dim]`,
@@ -59,6 +67,23 @@ pub trait CausalLm: Send + Sync {
     }
     /// Vocabulary logits of hidden states `[.., dim]`.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+}
+
+/// One block's rotated keys and values `[rows, kv_heads, positions, head_dim]`.
+#[derive(Clone, Debug)]
+pub struct Kv {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl Kv {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The family of the model at `path` (`llama` or `chatglm`) and its LoRA-targetable module
@@ -114,25 +139,38 @@ struct AnswerIndex {
 
 impl AnswerIndex {
     fn new(seqs: &[Sequence]) -> Result<Self> {
-        ensure!(!seqs.is_empty(), "no sequences");
-        let longest = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(seqs.len() * longest);
+        let rows: Vec<(&[u32], Vec<(usize, u32)>)> = seqs
+            .iter()
+            .map(|s| {
+                ensure!(
+                    s.answer_start >= 1 && s.answer_start < s.ids.len(),
+                    "a sequence needs a prompt and an answer"
+                );
+                // Position p - 1 predicts token p.
+                Ok((&s.ids[..], (s.answer_start..s.ids.len()).map(|p| (p - 1, s.ids[p])).collect()))
+            })
+            .collect::<Result<_>>()?;
+        Self::from_rows(&rows)
+    }
+
+    /// Rows of ids, each with the (position, token) pairs to read: `log p(token | ids[..=position])`.
+    fn from_rows(rows: &[(&[u32], Vec<(usize, u32)>)]) -> Result<Self> {
+        ensure!(!rows.is_empty(), "no sequences");
+        let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * longest);
         let (mut positions, mut targets) = (Vec::new(), Vec::new());
-        for (row, s) in seqs.iter().enumerate() {
-            ensure!(
-                s.answer_start >= 1 && s.answer_start < s.ids.len(),
-                "a sequence needs a prompt and an answer"
-            );
-            ids.extend(&s.ids);
-            ids.extend(std::iter::repeat_n(0u32, longest - s.ids.len()));
-            for p in s.answer_start..s.ids.len() {
-                positions.push((row * longest + p - 1) as u32); // the position that predicts token p
-                targets.push(s.ids[p]);
+        for (row, (r, picks)) in rows.iter().enumerate() {
+            ids.extend(r.iter());
+            ids.extend(std::iter::repeat_n(0u32, longest - r.len()));
+            for &(p, token) in picks {
+                ensure!(p < r.len(), "position {p} is beyond a sequence of {} tokens", r.len());
+                positions.push((row * longest + p) as u32);
+                targets.push(token);
             }
         }
         let n = positions.len();
         Ok(Self {
-            ids: Tensor::from_vec(ids, (seqs.len(), longest), &Device::Cpu)?,
+            ids: Tensor::from_vec(ids, (rows.len(), longest), &Device::Cpu)?,
             positions: Tensor::from_vec(positions, n, &Device::Cpu)?,
             targets: Tensor::from_vec(targets, n, &Device::Cpu)?,
         })

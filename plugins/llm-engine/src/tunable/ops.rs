@@ -96,21 +96,38 @@ pub fn rope_tables(positions: usize, n: usize, dim: usize, base: f64) -> Result<
 
 /// Causal self-attention with grouped key/value heads: `q` `[b, h, t, hd]`, `k`, `v`
 /// `[b, kvh, t, hd]`, each kv head serving `h / kvh` consecutive query heads (Llama's
-/// `repeat_kv`, ChatGLM's multi-query groups). Returns `[b, t, h·hd]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// `repeat_kv`, ChatGLM's multi-query groups). With `past` (a cached prefix's keys and values,
+/// one row shared by all `b`), the `t` queries sit after the prefix and see all of it.
+/// Returns `[b, t, h·hd]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: Option<&super::Kv>) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let kvh = k.dim(1)?;
     let group = h / kvh;
+    let (k, v, cached) = match past {
+        None => (k.contiguous()?, v.contiguous()?, 0),
+        Some(p) => {
+            // The prefix's rows are copied per candidate: a few MB per block, against the
+            // prefix recomputation it saves.
+            let n = p.k.dim(2)?;
+            let shared = |x: &Tensor| x.broadcast_as((b, kvh, n, hd));
+            (
+                Tensor::cat(&[&shared(&p.k)?, k], 2)?.contiguous()?,
+                Tensor::cat(&[&shared(&p.v)?, v], 2)?.contiguous()?,
+                n,
+            )
+        }
+    };
     // Fold each kv head's query group into the row axis instead of copying keys and values.
     let q = q.contiguous()?.reshape((b, kvh, group * t, hd))?;
-    let scores = q.matmul(&k.contiguous()?.t()?)?;
+    let scores = q.matmul(&k.t()?)?;
     // Rows of `scores` are query positions `0..t` of each group in turn: what the fused
     // causal softmax expects.
     let probs = scores.apply_op1(super::fused::CausalSoftmax {
         scale: 1.0 / (hd as f32).sqrt(),
+        past: cached,
     })?;
     probs
-        .matmul(&v.contiguous()?)?
+        .matmul(&v)?
         .reshape((b, h, t, hd))?
         .transpose(1, 2)?
         .reshape((b, t, h * hd))
