@@ -44,3 +44,5 @@ use recfuse_plugin_sasrec_ranker as _;
 use recfuse_plugin_local_llm_fuser as _;
 #[cfg(feature = "lora")]
 use recfuse_plugin_lora_tuner as _;
+#[cfg(feature = "lora")]
+use recfuse_plugin_llm_ranker as _;

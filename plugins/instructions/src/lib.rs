@@ -227,6 +227,31 @@ impl NextItemInstructions {
     }
 }
 
+impl NextItemInstructions {
+    fn scoring_examples(&self, view: &TrainView, r: &InstructionRequest) -> Result<Vec<Instruction>> {
+        let names: Vec<String> = r
+            .targets
+            .iter()
+            .map(|t| describe(view.catalog, t.item, &self.cfg.item_attrs))
+            .collect();
+        let mut out = Vec::with_capacity(names.len());
+        for (t, name) in r.targets.iter().zip(&names) {
+            let ctx = minijinja::context! { knowledge => r.knowledge, candidates => names, candidate => name };
+            out.push(Instruction {
+                user: r.user,
+                item: t.item,
+                split: r.split,
+                task: r.task.clone(),
+                instruction: self.cfg.instruction.clone(),
+                input: self.templates.render("input", ctx)?,
+                output: name.clone(),
+                label: t.label,
+            });
+        }
+        Ok(out)
+    }
+}
+
 impl InstructionBuilder for NextItemInstructions {
     type Config = NextItemConfig;
     const DESCRIPTION: &'static str =
@@ -249,6 +274,10 @@ impl InstructionBuilder for NextItemInstructions {
         let mut out = Vec::new();
         for r in requests {
             let Some(target) = r.targets.iter().find(|t| t.label > 0.5) else {
+                // A request to score (no positive, e.g. from the `llm` ranker): the listed
+                // candidates are the request's, in its order, and each gets an example whose
+                // answer is that candidate, so its likelihood can be read off.
+                out.extend(self.scoring_examples(view, r)?);
                 continue;
             };
             let names: Vec<String> = self
@@ -655,6 +684,21 @@ mod tests {
             with_view(|v| other.build(v, &[request(Split::Train, "next")]).unwrap())[0].input,
             i.input
         );
+    }
+
+    /// A scoring request (no positive) lists exactly its candidates, in order, and gives
+    /// each one an example answering with it, all under the same prompt.
+    #[test]
+    fn next_item_scoring_request_lists_its_candidates_with_one_example_each() {
+        let mut b = NextItemInstructions::new(cfg(serde_json::json!({})), host()).unwrap();
+        let mut r = request(Split::Test, "next");
+        r.targets.iter_mut().for_each(|t| t.label = 0.0);
+        let out = with_view(|v| b.build(v, &[r]).unwrap());
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].input, "likes thrillers\nCandidate items:\n1. Heat\n2. 1");
+        assert_eq!(out[0].input, out[1].input);
+        assert_eq!((out[0].item, out[0].output.as_str()), (1, "Heat"));
+        assert_eq!((out[1].item, out[1].output.as_str()), (0, "1"));
     }
 
     #[test]
