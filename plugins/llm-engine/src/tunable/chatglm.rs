@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::lora::LoraStack;
 use super::ops;
-use super::{CausalLm, Kv, ModuleInfo};
+use super::{Attend, CausalLm, Kv, ModuleInfo};
 
 /// LoRA-targetable modules of every layer, as PEFT names them.
 pub const MODULES: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"];
@@ -255,17 +255,15 @@ impl CausalLm for ChatGlm {
             .reshape((b, t, self.cfg.hidden_size))?)
     }
 
-    fn layer_kv(&self, i: usize, x: &Tensor, past: Option<&Kv>, lora: &LoraStack) -> Result<(Tensor, Kv)> {
+    fn layer_kv(&self, i: usize, x: &Tensor, attend: Attend, lora: &LoraStack) -> Result<(Tensor, Kv)> {
         let (b, t, _) = x.dims3()?;
-        let start = past.map_or(0, Kv::len);
-        ensure!(start + t <= self.cfg.seq_length, "{} positions exceed the model context of {}", start + t, self.cfg.seq_length);
         let (h, g, hd) = (
             self.cfg.num_attention_heads,
             self.groups,
             self.cfg.kv_channels,
         );
         let rot = hd / 2;
-        let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
+        let (cos, sin) = attend.rotary(&self.cos, &self.sin, t, self.cfg.seq_length)?;
         let l = &self.layers[i];
         let n = self.norm(x, &l.input_norm)?;
         let qkv = lora.apply(
@@ -283,7 +281,7 @@ impl CausalLm for ChatGlm {
         let q = ops::rope_pairs_prefix(&split(0, h)?, &cos, &sin, rot)?;
         let k = ops::rope_pairs_prefix(&split(h, g)?, &cos, &sin, rot)?;
         let v = split(h + g, g)?;
-        let attn = ops::causal_attention(&q, &k, &v, past)?;
+        let attn = attend.attention(&q, &k, &v)?;
         let x = (x + lora.apply(i, "dense", &attn, ops::linear(&attn, &l.dense, None)?)?)?;
         let n = self.norm(&x, &l.post_norm)?;
         let up = lora.apply(i, "dense_h_to_4h", &n, ops::linear(&n, &l.h_to_4h, None)?)?;

@@ -54,20 +54,11 @@ fn tensor(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, like.shape(), like.device())
 }
 
-/// Causal softmax of attention scores `[.., t·g, past + t]` (rows are `g` query groups of `t`
-/// positions each; query `i` sits at position `past + i` and sees keys `0..=past + i`: the
-/// `past` keys of a cached prefix, then its own), with the `1/√d` scale folded in. Masked
+/// Causal softmax of attention scores `[.., t·g, t]` (rows are `g` query groups of `t`
+/// positions each, query `i` seeing keys `0..=i`), with the `1/√d` scale folded in. Masked
 /// entries are exactly 0.
 pub struct CausalSoftmax {
     pub scale: f32,
-    pub past: usize,
-}
-
-impl CausalSoftmax {
-    /// Keys visible to row `r` of a score matrix `cols` wide.
-    fn visible(&self, r: usize, cols: usize) -> usize {
-        self.past + r % (cols - self.past) + 1
-    }
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -78,13 +69,10 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "causal-softmax")?;
         let t = l.dims()[l.dims().len() - 1];
-        if t <= self.past {
-            candle_core::bail!("causal-softmax: {t} columns for {} cached keys", self.past)
-        }
         let mut out = vec![0f32; x.len()];
         par_rows(&mut out, t, |r, o| {
             let row = &x[r * t..(r + 1) * t];
-            let n = self.visible(r, t);
+            let n = r % t + 1;
             let max = row[..n].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
             let mut sum = 0.0;
             for j in 0..n {
@@ -106,13 +94,98 @@ impl CustomOp1 for CausalSoftmax {
         let mut out = vec![0f32; y.len()];
         par_rows(&mut out, t, |r, o| {
             let (yr, gr) = (&y[r * t..(r + 1) * t], &g[r * t..(r + 1) * t]);
-            let n = self.visible(r, t);
+            let n = r % t + 1;
             let dot: f32 = (0..n).map(|j| yr[j] * gr[j]).sum();
             for j in 0..n {
                 o[j] = self.scale * yr[j] * (gr[j] - dot);
             }
         });
         Ok(Some(tensor(out, res)?))
+    }
+}
+
+/// Attention of packed segments after a shared prefix (inference only): many candidates'
+/// suffixes run as one row of `n` tokens; token `j` of a segment sees the `p` prefix keys and
+/// its own segment's tokens up to itself. Inputs: the prefix scores `[kvh, g·n, p]` (one GEMM
+/// against the cached keys, unscaled), the queries `[kvh, g·n, hd]` and the suffix keys and
+/// values side by side `[kvh, n, 2·hd]`. Output `[kvh, g·n, p + hd]`: the softmax weights of the
+/// prefix keys (to multiply with the cached values), then the weighted sum of the segment's own
+/// values. The within-segment part is tiny (segments are tens of tokens), so it is computed
+/// here rather than as a dense `n × n` product that would be almost all masked.
+pub struct PackedAttention {
+    pub scale: f32,
+    /// First packed token of the segment each token belongs to.
+    pub segment_start: std::sync::Arc<Vec<u32>>,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight lanes so the compiler vectorizes (a sequential float sum cannot be reordered).
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl candle_core::CustomOp3 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (scores, q, kv) = (
+            f32_slice(s1, l1, "packed-attention")?,
+            f32_slice(s2, l2, "packed-attention")?,
+            f32_slice(s3, l3, "packed-attention")?,
+        );
+        let (kvh, rows, p) = l1.shape().dims3()?;
+        let hd = l2.shape().dims3()?.2;
+        let n = l3.shape().dims3()?.1;
+        if self.segment_start.len() != n || rows % n != 0 || l3.shape().dims3()?.2 != 2 * hd {
+            candle_core::bail!("packed-attention: shapes {:?} {:?} {:?} for {} tokens", l1.dims(), l2.dims(), l3.dims(), self.segment_start.len())
+        }
+        let width = p + hd;
+        let mut out = vec![0f32; kvh * rows * width];
+        par_rows(&mut out, width, |r, o| {
+            let head = r / rows;
+            let token = (r % rows) % n;
+            let start = self.segment_start[token] as usize;
+            let qr = &q[r * hd..(r + 1) * hd];
+            let key = |j: usize| &kv[(head * n + j) * 2 * hd..(head * n + j) * 2 * hd + hd];
+            let value = |j: usize| &kv[(head * n + j) * 2 * hd + hd..(head * n + j + 1) * 2 * hd];
+            let own: Vec<f32> = (start..=token).map(|j| dot(qr, key(j)) * self.scale).collect();
+            let sr = &scores[r * p..(r + 1) * p];
+            let max = sr.iter().map(|v| v * self.scale).chain(own.iter().copied()).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for (o, &v) in o[..p].iter_mut().zip(sr) {
+                *o = (v * self.scale - max).exp();
+                sum += *o;
+            }
+            let own: Vec<f32> = own.iter().map(|v| (v - max).exp()).collect();
+            sum += own.iter().sum::<f32>();
+            let inv = 1.0 / sum;
+            o[..p].iter_mut().for_each(|v| *v *= inv);
+            let acc = &mut o[p..];
+            for (w, j) in own.iter().zip(start..=token) {
+                let w = w * inv;
+                for (a, v) in acc.iter_mut().zip(value(j)) {
+                    *a += w * v;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((kvh, rows, width))))
     }
 }
 
@@ -333,25 +406,21 @@ mod tests {
 
     #[test]
     fn causal_softmax_matches_masked_softmax() {
-        // With and without a cached prefix of `past` keys every query sees.
-        for past in [0, 4] {
-            let (g, t) = (3, 5);
-            let cols = past + t;
-            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, g * t, cols), &Device::Cpu).unwrap())
-                .unwrap();
-            let mask: Vec<f32> = (0..g * t * cols)
-                .map(|i| if i % cols > past + (i / cols) % t { -1e9 } else { 0.0 })
-                .collect();
-            let mask = Tensor::from_vec(mask, (g * t, cols), &Device::Cpu).unwrap();
-            agree(
-                &x,
-                |x| x.apply_op1(CausalSoftmax { scale: 0.5, past }).unwrap(),
-                |x| {
-                    super::super::ops::softmax_last(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap())
-                        .unwrap()
-                },
-            );
-        }
+        let (g, t) = (3, 5);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, g * t, t), &Device::Cpu).unwrap())
+            .unwrap();
+        let mask: Vec<f32> = (0..g * t * t)
+            .map(|i| if i % t > (i / t) % t { -1e9 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, (g * t, t), &Device::Cpu).unwrap();
+        agree(
+            &x,
+            |x| x.apply_op1(CausalSoftmax { scale: 0.5 }).unwrap(),
+            |x| {
+                super::super::ops::softmax_last(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap())
+                    .unwrap()
+            },
+        );
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! rotary embedding; transformers un-permutes them on load, and so do we), so adapters trained
 //! here are PEFT adapters of the Hugging Face model.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 
 use super::lora::LoraStack;
 use super::ops;
-use super::{CausalLm, Kv, ModuleInfo};
+use super::{Attend, CausalLm, Kv, ModuleInfo};
 use crate::tokenizer::meta;
 
 struct Layer {
@@ -239,11 +239,9 @@ impl CausalLm for Llama {
             .reshape((b, t, self.embedding.dim(1)?))?)
     }
 
-    fn layer_kv(&self, i: usize, x: &Tensor, past: Option<&Kv>, lora: &LoraStack) -> Result<(Tensor, Kv)> {
+    fn layer_kv(&self, i: usize, x: &Tensor, attend: Attend, lora: &LoraStack) -> Result<(Tensor, Kv)> {
         let (b, t, _) = x.dims3()?;
-        let start = past.map_or(0, Kv::len);
-        ensure!(start + t <= self.context, "{} positions exceed the model context of {}", start + t, self.context);
-        let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
+        let (cos, sin) = attend.rotary(&self.cos, &self.sin, t, self.context)?;
         let hd = self.head_dim;
         let l = &self.layers[i];
         let lin =
@@ -257,7 +255,7 @@ impl CausalLm for Llama {
         let q = ops::rope_half(&heads(&l.q, "q_proj", self.heads)?, &cos, &sin)?;
         let k = ops::rope_half(&heads(&l.k, "k_proj", self.kv_heads)?, &cos, &sin)?;
         let v = heads(&l.v, "v_proj", self.kv_heads)?;
-        let attn = ops::causal_attention(&q, &k, &v, past)?;
+        let attn = attend.attention(&q, &k, &v)?;
         let x = (x + lin(&attn, &l.o, "o_proj")?)?;
         let n = ops::rms_norm(&x, &l.ffn_norm, self.eps)?;
         let mlp = ops::swiglu(&lin(&n, &l.gate, "gate_proj")?, &lin(&n, &l.up, "up_proj")?)?;

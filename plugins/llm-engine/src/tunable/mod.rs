@@ -46,13 +46,11 @@ pub trait CausalLm: Send + Sync {
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
     /// Transformer block `i` on hidden states `[b, t, dim]` at positions `0..t`.
     fn layer(&self, i: usize, x: &Tensor, lora: &LoraStack) -> Result<Tensor> {
-        Ok(self.layer_kv(i, x, None, lora)?.0)
+        Ok(self.layer_kv(i, x, Attend::Causal, lora)?.0)
     }
-    /// Transformer block `i` on hidden states `[b, t, dim]` that follow `past` (a prefix's
-    /// keys and values in this block, one row shared by all `b` rows; `None`: no prefix), at
-    /// positions `past.len()..past.len() + t`. Returns the output and this call's own keys and
-    /// values, which a later call may take as its `past`.
-    fn layer_kv(&self, i: usize, x: &Tensor, past: Option<&Kv>, lora: &LoraStack) -> Result<(Tensor, Kv)>;
+    /// Transformer block `i` on hidden states `[b, t, dim]`, attending as `attend` says.
+    /// Returns the output and this call's own keys and values (a prefix's, for later calls).
+    fn layer_kv(&self, i: usize, x: &Tensor, attend: Attend, lora: &LoraStack) -> Result<(Tensor, Kv)>;
     /// The normalisation after the last block.
     fn final_norm(&self, x: &Tensor) -> Result<Tensor>;
     /// The final (normalised) hidden states `[b, t, dim]` of input embeddings `[b, t, dim]`,
@@ -83,6 +81,76 @@ impl Kv {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// How a block's tokens attend, and so where they sit.
+#[derive(Clone, Copy)]
+pub enum Attend<'a> {
+    /// Each row causally over its own tokens, at positions `0..t`.
+    Causal,
+    /// One row of packed segments after a shared prefix whose keys and values (in this block)
+    /// are `past`: see [`Packing`].
+    Packed { past: &'a Kv, packing: &'a Packing },
+}
+
+/// Segments (e.g. candidates' prompt suffixes) packed into one row after a shared prefix of
+/// `past` tokens: a segment's `j`-th token sits at position `past + j` and attends to the
+/// prefix and to its own segment's tokens up to itself, never to another segment. No padding.
+pub struct Packing {
+    /// Position of every packed token `[n]`.
+    pub positions: Tensor,
+    /// First packed token of each token's segment.
+    pub segment_start: std::sync::Arc<Vec<u32>>,
+    /// The longest segment's last position + 1.
+    pub end: usize,
+}
+
+impl Packing {
+    pub fn new(past: usize, lengths: &[usize]) -> Result<Self> {
+        let (mut positions, mut starts) = (Vec::new(), Vec::new());
+        for &len in lengths {
+            let start = starts.len() as u32;
+            for j in 0..len {
+                positions.push((past + j) as u32);
+                starts.push(start);
+            }
+        }
+        let n = positions.len();
+        Ok(Self {
+            positions: Tensor::from_vec(positions, n, &Device::Cpu)?,
+            segment_start: std::sync::Arc::new(starts),
+            end: past + lengths.iter().copied().max().unwrap_or(0),
+        })
+    }
+
+    /// Rotary tables (`[positions, n]`) at the packed tokens' positions.
+    fn rows(&self, table: &Tensor) -> Result<Tensor> {
+        Ok(table.index_select(&self.positions, 0)?)
+    }
+}
+
+impl Attend<'_> {
+    /// The rotary tables for `t` tokens, and the attention of `q`, `k`, `v` (as
+    /// [`ops::causal_attention`] takes them), checked against the context.
+    fn rotary(&self, cos: &Tensor, sin: &Tensor, t: usize, context: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            Attend::Causal => {
+                ensure!(t <= context, "{t} positions exceed the model context of {context}");
+                Ok((cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?))
+            }
+            Attend::Packed { packing, .. } => {
+                ensure!(packing.end <= context, "{} positions exceed the model context of {context}", packing.end);
+                Ok((packing.rows(cos)?, packing.rows(sin)?))
+            }
+        }
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Attend::Causal => ops::causal_attention(q, k, v)?,
+            Attend::Packed { past, packing } => ops::packed_attention(q, k, v, past, packing)?,
+        })
     }
 }
 

@@ -96,41 +96,48 @@ pub fn rope_tables(positions: usize, n: usize, dim: usize, base: f64) -> Result<
 
 /// Causal self-attention with grouped key/value heads: `q` `[b, h, t, hd]`, `k`, `v`
 /// `[b, kvh, t, hd]`, each kv head serving `h / kvh` consecutive query heads (Llama's
-/// `repeat_kv`, ChatGLM's multi-query groups). With `past` (a cached prefix's keys and values,
-/// one row shared by all `b`), the `t` queries sit after the prefix and see all of it.
-/// Returns `[b, t, h·hd]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: Option<&super::Kv>) -> Result<Tensor> {
+/// `repeat_kv`, ChatGLM's multi-query groups). Returns `[b, t, h·hd]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let kvh = k.dim(1)?;
     let group = h / kvh;
-    let (k, v, cached) = match past {
-        None => (k.contiguous()?, v.contiguous()?, 0),
-        Some(p) => {
-            // The prefix's rows are copied per candidate: a few MB per block, against the
-            // prefix recomputation it saves.
-            let n = p.k.dim(2)?;
-            let shared = |x: &Tensor| x.broadcast_as((b, kvh, n, hd));
-            (
-                Tensor::cat(&[&shared(&p.k)?, k], 2)?.contiguous()?,
-                Tensor::cat(&[&shared(&p.v)?, v], 2)?.contiguous()?,
-                n,
-            )
-        }
-    };
     // Fold each kv head's query group into the row axis instead of copying keys and values.
     let q = q.contiguous()?.reshape((b, kvh, group * t, hd))?;
-    let scores = q.matmul(&k.t()?)?;
+    let scores = q.matmul(&k.contiguous()?.t()?)?;
     // Rows of `scores` are query positions `0..t` of each group in turn: what the fused
     // causal softmax expects.
     let probs = scores.apply_op1(super::fused::CausalSoftmax {
         scale: 1.0 / (hd as f32).sqrt(),
-        past: cached,
     })?;
     probs
-        .matmul(&v)?
+        .matmul(&v.contiguous()?)?
         .reshape((b, h, t, hd))?
         .transpose(1, 2)?
         .reshape((b, t, h * hd))
+}
+
+/// Attention of packed segments (one row, `q` `[1, h, n, hd]`, `k`, `v` `[1, kvh, n, hd]`)
+/// after a shared prefix whose keys and values are `past`: each token sees the whole prefix
+/// and its own segment up to itself ([`super::Packing`]). Returns `[1, n, h·hd]`.
+pub fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: &super::Kv, packing: &super::Packing) -> Result<Tensor> {
+    let (_, h, n, hd) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let group = h / kvh;
+    // Query heads of one kv head are consecutive: `[kvh, group·n, hd]` without copying.
+    let q = q.contiguous()?.reshape((kvh, group * n, hd))?;
+    let prefix_scores = q.matmul(&past.k.squeeze(0)?.t()?)?;
+    let own = Tensor::cat(&[k.squeeze(0)?, v.squeeze(0)?], 2)?.contiguous()?;
+    let p = past.len();
+    let mixed = prefix_scores.apply_op3_no_bwd(
+        &q,
+        &own,
+        &super::fused::PackedAttention {
+            scale: 1.0 / (hd as f32).sqrt(),
+            segment_start: packing.segment_start.clone(),
+        },
+    )?;
+    let out = (mixed.narrow(2, 0, p)?.contiguous()?.matmul(&past.v.squeeze(0)?)? + mixed.narrow(2, p, hd)?)?;
+    out.reshape((h, n, hd))?.transpose(0, 1)?.reshape((1, n, h * hd))
 }
 
 /// The largest absolute difference between two tensors of one shape (tests and checks).

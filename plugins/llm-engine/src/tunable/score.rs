@@ -1,13 +1,13 @@
 //! Scoring with a (tuned) model: log-probabilities of chosen tokens of many sequences at once.
 //! A ranker's sequences for one user share a long prefix (instruction and knowledge) and
 //! differ in a short candidate part, so the shared prefix runs once and its keys and values
-//! serve every candidate's suffix; suffixes run batched.
+//! serve every candidate's suffix; the suffixes run packed together without padding.
 
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 
 use super::lora::LoraStack;
-use super::{AnswerIndex, CausalLm, Kv, Sequence};
+use super::{AnswerIndex, Attend, CausalLm, Kv, Packing, Sequence};
 
 /// A sequence and the tokens to read off it: `log p(token | ids[..=position])` for each
 /// `(position, token)` pick.
@@ -54,9 +54,10 @@ pub struct Work {
 }
 
 /// The log-probabilities of every query's picks, in order. With `reuse_prefix`, the longest
-/// prefix all queries share runs once and every suffix attends to its cached keys and values;
-/// without, each query runs in full (what the reuse must equal). Rows are right-padded and run
-/// in batches of at most `batch_tokens` padded tokens (at least one row each).
+/// prefix all queries share runs once, and the queries' suffixes run packed into rows of at
+/// most `batch_tokens` tokens (no padding), each attending to the prefix's cached keys and
+/// values and to its own earlier tokens. Without, each query runs in full (right-padded rows
+/// of similar lengths, at most `batch_tokens` padded tokens per pass): what reuse must equal.
 pub fn log_probs(
     model: &dyn CausalLm,
     lora: &LoraStack,
@@ -70,49 +71,60 @@ pub fn log_probs(
     }
     ensure!(queries.iter().all(|q| !q.ids.is_empty()), "an empty sequence cannot be scored");
     let prefix = if reuse_prefix && queries.len() > 1 { shared_prefix(queries) } else { 0 };
-    let past = match prefix {
-        0 => None,
-        n => {
-            let ids = Tensor::from_slice(&queries[0].ids[..n], (1, n), &Device::Cpu)?;
-            let mut x = model.embed(&ids)?;
-            let mut kvs = Vec::with_capacity(model.layers());
-            for i in 0..model.layers() {
-                let (y, kv) = model.layer_kv(i, &x, None, lora)?;
-                x = y;
-                kvs.push(kv);
-            }
-            work.passes += 1;
-            Some(kvs)
-        }
-    };
     work.prefix = prefix;
     work.tokens = prefix + queries.iter().map(|q| q.ids.len() - prefix).sum::<usize>();
-    // Similar lengths together: less padding.
+    // Similar lengths together: less padding, and chunks of like size.
     let mut order: Vec<usize> = (0..queries.len()).collect();
     order.sort_by_key(|&i| queries[i].ids.len());
+    let past = if prefix > 0 { Some(run_prefix(model, lora, &queries[0].ids[..prefix])?) } else { None };
+    work.passes += past.is_some() as usize;
     let mut out = vec![Vec::new(); queries.len()];
     let mut start = 0;
     while start < order.len() {
+        // Packed rows cost their tokens, padded rows their longest × rows.
+        let cost = |end: usize| -> usize {
+            let lens = order[start..end].iter().map(|&i| queries[i].ids.len() - prefix);
+            if past.is_some() { lens.sum() } else { lens.max().unwrap_or(0) * (end - start) }
+        };
         let mut end = start + 1;
-        while end < order.len() && (end + 1 - start) * (queries[order[end]].ids.len() - prefix) <= batch_tokens {
+        while end < order.len() && cost(end + 1) <= batch_tokens {
             end += 1;
         }
-        let rows: Vec<(&[u32], Vec<(usize, u32)>)> = order[start..end]
-            .iter()
-            .map(|&i| {
-                let q = &queries[i];
-                (&q.ids[prefix..], q.picks.iter().map(|&(p, t)| (p - prefix, t)).collect())
-            })
-            .collect();
-        let index = AnswerIndex::from_rows(&rows)?;
-        let mut x = model.embed(&index.ids)?;
-        for i in 0..model.layers() {
-            x = model.layer_kv(i, &x, past.as_ref().map(|p: &Vec<Kv>| &p[i]), lora)?.0;
-        }
-        let lp: Vec<f32> = index.log_probs(model, &x)?.to_vec1()?;
+        let chunk = &order[start..end];
+        let suffix = |i: usize| -> (&[u32], Vec<(usize, u32)>) {
+            let q = &queries[i];
+            (&q.ids[prefix..], q.picks.iter().map(|&(p, t)| (p - prefix, t)).collect())
+        };
+        let lp: Vec<f32> = match &past {
+            Some(past) => {
+                let (mut ids, mut picks, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
+                for &i in chunk {
+                    let (s, p) = suffix(i);
+                    picks.extend(p.into_iter().map(|(pos, t)| (pos + ids.len(), t)));
+                    ids.extend_from_slice(s);
+                    lengths.push(s.len());
+                }
+                let index = AnswerIndex::from_rows(&[(&ids[..], picks)])?;
+                let packing = Packing::new(prefix, &lengths)?;
+                let mut x = model.embed(&index.ids)?;
+                for (i, kv) in past.iter().enumerate() {
+                    x = model.layer_kv(i, &x, Attend::Packed { past: kv, packing: &packing }, lora)?.0;
+                }
+                index.log_probs(model, &x)?.to_vec1()?
+            }
+            None => {
+                let rows: Vec<_> = chunk.iter().map(|&i| suffix(i)).collect();
+                let index = AnswerIndex::from_rows(&rows)?;
+                let mut x = model.embed(&index.ids)?;
+                for i in 0..model.layers() {
+                    x = model.layer(i, &x, lora)?;
+                }
+                index.log_probs(model, &x)?.to_vec1()?
+            }
+        };
         work.passes += 1;
         let mut at = 0;
-        for &i in &order[start..end] {
+        for &i in chunk {
             let n = queries[i].picks.len();
             out[i] = lp[at..at + n].to_vec();
             at += n;
@@ -120,6 +132,18 @@ pub fn log_probs(
         start = end;
     }
     Ok((out, work))
+}
+
+/// Every block's keys and values of `ids` (one row), laid out for reuse.
+fn run_prefix(model: &dyn CausalLm, lora: &LoraStack, ids: &[u32]) -> Result<Vec<Kv>> {
+    let mut x = model.embed(&Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu)?)?;
+    let mut kvs = Vec::with_capacity(model.layers());
+    for i in 0..model.layers() {
+        let (y, kv) = model.layer_kv(i, &x, Attend::Causal, lora)?;
+        x = y;
+        kvs.push(Kv { k: kv.k.contiguous()?, v: kv.v.contiguous()? });
+    }
+    Ok(kvs)
 }
 
 /// The longest common prefix of all queries' ids that leaves every read position in its suffix.
