@@ -240,6 +240,13 @@ pub fn markdown(all: &[Report]) -> String {
     let failed: Vec<&Report> = all.iter().filter(|r| r.error.is_some()).collect();
     let reports: Vec<&Report> = all.iter().filter(|r| r.error.is_none()).collect();
     let mut out = markdown_tables(&reports);
+    if !reports.is_empty() {
+        // What each model cost: LLM rankers take seconds per user where baselines take microseconds.
+        out.push_str("\n## scoring time\n\n| model | seconds per user |\n|---|---:|\n");
+        for r in &reports {
+            out.push_str(&format!("| {} | {:.3e} |\n", r.model, r.seconds_per_user));
+        }
+    }
     if !failed.is_empty() {
         out.push_str("\n## failed models\n\n| model | error |\n|---|---|\n");
         for r in failed {

@@ -120,6 +120,8 @@ fn reranks_the_top_only_and_a_killed_scoring_resumes_from_its_journal() {
     assert_eq!(metric(llm, "HR@10"), metric(bpr, "HR@10"));
     assert_ne!(metric(llm, "NDCG@10"), metric(bpr, "NDCG@10"), "the LLM reordered nothing");
     assert!(llm["seconds_per_user"].as_f64().unwrap() > 0.0);
+    let md = std::fs::read_to_string(d.path().join("runs/whole/report.md")).unwrap();
+    assert!(md.contains("| llm (top 10 of bpr) |") && md.contains("## scoring time") && md.contains("| llm | "), "{md}");
     assert!(log.contains("candidates/s"), "scoring reports its speed: {log}");
     // One journaled score per (user, candidate) prompt.
     let journal = d.path().join("runs/whole/rankers/llm/scores.bin");
@@ -148,6 +150,14 @@ fn reranks_the_top_only_and_a_killed_scoring_resumes_from_its_journal() {
         assert!(r["error"].is_null(), "{r}");
     }
     assert_eq!(resumed[1]["segments"], whole[1]["segments"], "resumed scoring reports differently");
+
+    // The sampled protocol: the same tuned model reranks the top 10 of 101 sampled candidates.
+    let (out, log) = logged(recfuse(&cfg, "whole", &["eval.protocol=\"sampled\""]));
+    assert!(out.status.success(), "{log}");
+    let sampled = reports(d.path(), "whole");
+    assert!(sampled[1]["protocol"].as_str().unwrap().contains("sampled"), "{}", sampled[1]);
+    assert_eq!(metric(&sampled[1], "HR@10"), metric(&sampled[0], "HR@10"));
+    assert!(log.contains("restored saved model") || log.contains("ranker fitted"), "{log}");
 }
 
 #[test]

@@ -189,12 +189,16 @@ fn dataset_overlays_swap_the_quickstart_source() {
     let d = tempfile::tempdir().unwrap();
     let market = d.path().join("bpr-market.toml");
     std::fs::write(&market, "[ranker]\nkind = \"bpr\"\ndim = 16\n").unwrap();
-    let base = d.path().join("base.toml");
-    let text = std::fs::read_to_string(&quickstart).unwrap().replace("[ranker]\nkind = \"popularity\"", "[ranker]\nkind = \"popularity\"\nhalf_life_days = 30");
-    std::fs::write(&base, text).unwrap();
+    let base = ml100k_config(d.path(), "base", "[ranker]\nkind = \"popularity\"\nhalf_life_days = 30\n");
     let loaded = load(&base, &[market], &[]).unwrap();
     assert_eq!(loaded.pipeline.rankers[0].kind, "bpr");
     assert_eq!(loaded.pipeline.rankers[0].settings, serde_json::json!({"dim": 16}));
+    // The quickstart's market overlay lists its models in full (an overlay's array replaces
+    // the base's): decayed popularity, reranked by the tuned LLM.
+    let trending = load(&quickstart, &[root.join("configs/markets/trending.toml")], &[]).unwrap();
+    let kinds: Vec<&str> = trending.pipeline.rankers.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["popularity", "llm"]);
+    assert_eq!(trending.pipeline.rankers[0].settings, serde_json::json!({"half_life_days": 30}));
 }
 
 /// A host-level error (here `run.batch_size = 0`) does not hide a component's error (an
