@@ -2,7 +2,7 @@
 # LoRA training throughput and peak memory, recfuse (candle) beside PyTorch + PEFT on the same
 # CPU and the same SmolLM2 GGUF: sequence 256, batch 8, rank 8 on q_proj,v_proj, AdamW.
 # Interleaved rounds (the machine is shared and noisy); each line of the output is one run.
-# Sets up .cache/venv-peft (torch, transformers, peft, gguf from PyPI) on first use.
+# Sets up .cache/venv-peft (scripts/venv-peft.sh) on first use.
 #
 #   scripts/bench-lora.sh [rounds] [steps]       (default 3 rounds of 3 timed steps)
 set -euo pipefail
@@ -11,11 +11,7 @@ ROUNDS=${1:-3}
 STEPS=${2:-3}
 GGUF=.cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 scripts/fetch-data.sh smollm2 >/dev/null
-if [[ ! -x .cache/venv-peft/bin/python ]]; then
-    python3 -m venv .cache/venv-peft
-    .cache/venv-peft/bin/pip install --quiet "torch==2.5.1" "transformers==4.46.3" "peft==0.13.2" "gguf==0.10.0" \
-        "sentencepiece==0.2.0" "numpy<2" "accelerate==1.1.1"
-fi
+scripts/venv-peft.sh
 cargo bench -p recfuse-plugin-lora-tuner --bench training --no-run --quiet 2>/dev/null
 for round in $(seq "$ROUNDS"); do
     for micro in 2 8; do
