@@ -228,27 +228,20 @@ impl NextItemInstructions {
 }
 
 impl NextItemInstructions {
-    fn scoring_examples(&self, view: &TrainView, r: &InstructionRequest) -> Result<Vec<Instruction>> {
-        let names: Vec<String> = r
-            .targets
-            .iter()
-            .map(|t| describe(view.catalog, t.item, &self.cfg.item_attrs))
-            .collect();
-        let mut out = Vec::with_capacity(names.len());
-        for (t, name) in r.targets.iter().zip(&names) {
-            let ctx = minijinja::context! { knowledge => r.knowledge, candidates => names, candidate => name };
-            out.push(Instruction {
-                user: r.user,
-                item: t.item,
-                split: r.split,
-                task: r.task.clone(),
-                instruction: self.cfg.instruction.clone(),
-                input: self.templates.render("input", ctx)?,
-                output: name.clone(),
-                label: t.label,
-            });
-        }
-        Ok(out)
+    /// The example of `r` whose candidate list is `names` and whose answer is `names[answer]`
+    /// (item `item`).
+    fn example(&self, r: &InstructionRequest, names: &[String], answer: usize, item: ItemIdx, label: f32) -> Result<Instruction> {
+        let ctx = minijinja::context! { knowledge => r.knowledge, candidates => names, candidate => names[answer] };
+        Ok(Instruction {
+            user: r.user,
+            item,
+            split: r.split,
+            task: r.task.clone(),
+            instruction: self.cfg.instruction.clone(),
+            input: self.templates.render("input", ctx)?,
+            output: names[answer].clone(),
+            label,
+        })
     }
 }
 
@@ -277,26 +270,16 @@ impl InstructionBuilder for NextItemInstructions {
                 // A request to score (no positive, e.g. from the `llm` ranker): the listed
                 // candidates are the request's, in its order, and each gets an example whose
                 // answer is that candidate, so its likelihood can be read off.
-                out.extend(self.scoring_examples(view, r)?);
+                let names: Vec<String> = r.targets.iter().map(|t| describe(view.catalog, t.item, &self.cfg.item_attrs)).collect();
+                for (j, t) in r.targets.iter().enumerate() {
+                    out.push(self.example(r, &names, j, t.item, t.label)?);
+                }
                 continue;
             };
-            let names: Vec<String> = self
-                .candidates(view, r, target.item)
-                .into_iter()
-                .map(|i| describe(view.catalog, i, &self.cfg.item_attrs))
-                .collect();
-            let answer = describe(view.catalog, target.item, &self.cfg.item_attrs);
-            let ctx = minijinja::context! { knowledge => r.knowledge, candidates => names, candidate => answer };
-            out.push(Instruction {
-                user: r.user,
-                item: target.item,
-                split: r.split,
-                task: r.task.clone(),
-                instruction: self.cfg.instruction.clone(),
-                input: self.templates.render("input", ctx)?,
-                output: answer,
-                label: 1.0,
-            });
+            let list = self.candidates(view, r, target.item);
+            let names: Vec<String> = list.iter().map(|&i| describe(view.catalog, i, &self.cfg.item_attrs)).collect();
+            let answer = list.iter().position(|&i| i == target.item).expect("the target is listed");
+            out.push(self.example(r, &names, answer, target.item, 1.0)?);
         }
         Ok(out)
     }
