@@ -2,7 +2,7 @@
 # The `llm` ranker's speed (docs/benchmarks.md), on ML-100K with SmolLM2-135M-Instruct:
 #  1. Reranking the top 50 of BPR for all 943 users through `recfuse run` (the quickstart's
 #     pipeline with template knowledge: short LoRA tuning, then the tuned model reranks);
-#     the run lands in runs/bench-rerank-943 (a finished run is reused: delete it to rerun).
+#     the run lands in runs/rerank-943 (a finished run is reused: delete it to rerun).
 #  2. Candidate scoring with prefix reuse against full prompts, recfuse beside PyTorch +
 #     transformers on the same prompts (cargo bench -p recfuse --bench llm_scoring), rounds
 #     interleaved; the chart goes to target/bench-results/llm-scoring.png.
@@ -18,10 +18,10 @@ scripts/venv-peft.sh
 cargo build --release --locked -p recfuse --quiet
 start=$(date +%s)
 ./target/release/recfuse run configs/quickstart.toml --overlay configs/fusers/template.toml --quiet \
-    --set run.name=bench-rerank-943 --set run.sample_users=0 --set 'rankers[2].rerank={"from":"bpr","top":50}'
+    --set run.name=rerank-943 --set run.sample_users=0 --set 'rankers[2].rerank={"from":"bpr","top":50}'
 python3 - "$start" <<'PY'
 import json, sys, time
-run = "runs/bench-rerank-943"
+run = "runs/rerank-943"
 stages = json.load(open(f"{run}/manifest.json"))["stages"]
 llm = next(r for r in json.load(open(f"{run}/report.json")) if r["model"] == "llm")
 users = llm["segments"]["all"]["users"]
@@ -31,4 +31,4 @@ print(json.dumps({"bench": "rerank-943", "users": users, "reranked": llm["rerank
                   "wall_seconds_this_invocation": time.time() - float(sys.argv[1]),
                   "loadavg": open("/proc/loadavg").read().strip()}))
 PY
-cargo bench -p recfuse --bench llm_scoring --quiet -- --run runs/bench-rerank-943 --users "$USERS" --candidates "$CANDIDATES" --rounds "$ROUNDS"
+cargo bench -p recfuse --bench llm_scoring --quiet -- --run runs/rerank-943 --users "$USERS" --candidates "$CANDIDATES" --rounds "$ROUNDS"

@@ -11,7 +11,7 @@
 //!
 //! Prints a table and JSON lines; the chart goes to `target/bench-results/llm-scoring.png`.
 //!
-//! `cargo bench -p recfuse --bench llm_scoring -- --run runs/bench-rerank-943 --users 4 --candidates 50 --rounds 3`
+//! `cargo bench -p recfuse --bench llm_scoring -- --run runs/rerank-943 --users 4 --candidates 50 --rounds 3`
 
 mod common;
 
@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let root = root();
     let model = root.join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let run = PathBuf::from(arg("--run", root.join("runs/bench-rerank-943").display().to_string()));
+    let run = PathBuf::from(arg("--run", root.join("runs/rerank-943").display().to_string()));
     let (users, candidates, rounds, batch_tokens) = (arg("--users", 4usize), arg("--candidates", 50usize), arg("--rounds", 3usize), arg("--batch-tokens", 2048usize));
     let base = Base::load(&model)?;
     let knowledge_file = run.join("knowledge.jsonl");
