@@ -21,7 +21,6 @@ use recfuse_llm_engine::tunable::lora::LoraStack;
 use recfuse_llm_engine::tunable::score::{log_probs, Query};
 use recfuse_llm_engine::tunable::Base;
 use recfuse_sdk::SeededRng;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -40,7 +39,8 @@ fn main() -> anyhow::Result<()> {
     unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let root = root();
     let model = root.join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let run = PathBuf::from(arg("--run", root.join("runs/rerank-943").display().to_string()));
+    // Relative to the repository root (cargo runs benches in the package directory).
+    let run = root.join(arg("--run", "runs/rerank-943".to_string()));
     let (users, candidates, rounds, batch_tokens) = (arg("--users", 4usize), arg("--candidates", 50usize), arg("--rounds", 3usize), arg("--batch-tokens", 2048usize));
     let base = Base::load(&model)?;
     let knowledge_file = run.join("knowledge.jsonl");
@@ -121,7 +121,7 @@ fn main() -> anyhow::Result<()> {
 
     let pairs = (users * candidates) as f64;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("{users} users × {candidates} ML-100K CTR candidates, {} prompt tokens per user on average, {:.0} shared; {rounds} rounds, medians; load {}", my_tokens[1] / users, prefix_tokens as f64 / users as f64, load.trim());
+    println!("{users} users × {candidates} ML-100K CTR candidates, {} tokens per prompt on average, {:.0} of them shared by a user's prompts; {rounds} rounds, medians; load {}", my_tokens[1] / (users * candidates), prefix_tokens as f64 / users as f64, load.trim());
     println!("\n| mode | recfuse s | recfuse candidates/s | transformers s | transformers candidates/s | ratio | max abs Δ log-odds |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut cps = [[0f64; 2]; 2]; // [engine][mode]
