@@ -43,8 +43,24 @@ impl Tasks {
     }
 }
 
-/// Shared by every component's services; set once when the run has its tasks and split.
-pub type TaskTable = Arc<OnceLock<Tasks>>;
+/// The run's instruction tasks, shared by every component's services: their names from the
+/// config (known from construction on, so a component can check a task it is configured
+/// with), and their builders with the split's view once the data is split (for rendering).
+#[derive(Clone, Default)]
+pub struct TaskTable {
+    names: Arc<Vec<String>>,
+    ready: Arc<OnceLock<Tasks>>,
+}
+
+impl TaskTable {
+    pub fn declared(names: Vec<String>) -> Self {
+        Self { names: Arc::new(names), ready: Arc::default() }
+    }
+    /// The builders and the view to render with; set once.
+    pub fn set(&self, tasks: Tasks) {
+        let _ = self.ready.set(tasks);
+    }
+}
 
 /// Progress bars of a run, host stages and plugins alike. Hidden when stderr is not a terminal.
 #[derive(Clone)]
@@ -153,10 +169,10 @@ impl HostFfi for HostServices {
         self.seed
     }
     fn tasks(&self) -> RVec<abi_stable::std_types::RString> {
-        self.tasks.get().map(|t| t.builders.iter().map(|(n, _)| n.as_str().into()).collect()).unwrap_or_default()
+        self.tasks.names.iter().map(|n| n.as_str().into()).collect()
     }
     fn render_instructions(&self, task: abi_stable::std_types::RStr<'_>, requests: RSlice<'_, TaskRequestFfi>) -> FfiResult<RVec<InstructionFfi>> {
-        let result = match self.tasks.get() {
+        let result = match self.tasks.ready.get() {
             Some(t) => t.render(task.as_str(), requests),
             None => Err(anyhow::anyhow!("instructions of task `{task}` are not available yet (asked before the run's data was split)")),
         };

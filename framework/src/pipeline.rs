@@ -185,7 +185,8 @@ pub fn component_errors(cfg: &LoadedConfig) -> Vec<String> {
         Err(e) => return vec![format!("{e:#}")],
     };
     let Ok(scratch) = tempfile_dir() else { return vec![] };
-    let (progress, cancel, tasks) = (Progress::new(false), Arc::new(AtomicBool::new(false)), TaskTable::default());
+    let tasks = TaskTable::declared(cfg.pipeline.instructions.iter().map(|s| s.label.clone()).collect());
+    let (progress, cancel) = (Progress::new(false), Arc::new(AtomicBool::new(false)));
     let host_for = |key: &str| {
         HostServices { component: Arc::from(key), run_dir: scratch.clone(), seed: 0, cancel: cancel.clone(), progress: progress.clone(), tasks: tasks.clone() }
             .into_ffi()
@@ -203,7 +204,7 @@ pub fn validate(cfg: &LoadedConfig) -> Result<Vec<Provenance>> {
     let scratch = tempfile_dir()?;
     let progress = Progress::new(false);
     let cancel = Arc::new(AtomicBool::new(false));
-    let tasks = TaskTable::default();
+    let tasks = TaskTable::declared(cfg.pipeline.instructions.iter().map(|s| s.label.clone()).collect());
     let host_for = |key: &str| HostServices {
         component: Arc::from(key),
         run_dir: scratch.clone(),
@@ -339,7 +340,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     write_atomic(&run.path("config.resolved.toml"), resolved.as_bytes())?;
 
     let progress = Progress::new(opts.show_progress);
-    let tasks = TaskTable::default();
+    let tasks = TaskTable::declared(p.instructions.iter().map(|s| s.label.clone()).collect());
     let host_for = |key: &str| {
         let dir = run.root.join("components").join(key.replace(['[', ']'], ""));
         let _ = std::fs::create_dir_all(&dir);
@@ -404,7 +405,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     let users = eval::pick_users(&split, p.eval.max_users);
     check_costs(cfg, &c.rankers, users.len(), dataset.catalog.items.len())?;
     // From here on rankers may ask the host to render their task's prompts.
-    let _ = tasks.set(Tasks::new(c.instructions.clone(), split.history.clone()));
+    tasks.set(Tasks::new(c.instructions.clone(), split.history.clone()));
 
     let version_of = |prov: &Provenance| prov.code_identity();
     let spec_json = |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();

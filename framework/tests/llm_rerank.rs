@@ -6,7 +6,8 @@
 //!   HR@k for k ≥ N equals the first stage's.
 //! * `kill -9` mid-scoring: the rerun takes the journaled scores and computes only the rest,
 //!   and reports exactly what an uninterrupted run reports.
-//! * A missing, foreign or mismatched tuner artifact is a clear error naming what is wrong.
+//! * A missing, foreign or mismatched tuner artifact is a clear error naming what is wrong, and
+//!   `validate` refuses a task the run does not have.
 #![cfg(feature = "lora")]
 
 use recfuse_llm_engine::tunable::chatglm::{write_random_checkpoint, ChatGlmConfig};
@@ -180,6 +181,9 @@ fn a_missing_foreign_or_mismatched_artifact_is_a_clear_error() {
     assert!(e.contains("artifact is of kind `identity`"), "{e}");
     let e = run("lora", &format!("model = \"{}\"", other.display()), "other-base");
     assert!(e.contains("adapters for another base model") && e.contains("other-chatglm"), "{e}");
-    let e = run("lora", "task = \"rating\"", "unknown-task");
-    assert!(e.contains("`task`: the run has no instruction task `rating`"), "{e}");
+    // A task the run does not have is a config error, caught by `validate` before any work.
+    let cfg = config(d.path(), &model, "lora", "task = \"rating\"");
+    let out = Command::new(env!("CARGO_BIN_EXE_recfuse")).arg("validate").arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rankers[1]") && err.contains("`task`: the run has no instruction task `rating` (it has: ctr)"), "{err}");
 }

@@ -231,6 +231,8 @@ impl Ranker for LlmRanker {
             ensure!(m.exists(), "`model`: {} does not exist", m.display());
         }
         ensure!(cfg.use_adapters || cfg.model.is_some(), "`model` is required with `use_adapters = false`");
+        let tasks = host.tasks();
+        ensure!(tasks.contains(&cfg.task), "`task`: the run has no instruction task `{}` (it has: {})", cfg.task, if tasks.is_empty() { "none".to_string() } else { tasks.join(", ") });
         if cfg.per_token {
             ensure!(cfg.score != Some(ScoreRule::YesNo), "`per_token` applies to `score = \"likelihood\"` only");
         }
@@ -238,8 +240,6 @@ impl Ranker for LlmRanker {
     }
 
     fn fit(&mut self, view: &TrainView, inputs: &FitInputs) -> Result<()> {
-        let tasks = self.host.tasks();
-        ensure!(tasks.contains(&self.cfg.task), "`task`: the run has no instruction task `{}` (it has: {})", self.cfg.task, if tasks.is_empty() { "none".to_string() } else { tasks.join(", ") });
         let (base, adapters) = self.load_model(inputs.artifact)?;
         let rule = self.rule(&base, view)?;
         // The identity of what is scored: the cache of another model or rule is not reused.
