@@ -98,9 +98,10 @@ pub trait Ranker: Send + Sync + 'static {
     fn load(&mut self, _view: &TrainView<'_>, _inputs: &FitInputs<'_>, _dir: &Path) -> Result<bool> {
         Ok(false)
     }
-    /// Rough cost of scoring one (user, candidate) pair, in seconds on one core (ABI 1.1).
-    /// `recfuse validate` multiplies it by the work a config asks for and refuses a costly
-    /// ranker asked to score the whole catalog without `rerank`. Default: 0 (cheap).
+    /// Rough cost of scoring one (user, candidate) pair, in wall-clock seconds as `score` runs
+    /// it (ABI 1.1). `recfuse validate` multiplies it by the work a config asks for, compares
+    /// that with `eval.max_ranker_seconds`, and refuses a costly ranker asked to score the whole
+    /// catalog without `rerank`. Default: 0 (cheap).
     fn seconds_per_candidate(&self) -> f64 {
         0.0
     }

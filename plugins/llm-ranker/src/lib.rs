@@ -49,7 +49,7 @@ pub struct LlmRankerConfig {
     /// Run each user's shared prompt prefix once (`false`: every prompt in full, for comparison).
     #[serde(default = "d_true")]
     pub prefix_reuse: bool,
-    /// Estimated seconds per candidate on one core, for `recfuse validate`'s cost check.
+    /// Estimated wall-clock seconds per candidate, for `recfuse validate`'s cost check.
     #[serde(default = "d_cost")]
     pub seconds_per_candidate: f64,
 }
