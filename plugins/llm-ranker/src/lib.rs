@@ -134,6 +134,16 @@ struct Stats {
     seconds: f64,
 }
 
+impl std::ops::AddAssign<&Stats> for Stats {
+    fn add_assign(&mut self, o: &Stats) {
+        self.candidates += o.candidates;
+        self.cached += o.cached;
+        self.tokens += o.tokens;
+        self.prefix_tokens += o.prefix_tokens;
+        self.seconds += o.seconds;
+    }
+}
+
 pub struct LlmRanker {
     cfg: LlmRankerConfig,
     host: Host,
@@ -285,11 +295,7 @@ impl Ranker for LlmRanker {
         }
         batch_stats.seconds = started.elapsed().as_secs_f64();
         let mut s = l.stats.lock().map_err(|_| anyhow!("stats lock poisoned"))?;
-        s.candidates += batch_stats.candidates;
-        s.cached += batch_stats.cached;
-        s.tokens += batch_stats.tokens;
-        s.prefix_tokens += batch_stats.prefix_tokens;
-        s.seconds += batch_stats.seconds;
+        *s += &batch_stats;
         self.host.info(format!(
             "llm ranker: {} users, {} candidates ({} from the journal) in {:.1} s: {:.1} candidates/s, {:.0} tokens/s, shared prefixes {:.0}% of tokens (run so far: {} candidates, {:.1} s)",
             batch.users.len(),
@@ -305,10 +311,9 @@ impl Ranker for LlmRanker {
         Ok(())
     }
 
-    fn save(&self, dir: &Path) -> Result<bool> {
+    fn save(&self, _dir: &Path) -> Result<bool> {
         // Nothing to save but the journal of scores, written as it goes: the model is the
         // tuner's artifact, reloaded by `load`.
-        let _ = dir;
         Ok(true)
     }
 
@@ -338,11 +343,12 @@ impl LlmRanker {
         let rendered = self.host.instructions(&self.cfg.task, &[request])?;
         let by_item: HashMap<ItemIdx, &Instruction> = rendered.iter().map(|i| (i.item, i)).collect();
         let mut keys = Vec::with_capacity(cands.len());
+        let tag = l.rule.tag();
         for &item in cands {
             let i = by_item.get(&item).with_context(|| {
                 format!("task `{}` rendered no prompt for candidate item {item} of user {user} (its builder must return one example per candidate when asked to score)", self.cfg.task)
             })?;
-            keys.push(cache::key(&[&l.rule.tag(), &i.instruction, &i.input, &i.output]));
+            keys.push(cache::key(&[&tag, &i.instruction, &i.input, &i.output]));
         }
         let mut scores = vec![f32::NAN; cands.len()];
         let mut todo = Vec::new();

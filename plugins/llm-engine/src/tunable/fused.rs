@@ -165,7 +165,7 @@ impl candle_core::CustomOp3 for PackedAttention {
             let qr = &q[r * hd..(r + 1) * hd];
             let key = |j: usize| &kv[(head * n + j) * 2 * hd..(head * n + j) * 2 * hd + hd];
             let value = |j: usize| &kv[(head * n + j) * 2 * hd + hd..(head * n + j + 1) * 2 * hd];
-            let own: Vec<f32> = (start..=token).map(|j| dot(qr, key(j)) * self.scale).collect();
+            let mut own: Vec<f32> = (start..=token).map(|j| dot(qr, key(j)) * self.scale).collect();
             let sr = &scores[r * p..(r + 1) * p];
             let max = sr.iter().map(|v| v * self.scale).chain(own.iter().copied()).fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
@@ -173,7 +173,7 @@ impl candle_core::CustomOp3 for PackedAttention {
                 *o = (v * self.scale - max).exp();
                 sum += *o;
             }
-            let own: Vec<f32> = own.iter().map(|v| (v - max).exp()).collect();
+            own.iter_mut().for_each(|v| *v = (*v - max).exp());
             sum += own.iter().sum::<f32>();
             let inv = 1.0 / sum;
             o[..p].iter_mut().for_each(|v| *v *= inv);

@@ -131,8 +131,7 @@ impl Packing {
 }
 
 impl Attend<'_> {
-    /// The rotary tables for `t` tokens, and the attention of `q`, `k`, `v` (as
-    /// [`ops::causal_attention`] takes them), checked against the context.
+    /// The rotary tables for `t` tokens, checked against the context.
     fn rotary(&self, cos: &Tensor, sin: &Tensor, t: usize, context: usize) -> Result<(Tensor, Tensor)> {
         match self {
             Attend::Causal => {
@@ -146,6 +145,7 @@ impl Attend<'_> {
         }
     }
 
+    /// The attention of `q`, `k`, `v` (as [`ops::causal_attention`] takes them).
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Attend::Causal => ops::causal_attention(q, k, v)?,
@@ -195,6 +195,11 @@ impl Sequence {
     pub fn answer_len(&self) -> usize {
         self.ids.len() - self.answer_start
     }
+
+    /// Each answer token with the position that predicts it (the one before it).
+    pub fn answer_picks(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (self.answer_start..self.ids.len()).map(|p| (p - 1, self.ids[p]))
+    }
 }
 
 /// Where the answer tokens of right-padded sequences are: the padded ids `[b, longest]`, the
@@ -214,8 +219,7 @@ impl AnswerIndex {
                     s.answer_start >= 1 && s.answer_start < s.ids.len(),
                     "a sequence needs a prompt and an answer"
                 );
-                // Position p - 1 predicts token p.
-                Ok((&s.ids[..], (s.answer_start..s.ids.len()).map(|p| (p - 1, s.ids[p])).collect()))
+                Ok((&s.ids[..], s.answer_picks().collect()))
             })
             .collect::<Result<_>>()?;
         Self::from_rows(&rows)

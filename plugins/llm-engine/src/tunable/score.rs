@@ -20,10 +20,7 @@ pub struct Query {
 impl Query {
     /// The answer tokens of a prompt-and-answer sequence (its likelihood).
     pub fn answer(seq: &Sequence) -> Self {
-        Self {
-            picks: (seq.answer_start..seq.ids.len()).map(|p| (p - 1, seq.ids[p])).collect(),
-            ids: seq.ids.clone(),
-        }
+        Self { picks: seq.answer_picks().collect(), ids: seq.ids.clone() }
     }
 
     /// Each of `tokens` as the token after `ids` (e.g. "Yes" and "No" after a prompt).
