@@ -264,7 +264,7 @@ impl Ranker for LlmRanker {
             Some(dir) => ScoreCache::open(&dir.join("scores.bin"), &identity)?,
             None => ScoreCache::in_memory(),
         };
-        if cache.len() > 0 {
+        if !cache.is_empty() {
             self.host.info(format!("llm ranker: {} scores journaled by an earlier process are reused", cache.len()));
         }
         self.loaded = Some(Loaded {

@@ -210,9 +210,12 @@ struct AnswerIndex {
     targets: Tensor,
 }
 
+/// A row of ids and the (position, token) pairs to read off it.
+type PickRow<'a> = (&'a [u32], Vec<(usize, u32)>);
+
 impl AnswerIndex {
     fn new(seqs: &[Sequence]) -> Result<Self> {
-        let rows: Vec<(&[u32], Vec<(usize, u32)>)> = seqs
+        let rows: Vec<PickRow> = seqs
             .iter()
             .map(|s| {
                 ensure!(
@@ -226,7 +229,7 @@ impl AnswerIndex {
     }
 
     /// Rows of ids, each with the (position, token) pairs to read: `log p(token | ids[..=position])`.
-    fn from_rows(rows: &[(&[u32], Vec<(usize, u32)>)]) -> Result<Self> {
+    fn from_rows(rows: &[PickRow]) -> Result<Self> {
         ensure!(!rows.is_empty(), "no sequences");
         let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows.len() * longest);

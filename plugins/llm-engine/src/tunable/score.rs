@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 
 use super::lora::LoraStack;
-use super::{AnswerIndex, Attend, CausalLm, Kv, Packing, Sequence};
+use super::{AnswerIndex, Attend, CausalLm, Kv, Packing, PickRow, Sequence};
 
 /// A sequence and the tokens to read off it: `log p(token | ids[..=position])` for each
 /// `(position, token)` pick.
@@ -88,7 +88,7 @@ pub fn log_probs(
             end += 1;
         }
         let chunk = &order[start..end];
-        let suffix = |i: usize| -> (&[u32], Vec<(usize, u32)>) {
+        let suffix = |i: usize| -> PickRow {
             let q = &queries[i];
             (&q.ids[prefix..], q.picks.iter().map(|&(p, t)| (p - prefix, t)).collect())
         };
