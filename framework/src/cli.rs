@@ -1,9 +1,10 @@
 //! The `recfuse` command line: thin glue over the library.
 
 use crate::config::{ConfigSources, LoadedConfig};
-use crate::pipeline::{self, RunOptions};
+use crate::pipeline::{self, Role, RunOptions};
+use crate::shard::ShardSpec;
 use crate::registry::Registry;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -55,6 +56,31 @@ pub enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Run one shard of the per-user stages: `--shard INDEX/COUNT` (0-based), or `--shard`
+        /// alone to read them from a Slurm array or Kubernetes Indexed Job (docs/scale-out.md).
+        #[arg(long, value_name = "INDEX/COUNT", num_args = 0..=1, default_missing_value = "")]
+        shard: Option<String>,
+        /// Shard count for `--shard` under a Kubernetes Indexed Job (its `completions`;
+        /// default: `run.shards` from the config).
+        #[arg(long, value_name = "COUNT")]
+        shards: Option<usize>,
+    },
+    /// The global stages of a sharded run: merge the shards' knowledge, build instructions,
+    /// tune, fit every ranker (docs/scale-out.md).
+    Prepare {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Run directory (default: run.dir/run.name from the config).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Combine the shards' evaluation into the run's report (docs/scale-out.md).
+    Merge {
+        /// The run directory the shards and `prepare` wrote to.
+        run_dir: PathBuf,
     },
     /// Check a config: every key, every component's own table, every plugin it names.
     Validate {
@@ -102,22 +128,33 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
         }
     };
     match cli.command {
-        Command::Run { config, run_dir, quiet } => {
+        Command::Run { config, run_dir, quiet, shard, shards } => {
             let cfg = config.load()?;
-            let cancel = Arc::new(AtomicBool::new(false));
-            install_ctrlc(cancel.clone());
-            let opts = RunOptions { run_dir, show_progress: !quiet, cancel };
-            let outcome = pipeline::run(&cfg, &opts)?;
-            for (stage, how) in &outcome.stages {
-                writeln!(out, "stage {stage:<24} {}", format!("{how:?}").to_lowercase())?;
+            let role = match shard {
+                None => Role::Whole,
+                Some(s) if s.is_empty() => {
+                    Role::Shard(ShardSpec::from_env(|k| std::env::var(k).ok(), shards.or(cfg.pipeline.run.shards))?)
+                }
+                Some(s) => Role::Shard(s.parse::<ShardSpec>().context("--shard")?),
+            };
+            if let Role::Shard(s) = role {
+                // Components that spend a budget shared by the whole run (an API's rate
+                // limits) read their share from here (docs/plugin-guide.md). Set before any
+                // thread starts.
+                std::env::set_var(recfuse_sdk::SHARD_ENV, s.to_string());
             }
-            if !outcome.reports.is_empty() {
-                writeln!(out, "\n{}", crate::eval::markdown(&outcome.reports))?;
-            }
-            writeln!(out, "run directory: {}", outcome.run_dir.display())?;
-            let failed = outcome.failed();
+            execute(&cfg, RunOptions { run_dir, show_progress: !quiet, role, ..Default::default() }, out)
+        }
+        Command::Prepare { config, run_dir, quiet } => {
+            let cfg = config.load()?;
+            execute(&cfg, RunOptions { run_dir, show_progress: !quiet, role: Role::Prepare, ..Default::default() }, out)
+        }
+        Command::Merge { run_dir } => {
+            let merged = crate::shard::merge_reports(&run_dir)?;
+            writeln!(out, "merged {} shards\n\n{}", merged.shards, crate::eval::markdown(&merged.reports))?;
+            writeln!(out, "run directory: {}", run_dir.display())?;
+            let failed = merged.failed();
             if !failed.is_empty() {
-                // The run finished and reported the others; the status still says it lost results.
                 eprintln!("error: {} model(s) failed: {} (see report.md)", failed.len(), failed.join(", "));
                 return Ok(EXIT_MODEL_FAILED);
             }
@@ -183,6 +220,30 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             Ok(if problems.is_empty() { 0 } else { 1 })
         }
     }
+}
+
+/// Runs (a part of) a pipeline and prints what it did; the exit status says whether a model
+/// failed.
+fn execute(cfg: &LoadedConfig, opts: RunOptions, out: &mut dyn Write) -> Result<i32> {
+    install_ctrlc(opts.cancel.clone());
+    let outcome = pipeline::run(cfg, &opts)?;
+    for (stage, how) in &outcome.stages {
+        writeln!(out, "stage {stage:<24} {}", format!("{how:?}").to_lowercase())?;
+    }
+    if !outcome.reports.is_empty() {
+        writeln!(out, "\n{}", crate::eval::markdown(&outcome.reports))?;
+    }
+    writeln!(out, "run directory: {}", outcome.run_dir.display())?;
+    if let Some(note) = &outcome.note {
+        writeln!(out, "{note}")?;
+    }
+    let failed = outcome.failed();
+    if !failed.is_empty() {
+        // The run finished and reported the others; the status still says it lost results.
+        eprintln!("error: {} model(s) failed: {} (see report.md)", failed.len(), failed.join(", "));
+        return Ok(EXIT_MODEL_FAILED);
+    }
+    Ok(0)
 }
 
 fn install_ctrlc(cancel: Arc<AtomicBool>) {

@@ -40,6 +40,10 @@ pub struct RunSection {
     /// split: quick runs of costly pipelines (LLM fusion) on a known dataset. 0 = every user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_users: Option<usize>,
+    /// Shard count of a sharded run whose index comes from `JOB_COMPLETION_INDEX` (a
+    /// Kubernetes Indexed Job's `completions`); `--shards` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
 }
 fn d_runs() -> PathBuf {
     PathBuf::from("runs")
@@ -694,7 +698,7 @@ pub fn locate(section: &str, serde_path: &str, message: &str) -> (String, String
 
 fn placeholder() -> PipelineConfig {
     PipelineConfig {
-        run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch(), sample_users: None },
+        run: RunSection { name: String::new(), dir: d_runs(), seed: d_seed(), batch_size: d_batch(), sample_users: None, shards: None },
         plugins: PluginsSection::default(),
         source: ComponentSpec { key: "source".into(), kind: String::new(), label: String::new(), rerank: None, settings: Value::Null },
         fusers: vec![],

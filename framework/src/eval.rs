@@ -73,22 +73,6 @@ impl Segment {
         self.negatives.extend_from_slice(negatives);
     }
 
-    /// Adds another part of the same segment (users evaluated on another thread).
-    fn merge(&mut self, other: Segment) {
-        self.users += other.users;
-        for (k, s) in other.sums {
-            match self.sums.iter_mut().find(|(c, _)| *c == k) {
-                Some((_, mine)) => mine.iter_mut().zip(s).for_each(|(a, b)| *a += b),
-                None => self.sums.push((k, s)),
-            }
-        }
-        if let Some(u) = other.uauc {
-            *self.uauc.get_or_insert(0.0) += u;
-        }
-        self.positives.extend(other.positives);
-        self.negatives.extend(other.negatives);
-    }
-
     fn finish(mut self) -> Self {
         let n = self.users.max(1) as f64;
         for (k, [hr, ndcg, mrr]) in std::mem::take(&mut self.sums) {
@@ -210,20 +194,6 @@ fn protocol_name(split: &SplitData, cfg: &EvalSection) -> String {
 }
 
 impl Report {
-    /// A report with the run's protocol and no figures, for a model that failed.
-    pub fn failed_shell(ctx: &EvalContext) -> Report {
-        Report {
-            model: String::new(),
-            protocol: protocol_name(ctx.split, ctx.cfg),
-            items: ctx.split.history.catalog.items.len(),
-            cold_start_max: ctx.cfg.cold_start_max,
-            segments: BTreeMap::new(),
-            reranked: None,
-            seconds_per_user: 0.0,
-            error: None,
-        }
-    }
-
     /// Metric names by family, then cut-off: HR@5, HR@10, NDCG@5, ..., AUC, UAUC.
     pub fn metric_names(&self) -> Vec<String> {
         let mut metrics: Vec<String> = self.segments.get("all").map(|s| s.metrics.keys().cloned().collect()).unwrap_or_default();
@@ -392,7 +362,129 @@ pub struct EvalContext<'a> {
     pub batch_size: usize,
 }
 
-/// Scores `users` in batches under the configured protocol and accumulates the metrics.
+/// One evaluated user: everything its metrics come from. Evaluation journals these
+/// (`reports/<label>.outcomes.jsonl`), so an interrupted evaluation resumes, and the reports of
+/// a sharded run are computed from the shards' outcomes exactly as from an unsharded run's.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Outcome {
+    pub user: UserIdx,
+    /// Rank of the test item among the candidates (0 = first).
+    pub rank: usize,
+    /// At most `cold_start_max` train events.
+    pub cold: bool,
+    /// Score of the test item, and of the sampled negatives (AUC, UAUC).
+    #[serde(with = "json_f32")]
+    pub positive: f32,
+    #[serde(with = "json_f32s")]
+    pub negatives: Vec<f32>,
+    /// Wall time of scoring, the user's share of its batch.
+    pub seconds: f64,
+}
+
+/// What a report says besides its figures: the run's protocol and the catalog size.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReportFrame {
+    pub protocol: String,
+    pub items: usize,
+    pub cold_start_max: usize,
+    pub ks: Vec<usize>,
+}
+
+impl ReportFrame {
+    pub fn new(split: &SplitData, cfg: &EvalSection) -> Self {
+        Self { protocol: protocol_name(split, cfg), items: split.history.catalog.items.len(), cold_start_max: cfg.cold_start_max, ks: cfg.ks.clone() }
+    }
+
+    /// The report of `outcomes`, accumulated in user order whatever order they came in (from
+    /// batches, resumed journals or shards), so the same outcomes always give the same figures
+    /// to the last bit.
+    pub fn report(&self, model: &str, reranked: Option<RerankInfo>, outcomes: &mut [Outcome]) -> Report {
+        outcomes.sort_by_key(|o| o.user);
+        let (mut all, mut cold, mut warm) = (Segment::default(), Segment::default(), Segment::default());
+        for o in outcomes.iter() {
+            for seg in [&mut all, if o.cold { &mut cold } else { &mut warm }] {
+                seg.add(o.rank, &self.ks);
+                seg.add_pairs(o.positive, &o.negatives);
+            }
+        }
+        let seconds: f64 = outcomes.iter().map(|o| o.seconds).sum();
+        Report {
+            model: model.to_string(),
+            protocol: self.protocol.clone(),
+            items: self.items,
+            cold_start_max: self.cold_start_max,
+            segments: BTreeMap::from([("all".to_string(), all.finish()), ("cold".to_string(), cold.finish()), ("warm".to_string(), warm.finish())]),
+            reranked,
+            seconds_per_user: seconds / outcomes.len().max(1) as f64,
+            error: None,
+        }
+    }
+
+    /// A report with the run's protocol and no figures, for a model that failed.
+    pub fn failed(&self, model: &str, error: String) -> Report {
+        Report {
+            model: model.to_string(),
+            protocol: self.protocol.clone(),
+            items: self.items,
+            cold_start_max: self.cold_start_max,
+            segments: BTreeMap::new(),
+            reranked: None,
+            seconds_per_user: 0.0,
+            error: Some(error),
+        }
+    }
+}
+
+/// Scores as JSON numbers; a ranker may score an item `-inf` (never), which JSON has no number
+/// for: infinities are written as the strings "inf" and "-inf".
+mod json_f32 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    pub enum Repr {
+        Number(f32),
+        Text(String),
+    }
+    pub fn to_repr(x: f32) -> Repr {
+        if x.is_finite() {
+            Repr::Number(x)
+        } else {
+            Repr::Text(if x > 0.0 { "inf" } else if x < 0.0 { "-inf" } else { "nan" }.into())
+        }
+    }
+    pub fn from_repr<E: serde::de::Error>(r: Repr) -> Result<f32, E> {
+        match r {
+            Repr::Number(x) => Ok(x),
+            Repr::Text(t) => match t.as_str() {
+                "inf" => Ok(f32::INFINITY),
+                "-inf" => Ok(f32::NEG_INFINITY),
+                "nan" => Ok(f32::NAN),
+                _ => Err(E::custom(format!("`{t}` is not a score"))),
+            },
+        }
+    }
+    pub fn serialize<S: Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+        to_repr(*x).serialize(s)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        from_repr(Repr::deserialize(d)?)
+    }
+}
+
+mod json_f32s {
+    use super::json_f32::{from_repr, to_repr, Repr};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(xs: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(xs.iter().map(|&x| to_repr(x)))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        Vec::<Repr>::deserialize(d)?.into_iter().map(from_repr).collect()
+    }
+}
+
+/// Scores `users` in batches under the configured protocol and returns the report.
 /// `negatives[i]` are the sampled negatives of `users[i]`.
 pub fn evaluate(
     ranker: &RankerHandle,
@@ -405,6 +497,27 @@ pub fn evaluate(
     batch_size: usize,
     mut on_batch: impl FnMut(usize) -> Result<()>,
 ) -> Result<Report> {
+    let mut outcomes = Vec::with_capacity(users.len());
+    evaluate_outcomes(ranker, first_stage, label, split, cfg, users, negatives, batch_size, |batch| {
+        outcomes.extend_from_slice(batch);
+        on_batch(batch.len())
+    })?;
+    Ok(ReportFrame::new(split, cfg).report(label, first_stage.map(|(_, info)| info.clone()), &mut outcomes))
+}
+
+/// Scores `users` in batches under the configured protocol, handing each batch's outcomes to
+/// `on_batch` (which journals them, or stops the run by returning an error).
+pub fn evaluate_outcomes(
+    ranker: &RankerHandle,
+    first_stage: Option<(&RankerHandle, &RerankInfo)>,
+    label: &str,
+    split: &SplitData,
+    cfg: &EvalSection,
+    users: &[UserIdx],
+    negatives: &[Vec<ItemIdx>],
+    batch_size: usize,
+    mut on_batch: impl FnMut(&[Outcome]) -> Result<()>,
+) -> Result<()> {
     let n_items = split.train.catalog.items.len();
     let all_items: Vec<ItemIdx> = (0..n_items as u32).collect();
     let per_user = match cfg.protocol {
@@ -414,14 +527,13 @@ pub fn evaluate(
     let mut scores = vec![0f32; batch_size * per_user];
     let mut candidates: Vec<ItemIdx> = Vec::with_capacity(batch_size * per_user);
     let no_mask = vec![false; per_user];
-    let (mut all, mut cold, mut warm) = (Segment::default(), Segment::default(), Segment::default());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut second: Vec<f32> = Vec::new();
     let mut second_items: Vec<ItemIdx> = Vec::new();
     let mut tops: Vec<Vec<usize>> = Vec::new();
-    let started = std::time::Instant::now();
     let mut masked = vec![false; n_items];
     for (chunk_no, chunk) in users.chunks(batch_size).enumerate() {
+        let started = std::time::Instant::now();
         let negs = &negatives[chunk_no * batch_size..chunk_no * batch_size + chunk.len()];
         let out = &mut scores[..chunk.len() * per_user];
         // Without reranking the ranker scores every candidate; with it, the first stage does.
@@ -488,8 +600,8 @@ pub fn evaluate(
         // Ranking the rows is the host's own work: spread it over every core.
         let out: &[f32] = out;
         let scorer_name = &scorer.provenance.name;
-        let rank_rows = |rows: std::ops::Range<usize>| -> Result<[Segment; 3]> {
-            let mut segs: [Segment; 3] = Default::default(); // all, cold, warm
+        let rank_rows = |rows: std::ops::Range<usize>| -> Result<Vec<Outcome>> {
+            let mut outcomes = Vec::with_capacity(rows.len());
             let mut masked = vec![false; n_items];
             let mut neg_scores: Vec<f32> = Vec::new();
             for row in rows {
@@ -515,43 +627,26 @@ pub fn evaluate(
                         (rank_of(s, 0, &no_mask), s[0])
                     }
                 };
-                let which = if history.len() <= cfg.cold_start_max { 1 } else { 2 };
-                for i in [0, which] {
-                    segs[i].add(rank, &cfg.ks);
-                    segs[i].add_pairs(positive, &neg_scores);
-                }
+                let cold = history.len() <= cfg.cold_start_max;
+                outcomes.push(Outcome { user: u, rank, cold, positive, negatives: neg_scores.clone(), seconds: 0.0 });
             }
-            Ok(segs)
+            Ok(outcomes)
         };
         let parts = threads.min(chunk.len()).max(1);
         let bounds: Vec<std::ops::Range<usize>> = (0..parts).map(|p| p * chunk.len() / parts..(p + 1) * chunk.len() / parts).collect();
-        let results: Vec<Result<[Segment; 3]>> = std::thread::scope(|scope| {
+        let results: Vec<Result<Vec<Outcome>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = bounds.into_iter().map(|r| scope.spawn(move || rank_rows(r))).collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("evaluation thread panicked")))).collect()
         });
+        let mut outcomes = Vec::with_capacity(chunk.len());
         for part in results {
-            let [a, c, w] = part?;
-            all.merge(a);
-            cold.merge(c);
-            warm.merge(w);
+            outcomes.extend(part?);
         }
-
-        on_batch(chunk.len())?;
+        let share = started.elapsed().as_secs_f64() / chunk.len() as f64;
+        outcomes.iter_mut().for_each(|o| o.seconds = share);
+        on_batch(&outcomes)?;
     }
-    let mut segments = BTreeMap::new();
-    segments.insert("all".to_string(), all.finish());
-    segments.insert("cold".to_string(), cold.finish());
-    segments.insert("warm".to_string(), warm.finish());
-    Ok(Report {
-        model: label.to_string(),
-        protocol: protocol_name(split, cfg),
-        items: n_items,
-        cold_start_max: cfg.cold_start_max,
-        segments,
-        reranked: first_stage.map(|(_, info)| info.clone()),
-        seconds_per_user: started.elapsed().as_secs_f64() / users.len().max(1) as f64,
-        error: None,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod registry;
 pub mod runstore;
+pub mod shard;
 #[cfg(feature = "local-llm")]
 pub mod serve_llm;
 pub mod split;

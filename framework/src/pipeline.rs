@@ -10,6 +10,8 @@ use crate::host::{HostServices, Progress, TaskTable, Tasks};
 use crate::knowledge::KnowledgeBase;
 use crate::registry::Registry;
 use crate::runstore::*;
+use crate::shard::{self, Plan, PlannedRanker, ShardSpec};
+use crate::eval::RerankInfo;
 use crate::split::split_dataset;
 use crate::stages::{self, Runner};
 use anyhow::{bail, Context, Result};
@@ -31,11 +33,35 @@ pub struct RunOptions {
     pub show_progress: bool,
     /// Set to ask the run to stop at the next batch boundary (Ctrl-C).
     pub cancel: Arc<AtomicBool>,
+    /// The whole run, or a part of a sharded one ([`crate::shard`]).
+    pub role: Role,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { run_dir: None, show_progress: false, cancel: Arc::new(AtomicBool::new(false)) }
+        Self { run_dir: None, show_progress: false, cancel: Arc::new(AtomicBool::new(false)), role: Role::Whole }
+    }
+}
+
+/// What a process does of a run (docs/scale-out.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Every stage, every user.
+    Whole,
+    /// The per-user stages for the users of one shard: fusion, and once the run is prepared,
+    /// evaluation.
+    Shard(ShardSpec),
+    /// The global stages: merge the shards' knowledge, build instructions, tune, fit rankers.
+    Prepare,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Whole => f.write_str("whole"),
+            Role::Shard(s) => write!(f, "shard {s}"),
+            Role::Prepare => f.write_str("prepare"),
+        }
     }
 }
 
@@ -49,6 +75,8 @@ pub struct RunOutcome {
     pub stages: Vec<(String, StageStart)>,
     /// Rankers this process needed, and whether each was fitted or restored from its save.
     pub models: Vec<(String, stages::rank::ModelStart)>,
+    /// What to do next, for the parts of a sharded run.
+    pub note: Option<String>,
 }
 
 impl RunOutcome {
@@ -309,6 +337,8 @@ pub struct Manifest {
     recfuse_version: &'static str,
     sdk_abi: String,
     run: String,
+    /// `whole`, `prepare` or `shard i/n`.
+    role: String,
     seed: u64,
     config_files: Vec<FileHash>,
     inputs: Vec<FileHash>,
@@ -331,10 +361,95 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunOutcome> {
     run_with(cfg, &registry, opts)
 }
 
+/// The key of every stage of a run: a hash of everything its outputs depend on, chained, so a
+/// change reruns that stage and every stage after it. Computed before any stage runs, so a
+/// shard can tell whether the run was prepared with its own config.
+struct StageKeys {
+    fuse: Option<String>,
+    instructions: Option<String>,
+    tune: Option<String>,
+    /// Per ranker, in config order.
+    fit: Vec<String>,
+    evaluate: Vec<String>,
+    /// All of the above.
+    plan: String,
+}
+
+impl StageKeys {
+    fn compute(p: &PipelineConfig, c: &Components, dataset_sha: &str) -> Result<Self> {
+        let version_of = |prov: &Provenance| prov.code_identity();
+        let spec_json = |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();
+        let split_json = serde_json::to_string(&p.split)?;
+        // Every stage's key chains from this one, so a new seed (negatives, sampling, training)
+        // reruns everything after the split.
+        let mut key = hash_parts(&[dataset_sha.as_bytes(), split_json.as_bytes(), &p.run.seed.to_le_bytes()]);
+        let mut fuse = None;
+        if !c.fusers.is_empty() {
+            let parts: Vec<String> = p.fusers.iter().zip(&c.fusers).map(|(s, f)| format!("{}|{}", spec_json(s), version_of(&f.provenance))).collect();
+            key = hash_parts(&[key.as_bytes(), b"fuse", parts.join("\n").as_bytes()]);
+            fuse = Some(key.clone());
+        }
+        let mut instructions = None;
+        if !c.instructions.is_empty() {
+            let parts: Vec<String> = p
+                .instructions
+                .iter()
+                .zip(&c.instructions)
+                .map(|(s, (task, b))| format!("{task}|{}|{}", spec_json(s), version_of(&b.lock().expect("builder lock").provenance)))
+                .collect();
+            key = hash_parts(&[key.as_bytes(), b"instructions", parts.join("\n").as_bytes(), &p.run.seed.to_le_bytes()]);
+            instructions = Some(key.clone());
+        }
+        let mut tune = None;
+        if let (Some(spec), Some(tuner)) = (&p.tuner, c.tuner.as_ref()) {
+            key = hash_parts(&[key.as_bytes(), b"tune", spec_json(spec).as_bytes(), version_of(&tuner.provenance).as_bytes()]);
+            tune = Some(key.clone());
+        }
+        let fit: Vec<String> = p
+            .rankers
+            .iter()
+            .zip(&c.rankers)
+            .map(|(spec, handle)| {
+                hash_parts(&[key.as_bytes(), b"fit", spec_json(spec).as_bytes(), version_of(&handle.provenance).as_bytes(), &p.run.seed.to_le_bytes()])
+            })
+            .collect();
+        let eval_json = serde_json::to_string(&p.eval)?;
+        let evaluate: Vec<String> = p
+            .rankers
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let first_key = spec
+                    .rerank
+                    .as_ref()
+                    .map(|rr| {
+                        let f = p.rankers.iter().position(|s| s.label == rr.from).expect("checked by config");
+                        format!("{}|{}", fit[f], rr.top)
+                    })
+                    .unwrap_or_default();
+                hash_parts(&[fit[i].as_bytes(), b"evaluate", eval_json.as_bytes(), first_key.as_bytes()])
+            })
+            .collect();
+        let all: Vec<&str> = fuse.iter().chain(&instructions).chain(&tune).chain(&fit).chain(&evaluate).map(|s| s.as_str()).collect();
+        let plan = hash_parts(&[key.as_bytes(), all.join("|").as_bytes()]);
+        Ok(Self { fuse, instructions, tune, fit, evaluate, plan })
+    }
+}
+
 pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> Result<RunOutcome> {
     let p = &cfg.pipeline;
     let root = opts.run_dir.clone().unwrap_or_else(|| p.run.dir.join(&p.run.name));
-    let run = RunDir::create(root)?;
+    let shard = match opts.role {
+        Role::Shard(s) => Some(s),
+        _ => None,
+    };
+    // A shard works in its own directory (its journals, components and manifest), and reads
+    // what `prepare` left in the run directory.
+    let main = RunDir::create(root.clone())?;
+    let run = match shard {
+        Some(s) => RunDir::create(s.dir(&root))?,
+        None => RunDir::create(root.clone())?,
+    };
     let redacted = cfg.redacted();
     let resolved = toml::to_string_pretty(&redacted).unwrap_or_else(|_| serde_json::to_string_pretty(&redacted).unwrap_or_default());
     write_atomic(&run.path("config.resolved.toml"), resolved.as_bytes())?;
@@ -365,6 +480,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         recfuse_version: env!("CARGO_PKG_VERSION"),
         sdk_abi: recfuse_sdk::SDK_ABI_VERSION.to_string(),
         run: p.run.name.clone(),
+        role: opts.role.to_string(),
         seed: p.run.seed,
         config_files,
         inputs: vec![],
@@ -374,7 +490,8 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         tuner: None,
         usage: BTreeMap::new(),
     };
-    let mut r = Runner { cfg, run, opts, progress, manifest, stages: vec![] };
+    let prepared_dir = shard.map(|_| main.root.clone());
+    let mut r = Runner { cfg, run, opts, progress, manifest, stages: vec![], prepared: prepared_dir };
 
     // Source: always read (cheap next to the stages after it); its content hash keys the rest.
     let t = Instant::now();
@@ -402,55 +519,70 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         seconds = t.elapsed().as_secs_f64(),
         "loaded dataset"
     );
-    let users = eval::pick_users(&split, p.eval.max_users);
+    let all_users = eval::pick_users(&split, p.eval.max_users);
+    let users: Vec<UserIdx> = match shard {
+        Some(s) => all_users.iter().copied().filter(|&u| s.owns(&dataset.catalog.users[u as usize].id)).collect(),
+        None => all_users.clone(),
+    };
     check_costs(cfg, &c.rankers, users.len(), dataset.catalog.items.len())?;
     // From here on rankers may ask the host to render their task's prompts.
     tasks.set(Tasks::new(c.instructions.clone(), split.history.clone()));
+    let keys = StageKeys::compute(p, &c, &r.manifest.dataset.sha256)?;
 
-    let version_of = |prov: &Provenance| prov.code_identity();
-    let spec_json = |s: &ComponentSpec| serde_json::to_string(&(&s.kind, &s.settings)).unwrap_or_default();
-    let split_json = serde_json::to_string(&p.split)?;
-    // Every stage's key chains from this one, so a new seed (negatives, sampling, training)
-    // reruns everything after the split.
-    let mut key = hash_parts(&[r.manifest.dataset.sha256.as_bytes(), split_json.as_bytes(), &p.run.seed.to_le_bytes()]);
-
-    if !c.fusers.is_empty() {
-        let parts: Vec<String> =
-            p.fusers.iter().zip(&c.fusers).map(|(s, f)| format!("{}|{}", spec_json(s), version_of(&f.provenance))).collect();
-        key = hash_parts(&[key.as_bytes(), b"fuse", parts.join("\n").as_bytes()]);
+    if let Some(key) = &keys.fuse {
         let batch = p.run.batch_size;
-        r.stage("fuse", &key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch))?;
+        match opts.role {
+            Role::Whole => r.stage("fuse", key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch, None))?,
+            Role::Shard(s) if !main.is_done("fuse", key) => {
+                r.stage("fuse", key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch, Some(s)))?
+            }
+            Role::Shard(_) => tracing::info!(stage = "fuse", "merged into the run directory by `prepare`, skipped"),
+            Role::Prepare if !main.is_done("fuse", key) => {
+                shard::merge_knowledge(&r.run, key, batch).context(
+                    "prepare merges the knowledge the shards fused: run `recfuse run CONFIG --shard i/n` for every shard first (or the whole run unsharded: `recfuse run CONFIG`)",
+                )?;
+            }
+            Role::Prepare => tracing::info!(stage = "fuse", "shards already merged, skipped"),
+        }
         r.record_usage()?;
+    }
+    // A shard goes past fusion only once `prepare` has run the global stages with its keys.
+    if let Some(s) = shard {
+        match Plan::read(&main.root)? {
+            Some(plan) if plan.key == keys.plan => {}
+            Some(_) => bail!(
+                "{} was prepared with another config or dataset than shard {s} runs with: run `recfuse prepare` with this config again (or use another run directory)",
+                main.root.display()
+            ),
+            None => {
+                r.save_manifest()?;
+                let note = format!("shard {s} is done until the run is prepared: next `recfuse prepare CONFIG` (once every shard is here), then this command again to evaluate");
+                return Ok(RunOutcome { run_dir: r.run.root.clone(), reports: vec![], stages: r.stages, models: vec![], note: Some(note) });
+            }
+        }
     }
     // Read at most once, and only if a stage after fusion runs.
     let knowledge_cell = std::cell::OnceCell::new();
-    let run_root = r.run.root.clone();
     let knowledge = || -> Result<&KnowledgeBase> {
         if knowledge_cell.get().is_none() {
-            let _ = knowledge_cell.set(KnowledgeBase::load(&run_root)?);
+            let _ = knowledge_cell.set(KnowledgeBase::load(&main.root)?);
         }
         Ok(knowledge_cell.get().expect("just set"))
     };
 
-    if !c.instructions.is_empty() {
-        let parts: Vec<String> = p
-            .instructions
-            .iter()
-            .zip(&c.instructions)
-            .map(|(s, (task, b))| format!("{task}|{}|{}", spec_json(s), version_of(&b.lock().expect("builder lock").provenance)))
-            .collect();
-        key = hash_parts(&[key.as_bytes(), b"instructions", parts.join("\n").as_bytes(), &p.run.seed.to_le_bytes()]);
+    if let (Some(key), None) = (&keys.instructions, shard) {
         let seed = derive_seed(p.run.seed, "negatives");
-        r.stage("instructions", &key, &[stages::instructions::OUTPUT], |r, _| {
+        r.stage("instructions", key, &[stages::instructions::OUTPUT], |r, _| {
             stages::instructions::run(r, &c.instructions, &split, &dataset, knowledge()?, seed)
         })?;
     }
 
     let mut artifact: Option<Artifact> = None;
-    if let (Some(spec), Some(tuner)) = (&p.tuner, c.tuner.as_mut()) {
-        key = hash_parts(&[key.as_bytes(), b"tune", spec_json(spec).as_bytes(), version_of(&tuner.provenance).as_bytes()]);
-        r.stage("tune", &key, &stages::tune::OUTPUTS, |r, _| stages::tune::run(r, tuner, &split.history, knowledge()?))?;
-        let a = stages::tune::artifact(&r)?;
+    if let (Some(key), Some(tuner)) = (&keys.tune, c.tuner.as_mut()) {
+        if shard.is_none() {
+            r.stage("tune", key, &stages::tune::OUTPUTS, |r, _| stages::tune::run(r, tuner, &split.history, knowledge()?))?;
+        }
+        let a = stages::tune::artifact(&main.root)?;
         let meta: serde_json::Value = serde_json::from_str(&a.meta).unwrap_or(serde_json::Value::String(a.meta.clone()));
         r.manifest.tuner = Some(serde_json::json!({"kind": a.kind, "path": a.path, "meta": meta}));
         r.save_manifest()?;
@@ -461,9 +593,9 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     let mut reports = Vec::new();
     let mut models = Vec::new();
     if !c.rankers.is_empty() {
-        let eval_json = serde_json::to_string(&p.eval)?;
         let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
         let ctx = eval::EvalContext { split: &split, cfg: &p.eval, users: &users, negatives: &negatives, batch_size: p.run.batch_size };
+        let frame = eval::ReportFrame::new(&split, &p.eval);
         // Validation targets for rankers that select on them (never the test items).
         let (valid_users, valid_items): (Vec<UserIdx>, Vec<ItemIdx>) = (0..split.targets.len() as u32)
             .filter(|&u| split.targets[u as usize].valid != NONE)
@@ -473,42 +605,59 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             .rankers
             .iter()
             .zip(std::mem::take(&mut c.rankers))
-            .map(|(spec, handle)| stages::rank::RankerSlot {
-                label: spec.label.clone(),
-                fit_key: hash_parts(&[
-                    key.as_bytes(),
-                    b"fit",
-                    spec_json(spec).as_bytes(),
-                    version_of(&handle.provenance).as_bytes(),
-                    &p.run.seed.to_le_bytes(),
-                ]),
-                handle,
-                obtained: None,
-            })
+            .zip(&keys.fit)
+            .map(|((spec, handle), fit_key)| stages::rank::RankerSlot { label: spec.label.clone(), fit_key: fit_key.clone(), handle, obtained: None })
             .collect();
+        let kb = knowledge()?;
+        let fit_data = FitData {
+            train: &split.train,
+            context: &split.context,
+            knowledge: &kb.users,
+            item_knowledge: &kb.items,
+            artifact: artifact.as_ref(),
+            model_dir: None,
+            valid_users: &valid_users,
+            valid_items: &valid_items,
+        };
+        let rerank_of = |spec: &ComponentSpec, slots: &[stages::rank::RankerSlot]| {
+            spec.rerank.as_ref().map(|rr| (slots.iter().position(|s| s.label == rr.from).expect("checked by config"), rr.top))
+        };
+        if opts.role == Role::Prepare {
+            // Every ranker fitted and saved once, for the shards to restore.
+            for slot in slots.iter_mut() {
+                stages::rank::ensure_fitted(&r, slot, &fit_data).with_context(|| format!("ranker `{}`", slot.label))?;
+            }
+            let plan = Plan {
+                key: keys.plan.clone(),
+                frame,
+                users: all_users.len(),
+                users_sha256: Plan::users_hash(&all_users),
+                rankers: p
+                    .rankers
+                    .iter()
+                    .zip(&keys.evaluate)
+                    .map(|(spec, key)| PlannedRanker {
+                        label: spec.label.clone(),
+                        key: key.clone(),
+                        reranked: spec.rerank.as_ref().map(|rr| RerankInfo { from: rr.from.clone(), top: rr.top }),
+                    })
+                    .collect(),
+                skipped_lines: dataset.skipped,
+            };
+            plan.write(&r.run.root)?;
+            models = slots.iter().filter_map(|s| Some((s.label.clone(), s.obtained?))).collect();
+            r.save_manifest()?;
+            let note = "prepared: next `recfuse run CONFIG --shard i/n` for every shard, then `recfuse merge RUN_DIR`".to_string();
+            return Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models, note: Some(note) });
+        }
         std::fs::create_dir_all(r.run.path("reports"))?;
         for (i, spec) in p.rankers.iter().enumerate() {
-            let first = spec.rerank.as_ref().map(|rr| {
-                let f = slots.iter().position(|s| s.label == rr.from).expect("checked by config");
-                (f, rr.top)
-            });
+            let first = rerank_of(spec, &slots);
             let stage = format!("evaluate.{}", spec.label);
             let json_name = format!("reports/{}.json", spec.label);
-            let first_key = first.map(|(f, top)| format!("{}|{top}", slots[f].fit_key)).unwrap_or_default();
-            let stage_key = hash_parts(&[slots[i].fit_key.as_bytes(), b"evaluate", eval_json.as_bytes(), first_key.as_bytes()]);
-            let evaluated = r.stage(&stage, &stage_key, &[&json_name], |r, _| {
-                let kb = knowledge()?;
-                let fit_data = FitData {
-                    train: &split.train,
-                    context: &split.context,
-                    knowledge: &kb.users,
-                    item_knowledge: &kb.items,
-                    artifact: artifact.as_ref(),
-                    model_dir: None,
-                    valid_users: &valid_users,
-                    valid_items: &valid_items,
-                };
-                let rep = stages::rank::evaluate(r, &mut slots, i, first, &fit_data, &ctx)?;
+            let outcomes_name = format!("reports/{}.outcomes.jsonl", spec.label);
+            let evaluated = r.stage(&stage, &keys.evaluate[i], &[&json_name, &outcomes_name], |r, _| {
+                let rep = stages::rank::evaluate(r, &mut slots, i, first, &fit_data, &ctx, &r.run.path(&outcomes_name))?;
                 write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&rep)?.as_bytes())
             });
             // A model that fails (or panics) is reported as failed; the others still run.
@@ -516,26 +665,44 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             if let Err(e) = evaluated {
                 r.check_cancel()?;
                 tracing::error!(ranker = spec.label.as_str(), "model failed: {e:#}");
-                reports.push(Report { model: spec.label.clone(), error: Some(format!("{e:#}")), ..Report::failed_shell(&ctx) });
+                let failed = frame.failed(&spec.label, format!("{e:#}"));
+                if shard.is_some() {
+                    // For `merge`, which reports the model as failed with the shard's reason.
+                    write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&failed)?.as_bytes())?;
+                }
+                reports.push(failed);
                 continue;
             }
             let text = std::fs::read_to_string(r.run.path(&json_name)).with_context(|| format!("reading {json_name}"))?;
             reports.push(serde_json::from_str::<Report>(&text).with_context(|| json_name.clone())?);
         }
         models = slots.iter().filter_map(|s| Some((s.label.clone(), s.obtained?))).collect();
-        write_atomic(&r.run.path("report.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
-        let mut md = eval::markdown(&reports);
-        if dataset.skipped > 0 {
-            md.push_str(&format!("\nThe source skipped {} malformed line(s) (lenient mode); see the log.\n", dataset.skipped));
-        }
-        write_atomic(&r.run.path("report.md"), md.as_bytes())?;
-        if let Err(e) = crate::plot::comparison_chart(&reports, &r.run.path("report.png")) {
-            tracing::warn!("no chart: {e:#}");
+        match shard {
+            None => write_run_reports(&r.run, &reports, dataset.skipped)?,
+            Some(s) => {
+                r.save_manifest()?;
+                let note = format!("shard {s} evaluated {} users: `recfuse merge {}` once every shard is done", users.len(), main.root.display());
+                return Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models, note: Some(note) });
+            }
         }
     }
 
     r.save_manifest()?;
-    Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models })
+    Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models, note: None })
+}
+
+/// The run's `report.json`, `report.md` and `report.png` from every ranker's report.
+pub fn write_run_reports(run: &RunDir, reports: &[Report], skipped_lines: u64) -> Result<()> {
+    write_atomic(&run.path("report.json"), serde_json::to_string_pretty(reports)?.as_bytes())?;
+    let mut md = eval::markdown(reports);
+    if skipped_lines > 0 {
+        md.push_str(&format!("\nThe source skipped {skipped_lines} malformed line(s) (lenient mode); see the log.\n"));
+    }
+    write_atomic(&run.path("report.md"), md.as_bytes())?;
+    if let Err(e) = crate::plot::comparison_chart(reports, &run.path("report.png")) {
+        tracing::warn!("no chart: {e:#}");
+    }
+    Ok(())
 }
 
 /// The source's dataset as the run uses it: the seeded user sample (`run.sample_users`), and

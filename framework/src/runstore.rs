@@ -69,6 +69,17 @@ impl RunDir {
         Ok(Self { root })
     }
 
+    /// An existing run directory.
+    pub fn open(root: PathBuf) -> Result<Self> {
+        anyhow::ensure!(root.is_dir(), "{} is not a run directory", root.display());
+        Ok(Self { root })
+    }
+
+    /// Whether `stage` finished under `key`.
+    pub fn is_done(&self, stage: &str, key: &str) -> bool {
+        self.state(stage).is_some_and(|s| s.done && s.key == key)
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }

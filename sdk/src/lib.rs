@@ -47,6 +47,20 @@ pub use host::{Cancelled, Host, Progress};
 pub use records::*;
 pub use rng::SeededRng;
 
+/// The environment variable a sharded run (`recfuse run --shard i/n`) sets to `INDEX/COUNT`
+/// before it builds its components. A component that spends a budget shared by the whole run,
+/// such as an API's rate limits, takes its share from it ([`shard_count`]).
+pub const SHARD_ENV: &str = "RECFUSE_SHARD";
+
+/// How many processes share this run's work: the count of `RECFUSE_SHARD`, 1 when unsharded.
+pub fn shard_count() -> usize {
+    std::env::var(SHARD_ENV)
+        .ok()
+        .and_then(|v| v.split_once('/').and_then(|(_, n)| n.trim().parse::<usize>().ok()))
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
+}
+
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::component::{BehaviorSource, InstructionBuilder, KnowledgeFuser, Ranker, Tuner};

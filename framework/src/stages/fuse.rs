@@ -5,6 +5,7 @@ use super::Runner;
 use crate::handles::{FuserHandle, ViewData};
 use crate::knowledge::{latest_records, write_batch_vectors, KnowledgeRecord, Side};
 use crate::runstore::Journal;
+use crate::shard::ShardSpec;
 use anyhow::{bail, Result};
 use recfuse_sdk::records::*;
 use std::collections::{BTreeMap, HashSet};
@@ -12,13 +13,15 @@ use std::collections::{BTreeMap, HashSet};
 /// The stage's outputs, for its key check.
 pub const OUTPUTS: [&str; 2] = ["knowledge.jsonl", "item_knowledge.jsonl"];
 
-pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch: usize) -> Result<()> {
+/// Fuses every user and item, or those of `shard` (by id) in a sharded run.
+pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch: usize, shard: Option<ShardSpec>) -> Result<()> {
     for f in fusers.iter_mut() {
         f.prepare(history)?;
     }
     let catalog = &history.catalog;
     let names: Vec<String> = fusers.iter().map(|f| f.provenance.name.clone()).collect();
-    let users: Vec<(u32, String)> = catalog.users.iter().enumerate().map(|(i, u)| (i as u32, u.id.clone())).collect();
+    let mine = |id: &str| shard.is_none_or(|s| s.owns(id));
+    let users: Vec<(u32, String)> = catalog.users.iter().enumerate().filter(|(_, u)| mine(&u.id)).map(|(i, u)| (i as u32, u.id.clone())).collect();
     let failed = fuse_side(r, Side::Users, &users, batch, |users| {
         let mut out: Vec<Vec<(u32, String, Vec<NamedVector>)>> = Vec::new();
         for f in fusers.iter_mut() {
@@ -39,7 +42,7 @@ pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch
             first.errors.join("; ")
         );
     }
-    let items: Vec<(u32, String)> = catalog.items.iter().enumerate().map(|(i, it)| (i as u32, it.id.clone())).collect();
+    let items: Vec<(u32, String)> = catalog.items.iter().enumerate().filter(|(_, it)| mine(&it.id)).map(|(i, it)| (i as u32, it.id.clone())).collect();
     fuse_side(r, Side::Items, &items, batch, |items| {
         let mut out = Vec::new();
         for f in fusers.iter_mut() {

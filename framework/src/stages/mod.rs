@@ -24,6 +24,9 @@ pub struct Runner<'a> {
     pub progress: Progress,
     pub manifest: Manifest,
     pub stages: Vec<(String, StageStart)>,
+    /// For a shard: the run directory `prepare` left its global outputs in (the shard's own
+    /// outputs go to `run`).
+    pub prepared: Option<std::path::PathBuf>,
 }
 
 impl Runner<'_> {

@@ -7,12 +7,14 @@
 //! directory first, so checkpoints of another configuration are never resumed.
 
 use super::Runner;
-use crate::eval::{self, RerankInfo, Report};
+use crate::eval::{self, Outcome, RerankInfo, Report};
 use crate::handles::{FitData, RankerHandle};
-use crate::runstore::write_atomic;
+use crate::runstore::{write_atomic, Journal};
 use anyhow::{Context, Result};
+use recfuse_sdk::records::{ItemIdx, UserIdx};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -52,9 +54,25 @@ pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> R
         return Ok(());
     }
     let dir = model_dir(r, &slot.label);
+    let read_state = |dir: &Path| -> Option<FitState> { std::fs::read_to_string(dir.join("fit.json")).ok().and_then(|t| serde_json::from_str(&t).ok()) };
     let state_path = dir.join("fit.json");
-    let state: Option<FitState> = std::fs::read_to_string(&state_path).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let state = read_state(&dir);
     let data = FitData { model_dir: Some(&dir), ..*data };
+    if let Some(prepared) = &r.prepared {
+        // A shard restores what `prepare` saved (its own journals, e.g. the llm ranker's
+        // scores, stay in the shard's directory); a ranker that cannot save is fitted here.
+        let saved_dir = prepared.join("rankers").join(&slot.label);
+        match read_state(&saved_dir) {
+            Some(s) if s.key == slot.fit_key && s.saved => {
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                anyhow::ensure!(slot.handle.load(&data, &saved_dir)?, "ranker `{}` could not load the model `prepare` saved in {}", slot.label, saved_dir.display());
+                slot.obtained = Some(ModelStart::Restored);
+                return Ok(());
+            }
+            Some(s) if s.key == slot.fit_key => {}
+            _ => anyhow::bail!("ranker `{}` was not fitted by `recfuse prepare` with this config (no matching {}/fit.json)", slot.label, saved_dir.display()),
+        }
+    }
     match state {
         Some(s) if s.key == slot.fit_key && s.saved => {
             let t = Instant::now();
@@ -82,7 +100,9 @@ pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> R
     Ok(())
 }
 
-/// Evaluates `slots[i]`, reranking the top of `first` (an earlier slot) when given.
+/// Evaluates `slots[i]`, reranking the top of `first` (an earlier slot) when given. Every
+/// batch's outcomes are journaled in `outcomes` first: a rerun evaluates only the users not
+/// there yet (and fits nothing when none are left). The report covers every user of `ctx`.
 pub fn evaluate(
     r: &Runner,
     slots: &mut [RankerSlot],
@@ -90,21 +110,35 @@ pub fn evaluate(
     first: Option<(usize, usize)>,
     data: &FitData<'_>,
     ctx: &eval::EvalContext<'_>,
+    outcomes: &Path,
 ) -> Result<Report> {
-    if let Some((f, _)) = first {
-        ensure_fitted(r, &mut slots[f], data)?;
-    }
-    ensure_fitted(r, &mut slots[i], data)?;
+    let (mut journal, mut done) = Journal::open::<Outcome>(outcomes)?;
+    let seen: HashSet<UserIdx> = done.iter().map(|o| o.user).collect();
+    let todo: Vec<usize> = (0..ctx.users.len()).filter(|&j| !seen.contains(&ctx.users[j])).collect();
     let label = slots[i].label.clone();
     let bar = r.progress.bar(&label, ctx.users.len() as u64);
-    let t = Instant::now();
+    bar.inc((ctx.users.len() - todo.len()) as u64);
+    if !done.is_empty() {
+        tracing::info!(ranker = label.as_str(), done = done.len(), todo = todo.len(), "resuming evaluation from its journal");
+    }
     let info = first.map(|(f, top)| RerankInfo { from: slots[f].label.clone(), top });
-    let first_stage = first.map(|(f, _)| &slots[f].handle).zip(info.as_ref());
-    let rep = eval::evaluate(&slots[i].handle, first_stage, &label, ctx.split, ctx.cfg, ctx.users, ctx.negatives, ctx.batch_size, |n| {
-        bar.inc(n as u64);
-        r.check_cancel()
-    })?;
+    if !todo.is_empty() {
+        if let Some((f, _)) = first {
+            ensure_fitted(r, &mut slots[f], data)?;
+        }
+        ensure_fitted(r, &mut slots[i], data)?;
+        let users: Vec<UserIdx> = todo.iter().map(|&j| ctx.users[j]).collect();
+        let negatives: Vec<Vec<ItemIdx>> = todo.iter().map(|&j| ctx.negatives[j].clone()).collect();
+        let t = Instant::now();
+        let first_stage = first.map(|(f, _)| &slots[f].handle).zip(info.as_ref());
+        eval::evaluate_outcomes(&slots[i].handle, first_stage, &label, ctx.split, ctx.cfg, &users, &negatives, ctx.batch_size, |batch| {
+            journal.append(batch)?;
+            done.extend_from_slice(batch);
+            bar.inc(batch.len() as u64);
+            r.check_cancel()
+        })?;
+        tracing::info!(ranker = label.as_str(), seconds = t.elapsed().as_secs_f64(), "evaluated");
+    }
     bar.finish_and_clear();
-    tracing::info!(ranker = label.as_str(), seconds = t.elapsed().as_secs_f64(), "evaluated");
-    Ok(rep)
+    Ok(eval::ReportFrame::new(ctx.split, ctx.cfg).report(&label, info, &mut done))
 }

@@ -35,8 +35,9 @@ fn plot_loss(a: &Artifact, path: &std::path::Path) {
     }
 }
 
-/// The artifact a finished tune stage left.
-pub fn artifact(r: &Runner) -> Result<Artifact> {
-    let text = std::fs::read_to_string(r.run.path("artifact.json")).context("reading artifact.json")?;
+/// The artifact a finished tune stage left in the run directory `root`.
+pub fn artifact(root: &std::path::Path) -> Result<Artifact> {
+    let path = root.join("artifact.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).context("artifact.json")
 }

@@ -56,6 +56,10 @@ pub struct ChatGptConfig {
     pub requests_per_minute: u32,
     #[serde(default = "d_tpm")]
     pub tokens_per_minute: u32,
+    /// Whose limits `requests_per_minute` and `tokens_per_minute` are: the whole run's
+    /// (`"run"`, default: each of n shards takes 1/n), or each process's own (`"process"`).
+    #[serde(default)]
+    pub rate_limits: RateScope,
     #[serde(default = "d_retries")]
     pub max_retries: u32,
     #[serde(default = "d_timeout")]
@@ -69,6 +73,14 @@ pub struct ChatGptConfig {
     #[serde(default)]
     pub price_per_1k_output: f64,
 }
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RateScope {
+    #[default]
+    Run,
+    Process,
+}
+
 fn d_max_tokens() -> u32 {
     256
 }
@@ -128,6 +140,9 @@ pub struct ChatGptFuser {
     agent: ureq::Agent,
     cache: CompletionCache,
     usage: Usage,
+    /// This process's share of the rate limits.
+    rpm: u32,
+    tpm: u32,
 }
 
 /// One failed attempt: whether to retry and after how long the server asked us to wait.
@@ -259,7 +274,13 @@ impl KnowledgeFuser for ChatGptFuser {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs_f64(cfg.timeout_secs)).build();
         let cache = CompletionCache::open(&host.run_dir().join("cache.jsonl"))?;
         let usage = Usage::resume(&host, &cache)?; // a resumed run adds to what it spent before
-        Ok(Self { cfg, host, prompt, api_key, agent, cache, usage })
+        // The account's limits are shared by every shard of a sharded run.
+        let shards = if cfg.rate_limits == RateScope::Run { recfuse_sdk::shard_count() as u32 } else { 1 };
+        let (rpm, tpm) = ((cfg.requests_per_minute / shards).max(1), (cfg.tokens_per_minute / shards).max(1));
+        if shards > 1 {
+            host.info(format!("chatgpt: one of {shards} shards: {rpm} requests and {tpm} tokens per minute (rate_limits = \"run\")"));
+        }
+        Ok(Self { cfg, host, prompt, api_key, agent, cache, usage, rpm, tpm })
     }
 
     fn fuse(&mut self, view: &TrainView, users: &[UserIdx]) -> Result<Vec<Knowledge>> {
@@ -278,7 +299,7 @@ impl KnowledgeFuser for ChatGptFuser {
                 jobs.push((u, key, body, tokens));
             }
         }
-        let limiter = Mutex::new(Limiter { rpm: self.cfg.requests_per_minute, tpm: self.cfg.tokens_per_minute, sent: vec![] });
+        let limiter = Mutex::new(Limiter { rpm: self.rpm, tpm: self.tpm, sent: vec![] });
         let queue = Mutex::new(jobs.into_iter().enumerate());
         let results = Mutex::new(Vec::new());
         let seed = self.host.seed();
