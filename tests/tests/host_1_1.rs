@@ -309,8 +309,15 @@ fn saved_rankers_are_restored_not_refitted() {
     assert_eq!(first.model("bpr"), Some(ModelStart::Fitted));
     assert!(first.run_dir.join("rankers/bpr/model.safetensors").exists());
     assert!(first.run_dir.join("rankers/bpr/checkpoint.safetensors").exists(), "epoch checkpoint");
-    // As if killed after fitting, before the report was written: the model is restored.
+    // The report lost but not the journal of outcomes: the report is recomputed from it,
+    // nothing is scored or fitted again.
     std::fs::remove_file(first.run_dir.join("reports/bpr.json")).unwrap();
+    let again = run_config(&cfg, &[]).unwrap();
+    assert_eq!(again.model("bpr"), None);
+    assert_eq!(again.report("bpr").unwrap().segments, first.report("bpr").unwrap().segments);
+    // As if killed after fitting, before any user was evaluated: the model is restored.
+    std::fs::remove_file(first.run_dir.join("reports/bpr.json")).unwrap();
+    std::fs::remove_file(first.run_dir.join("reports/bpr.outcomes.jsonl")).unwrap();
     let second = run_config(&cfg, &[]).unwrap();
     assert_eq!(second.model("bpr"), Some(ModelStart::Restored));
     assert_eq!(second.model("popularity"), None, "finished rankers are not touched");
@@ -365,6 +372,7 @@ fn plugin_built_against_sdk_1_0_runs_in_a_1_1_host() {
     let fits = |dir: &Path| std::fs::read_to_string(dir.join("components/rankers0/fits.txt")).unwrap();
     assert_eq!(fits(dir), "1");
     std::fs::remove_file(dir.join("reports/popularity-1-0.json")).unwrap();
+    std::fs::remove_file(dir.join("reports/popularity-1-0.outcomes.jsonl")).unwrap();
     let again = run_config(&cfg, &[]).unwrap();
     assert_eq!(again.model("popularity-1-0"), Some(ModelStart::Fitted));
     assert_eq!(fits(dir), "2");
