@@ -42,7 +42,10 @@ fn main() {
     let negatives = eval::sample_negatives(&split, &ds, &users, &eval_cfg, 1);
     let mut pop = reg.ranker("popularity", &serde_json::json!({}), host("ranker")).unwrap();
     pop.fit(&FitData::views(&split.train, &split.context)).unwrap();
-    let (eval_s, rep) = median(|| eval::evaluate(&pop, None, "popularity", &split, &eval_cfg, &users, &negatives, 512, |_| Ok(())).unwrap());
+    let (eval_s, rep) = median(|| {
+        let ctx = eval::EvalContext { split: &split, cfg: &eval_cfg, users: &users, negatives: &negatives, batch_size: 512 };
+        eval::evaluate(&pop, None, "popularity", &ctx, |_| Ok(())).unwrap()
+    });
     println!(
         "{{\"what\": \"full-ranking evaluation ({} users x {} items, popularity scores)\", \"seconds\": {eval_s:.4}, \"hr10\": {:.4}}}",
         users.len(),

@@ -47,7 +47,10 @@ fn main() {
         let mut ranker = reg.ranker(kind, &settings, host(kind, 1)).unwrap();
         ranker.fit(&FitData::views(&split.train, &split.context)).unwrap();
         let (seconds, rep) = timed(RUNS, || {
-            eval::evaluate(&ranker, None, kind, &split, &eval_cfg, &users, &negatives, USERS_PER_BATCH, |_| Ok(())).unwrap()
+            {
+                let ctx = eval::EvalContext { split: &split, cfg: &eval_cfg, users: &users, negatives: &negatives, batch_size: USERS_PER_BATCH };
+                eval::evaluate(&ranker, None, kind, &ctx, |_| Ok(())).unwrap()
+            }
         });
         println!(
             "{{\"model\": \"{kind}\", \"users\": {}, \"items\": {}, \"users_per_batch\": {USERS_PER_BATCH}, \"seconds\": {seconds:.4}, \"ndcg10\": {:.4}}}",

@@ -354,6 +354,7 @@ fn mark_seen(masked: &mut [bool], split: &SplitData, user: UserIdx, on: bool) {
 }
 
 /// What every ranker of a run is evaluated on.
+#[derive(Clone, Copy)]
 pub struct EvalContext<'a> {
     pub split: &'a SplitData,
     pub cfg: &'a EvalSection,
@@ -484,40 +485,33 @@ mod json_f32s {
     }
 }
 
-/// Scores `users` in batches under the configured protocol and returns the report.
-/// `negatives[i]` are the sampled negatives of `users[i]`.
+/// Scores the context's users in batches under the configured protocol and returns the report.
 pub fn evaluate(
     ranker: &RankerHandle,
     first_stage: Option<(&RankerHandle, &RerankInfo)>,
     label: &str,
-    split: &SplitData,
-    cfg: &EvalSection,
-    users: &[UserIdx],
-    negatives: &[Vec<ItemIdx>],
-    batch_size: usize,
+    ctx: &EvalContext<'_>,
     mut on_batch: impl FnMut(usize) -> Result<()>,
 ) -> Result<Report> {
-    let mut outcomes = Vec::with_capacity(users.len());
-    evaluate_outcomes(ranker, first_stage, label, split, cfg, users, negatives, batch_size, |batch| {
+    let mut outcomes = Vec::with_capacity(ctx.users.len());
+    evaluate_outcomes(ranker, first_stage, label, ctx, |batch| {
         outcomes.extend_from_slice(batch);
         on_batch(batch.len())
     })?;
-    Ok(ReportFrame::new(split, cfg).report(label, first_stage.map(|(_, info)| info.clone()), &mut outcomes))
+    Ok(ReportFrame::new(ctx.split, ctx.cfg).report(label, first_stage.map(|(_, info)| info.clone()), &mut outcomes))
 }
 
-/// Scores `users` in batches under the configured protocol, handing each batch's outcomes to
-/// `on_batch` (which journals them, or stops the run by returning an error).
+/// Scores the context's users in batches under the configured protocol (`negatives[i]` are the
+/// sampled negatives of `users[i]`), handing each batch's outcomes to `on_batch` (which
+/// journals them, or stops the run by returning an error).
 pub fn evaluate_outcomes(
     ranker: &RankerHandle,
     first_stage: Option<(&RankerHandle, &RerankInfo)>,
     label: &str,
-    split: &SplitData,
-    cfg: &EvalSection,
-    users: &[UserIdx],
-    negatives: &[Vec<ItemIdx>],
-    batch_size: usize,
+    ctx: &EvalContext<'_>,
     mut on_batch: impl FnMut(&[Outcome]) -> Result<()>,
 ) -> Result<()> {
+    let EvalContext { split, cfg, users, negatives, batch_size } = *ctx;
     let n_items = split.train.catalog.items.len();
     let all_items: Vec<ItemIdx> = (0..n_items as u32).collect();
     let per_user = match cfg.protocol {

@@ -131,7 +131,8 @@ pub fn evaluate(
         let negatives: Vec<Vec<ItemIdx>> = todo.iter().map(|&j| ctx.negatives[j].clone()).collect();
         let t = Instant::now();
         let first_stage = first.map(|(f, _)| &slots[f].handle).zip(info.as_ref());
-        eval::evaluate_outcomes(&slots[i].handle, first_stage, &label, ctx.split, ctx.cfg, &users, &negatives, ctx.batch_size, |batch| {
+        let todo_ctx = eval::EvalContext { users: &users, negatives: &negatives, ..*ctx };
+        eval::evaluate_outcomes(&slots[i].handle, first_stage, &label, &todo_ctx, |batch| {
             journal.append(batch)?;
             done.extend_from_slice(batch);
             bar.inc(batch.len() as u64);
