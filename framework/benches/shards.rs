@@ -17,7 +17,6 @@ mod common;
 
 use common::{median, root};
 use recfuse::plot::{grouped_bars, Panel};
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,22 +38,13 @@ struct Seen {
 }
 
 fn serve(delay: Duration) -> (String, Arc<Seen>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let seen = Arc::new(Seen::default());
     let s = seen.clone();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                let Some(body) = support::read_body(&stream) else { return };
-                std::thread::sleep(delay);
-                let user = body.split("Behaviour of user ").nth(1).and_then(|x| x.split(':').next()).unwrap_or("?").to_string();
-                support::reply(&mut stream, "200 OK", "", &support::completion(&format!("{user} likes films"), 50, 5));
-                s.requests.fetch_add(1, Ordering::Relaxed);
-                s.body_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-            });
-        }
+    let url = support::serve_users(move |user, body, stream| {
+        std::thread::sleep(delay);
+        support::reply(stream, "200 OK", "", &support::likes_films(user));
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.body_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     });
     (url, seen)
 }

@@ -44,18 +44,25 @@ impl ConfigArgs {
     }
 }
 
+/// Where a run goes and how it shows progress.
+#[derive(Args, Debug, Clone)]
+pub struct RunDirArgs {
+    /// Run directory (default: run.dir/run.name from the config).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a pipeline; reruns skip unchanged stages and resume interrupted ones.
     Run {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Run directory (default: run.dir/run.name from the config).
-        #[arg(long)]
-        run_dir: Option<PathBuf>,
-        /// No progress bars.
-        #[arg(long)]
-        quiet: bool,
+        #[command(flatten)]
+        out: RunDirArgs,
         /// Run one shard of the per-user stages: `--shard INDEX/COUNT` (0-based), or `--shard`
         /// alone to read them from a Slurm array or Kubernetes Indexed Job (docs/scale-out.md).
         #[arg(long, value_name = "INDEX/COUNT", num_args = 0..=1, default_missing_value = "")]
@@ -70,12 +77,8 @@ pub enum Command {
     Prepare {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Run directory (default: run.dir/run.name from the config).
-        #[arg(long)]
-        run_dir: Option<PathBuf>,
-        /// No progress bars.
-        #[arg(long)]
-        quiet: bool,
+        #[command(flatten)]
+        out: RunDirArgs,
     },
     /// Combine the shards' evaluation into the run's report (docs/scale-out.md).
     Merge {
@@ -128,7 +131,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
         }
     };
     match cli.command {
-        Command::Run { config, run_dir, quiet, shard, shards } => {
+        Command::Run { config, out: RunDirArgs { run_dir, quiet }, shard, shards } => {
             let cfg = config.load()?;
             let role = match shard {
                 None => Role::Whole,
@@ -145,7 +148,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             }
             execute(&cfg, RunOptions { run_dir, show_progress: !quiet, role, ..Default::default() }, out)
         }
-        Command::Prepare { config, run_dir, quiet } => {
+        Command::Prepare { config, out: RunDirArgs { run_dir, quiet } } => {
             let cfg = config.load()?;
             execute(&cfg, RunOptions { run_dir, show_progress: !quiet, role: Role::Prepare, ..Default::default() }, out)
         }

@@ -4,7 +4,6 @@
 //! only for those users, never repeating a completed call.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,24 +16,15 @@ const USERS: usize = 12;
 
 /// While `down`, users whose id ends in 3 or 7 get HTTP 500; counts successful answers per user.
 fn serve(down: Arc<AtomicBool>) -> (String, Arc<Mutex<HashMap<String, usize>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let answered = Arc::new(Mutex::new(HashMap::new()));
     let a = answered.clone();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let (a, down) = (a.clone(), down.clone());
-            std::thread::spawn(move || {
-                let Some(body) = support::read_body(&stream) else { return };
-                let user = body.split("Behaviour of user ").nth(1).and_then(|s| s.split(':').next()).unwrap_or("?").to_string();
-                if down.load(Ordering::SeqCst) && (user.ends_with('3') || user.ends_with('7')) {
-                    support::reply(&mut stream, "500 Internal Server Error", "", r#"{"error":{"message":"down"}}"#);
-                    return;
-                }
-                support::reply(&mut stream, "200 OK", "", &support::completion(&format!("{user} likes films"), 50, 5));
-                *a.lock().unwrap().entry(user).or_default() += 1;
-            });
+    let url = support::serve_users(move |user, _, stream| {
+        if down.load(Ordering::SeqCst) && (user.ends_with('3') || user.ends_with('7')) {
+            support::reply(stream, "500 Internal Server Error", "", r#"{"error":{"message":"down"}}"#);
+            return;
         }
+        support::reply(stream, "200 OK", "", &support::likes_films(user));
+        *a.lock().unwrap().entry(user.to_string()).or_default() += 1;
     });
     (url, answered)
 }

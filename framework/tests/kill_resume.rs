@@ -2,11 +2,8 @@
 //! `chatgpt` fuser against a slow loopback server, is killed after some answers, and the rerun
 //! asks only for what was not stored (at most the calls that were in flight at the kill).
 
-use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[path = "../../plugins/chatgpt-fuser/tests/support/mod.rs"]
@@ -15,26 +12,6 @@ mod support;
 const USERS: usize = 40;
 const CONCURRENCY: usize = 4;
 
-/// Answers every request after 150 ms; counts answers per user.
-fn serve() -> (String, Arc<Mutex<HashMap<String, usize>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let answered = Arc::new(Mutex::new(HashMap::new()));
-    let a = answered.clone();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let a = a.clone();
-            std::thread::spawn(move || {
-                let Some(body) = support::read_body(&stream) else { return };
-                let user = body.split("Behaviour of user ").nth(1).and_then(|s| s.split(':').next()).unwrap_or("?").to_string();
-                std::thread::sleep(Duration::from_millis(150));
-                support::reply(&mut stream, "200 OK", "", &support::completion(&format!("{user} likes films"), 50, 5));
-                *a.lock().unwrap().entry(user).or_default() += 1;
-            });
-        }
-    });
-    (url, answered)
-}
 
 fn recfuse(config: &PathBuf) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_recfuse"));
@@ -46,7 +23,7 @@ fn recfuse(config: &PathBuf) -> Command {
 fn kill_dash_nine_mid_fusion_repeats_only_calls_in_flight() {
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/ml-100k");
     assert!(data.join(".complete").exists(), "MovieLens-100K missing: run scripts/fetch-data.sh");
-    let (url, answered) = serve();
+    let (url, answered) = support::counting_server(Duration::from_millis(150));
     let d = tempfile::tempdir().unwrap();
     let config = d.path().join("kill.toml");
     std::fs::write(

@@ -4,11 +4,8 @@
 //! evaluate, and `recfuse merge` gives exactly the knowledge, instructions and report of an
 //! unsharded run of the same config. Then the refusals: a missing shard, another config.
 
-use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[path = "../../plugins/chatgpt-fuser/tests/support/mod.rs"]
@@ -17,27 +14,6 @@ mod support;
 const USERS: usize = 48;
 const SHARDS: usize = 4;
 
-/// Answers every request after 150 ms with a text that depends on the user only; counts
-/// answers per user.
-fn serve() -> (String, Arc<Mutex<HashMap<String, usize>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let answered = Arc::new(Mutex::new(HashMap::new()));
-    let a = answered.clone();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let a = a.clone();
-            std::thread::spawn(move || {
-                let Some(body) = support::read_body(&stream) else { return };
-                let user = body.split("Behaviour of user ").nth(1).and_then(|s| s.split(':').next()).unwrap_or("?").to_string();
-                std::thread::sleep(Duration::from_millis(150));
-                support::reply(&mut stream, "200 OK", "", &support::completion(&format!("{user} likes films"), 50, 5));
-                *a.lock().unwrap().entry(user).or_default() += 1;
-            });
-        }
-    });
-    (url, answered)
-}
 
 fn recfuse(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_recfuse"));
@@ -67,7 +43,7 @@ fn figures(path: &Path) -> serde_json::Value {
 fn four_shards_with_one_killed_merge_to_exactly_the_unsharded_run() {
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/data/ml-100k");
     assert!(data.join(".complete").exists(), "MovieLens-100K missing: run scripts/fetch-data.sh");
-    let (url, answered) = serve();
+    let (url, answered) = support::counting_server(Duration::from_millis(150));
     let d = tempfile::tempdir().unwrap();
     let runs = d.path().join("runs");
     let config = d.path().join("sharded.toml");
