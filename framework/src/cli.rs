@@ -80,7 +80,8 @@ pub enum Command {
         #[command(flatten)]
         out: RunDirArgs,
     },
-    /// Combine the shards' evaluation into the run's report (docs/scale-out.md).
+    /// Combine the shards' outputs into the run directory: their knowledge, and once the run is
+    /// prepared, their evaluation into the run's report (docs/scale-out.md).
     Merge {
         /// The run directory the shards and `prepare` wrote to.
         run_dir: PathBuf,
@@ -153,8 +154,15 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             execute(&cfg, RunOptions { run_dir, show_progress: !quiet, role: Role::Prepare, ..Default::default() }, out)
         }
         Command::Merge { run_dir } => {
-            let merged = crate::shard::merge_reports(&run_dir)?;
-            writeln!(out, "merged {} shards\n\n{}", merged.shards, crate::eval::markdown(&merged.reports))?;
+            let merged = crate::shard::merge(&run_dir)?;
+            if merged.knowledge_shards > 0 {
+                writeln!(out, "merged the knowledge of {} shards", merged.knowledge_shards)?;
+            }
+            if merged.reports.is_empty() {
+                writeln!(out, "the run is not prepared yet: no report to merge (next: `recfuse prepare CONFIG`)")?;
+            } else {
+                writeln!(out, "merged the evaluation of {} shards\n\n{}", merged.shards, crate::eval::markdown(&merged.reports))?;
+            }
             writeln!(out, "run directory: {}", run_dir.display())?;
             let failed = merged.failed();
             if !failed.is_empty() {

@@ -51,8 +51,10 @@ fn d_runs() -> PathBuf {
 fn d_seed() -> u64 {
     42
 }
+/// `run.batch_size` when the config does not set it.
+pub const DEFAULT_BATCH_SIZE: usize = 256;
 fn d_batch() -> usize {
-    256
+    DEFAULT_BATCH_SIZE
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, Default)]

@@ -145,7 +145,7 @@ impl Plan {
 
 /// The shard directories of a run that ran `stage` (a state file in their `stages/`; a stage
 /// ending in `.` means any stage of that family, e.g. `evaluate.`), checked to be one complete
-/// set: a single count, every index present.
+/// set: a single count, every index present. Empty when no shard ran it.
 pub fn shards_with(run_root: &Path, stage: &str) -> Result<Vec<(ShardSpec, RunDir)>> {
     let ran = |dir: &Path| -> bool {
         let Ok(entries) = std::fs::read_dir(dir.join("stages")) else { return false };
@@ -169,7 +169,9 @@ pub fn shards_with(run_root: &Path, stage: &str) -> Result<Vec<(ShardSpec, RunDi
         }
     }
     let shown = if stage.ends_with('.') { format!("{stage}*") } else { stage.to_string() };
-    ensure!(!found.is_empty(), "no shard in {} has run `{shown}`", dir.display());
+    if found.is_empty() {
+        return Ok(vec![]);
+    }
     found.sort_by_key(|s| (s.count, s.index));
     let counts: std::collections::BTreeSet<usize> = found.iter().map(|s| s.count).collect();
     if counts.len() > 1 {
@@ -214,6 +216,7 @@ fn check_done(shards: &[(ShardSpec, RunDir)], stage: &str, key: &str) -> Result<
 /// `batch` records. Marks the run's `fuse` stage done. Also sums the components' usage.
 pub fn merge_knowledge(run: &RunDir, key: &str, batch: usize) -> Result<usize> {
     let shards = shards_with(&run.root, "fuse")?;
+    ensure!(!shards.is_empty(), "no shard in {} has fused", run.path("shards").display());
     check_done(&shards, "fuse", key)?;
     let outputs = crate::stages::fuse::OUTPUTS;
     run.begin("fuse", key, &outputs)?;
@@ -317,8 +320,11 @@ fn add_json(acc: &mut serde_json::Value, v: &serde_json::Value) {
     }
 }
 
-/// The reports of a prepared run from its shards' outcomes: what `recfuse merge` writes.
+/// What `recfuse merge` merged.
 pub struct Merged {
+    /// Shards whose knowledge was merged (0: none, or merged earlier by `prepare`).
+    pub knowledge_shards: usize,
+    /// Shards whose evaluation was merged, and the reports (empty: the run is not prepared).
     pub shards: usize,
     pub reports: Vec<Report>,
 }
@@ -329,16 +335,32 @@ impl Merged {
     }
 }
 
-/// `recfuse merge RUN`: each ranker's report from the outcomes of every shard, computed as an
-/// unsharded run computes it (so equal to it), written where an unsharded run writes it. A
-/// ranker that a shard could not evaluate is reported as failed with the shard's error.
-pub fn merge_reports(run_root: &Path) -> Result<Merged> {
+/// `recfuse merge RUN`: whatever the shards have done that the run directory lacks.
+/// * Knowledge the shards fused and `prepare` has not merged yet (all shards must have fused
+///   under one key; `prepare` later checks that key against its config).
+/// * Once the run is prepared, each ranker's report from the outcomes of every shard, computed
+///   as an unsharded run computes it (so equal to it), written where an unsharded run writes
+///   it. A ranker that a shard could not evaluate is reported as failed with the shard's error.
+pub fn merge(run_root: &Path) -> Result<Merged> {
     let run = RunDir::open(run_root.to_path_buf())?;
-    let plan = Plan::read(run_root)?.with_context(|| {
-        format!("{} is not prepared (no {PLAN}): run `recfuse prepare CONFIG`, then the shards, before merging", run_root.display())
-    })?;
-    ensure!(!plan.rankers.is_empty(), "the run has no rankers: nothing to merge");
+    let mut knowledge_shards = 0;
+    let fused = shards_with(run_root, "fuse")?;
+    if let Some(key) = fused.first().and_then(|(_, dir)| dir.state("fuse")).map(|s| s.key) {
+        if !run.is_done("fuse", &key) {
+            knowledge_shards = merge_knowledge(&run, &key, batch_size_of(&fused[0].1))?;
+        }
+    }
+    let Some(plan) = Plan::read(run_root)? else {
+        ensure!(
+            knowledge_shards > 0,
+            "{} is not prepared (no {PLAN}) and no shard has knowledge to merge: run the shards, then `recfuse prepare CONFIG`",
+            run_root.display()
+        );
+        return Ok(Merged { knowledge_shards, shards: 0, reports: vec![] });
+    };
+    ensure!(!plan.rankers.is_empty(), "the run has no rankers: no report to merge");
     let shards = shards_with(run_root, "evaluate.")?;
+    ensure!(!shards.is_empty(), "no shard in {} has evaluated: run the shards (`recfuse run CONFIG --shard i/n`) first", run.path("shards").display());
     let mut reports = Vec::new();
     std::fs::create_dir_all(run.path("reports"))?;
     for ranker in &plan.rankers {
@@ -367,7 +389,15 @@ pub fn merge_reports(run_root: &Path) -> Result<Merged> {
         }
     }
     crate::pipeline::write_run_reports(&run, &reports, plan.skipped_lines)?;
-    Ok(Merged { shards: shards.len(), reports })
+    Ok(Merged { knowledge_shards, shards: shards.len(), reports })
+}
+
+/// `run.batch_size` of the config a shard ran with (vectors are merged in batches of it, as an
+/// unsharded run writes them).
+fn batch_size_of(shard: &RunDir) -> usize {
+    let text = std::fs::read_to_string(shard.path("config.resolved.toml")).unwrap_or_default();
+    let value: toml::Value = toml::from_str(&text).unwrap_or(toml::Value::Table(Default::default()));
+    value.get("run").and_then(|r| r.get("batch_size")).and_then(|b| b.as_integer()).map(|b| b as usize).unwrap_or(crate::config::DEFAULT_BATCH_SIZE)
 }
 
 /// Every shard's outcomes of one ranker; an error names the shards that did not finish it (with

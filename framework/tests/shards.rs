@@ -101,9 +101,14 @@ fn four_shards_with_one_killed_merge_to_exactly_the_unsharded_run() {
     // Only calls in flight at the kill (one: concurrency 1) are asked twice.
     assert!((USERS..=USERS + 1).contains(&sharded_calls), "{sharded_calls} calls for {USERS} users (journal had {journaled})");
 
-    // Prepare: merge the knowledge, build instructions, tune, fit every ranker once.
-    run_ok(&["prepare", config]);
+    // `merge` after the fuse wave merges the knowledge (prepare would too), and says the run is
+    // not prepared yet.
     let main = runs.join("sharded");
+    let merged = run_ok(&["merge", main.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&merged.stdout);
+    assert!(said.contains("merged the knowledge of 4 shards") && said.contains("not prepared yet"), "{said}");
+    // Prepare: build instructions, tune, fit every ranker once (the knowledge is merged).
+    run_ok(&["prepare", config]);
     assert_eq!(std::fs::read(main.join("knowledge.jsonl")).unwrap(), std::fs::read(whole.join("knowledge.jsonl")).unwrap());
     assert_eq!(std::fs::read(main.join("instructions.jsonl")).unwrap(), std::fs::read(whole.join("instructions.jsonl")).unwrap());
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(main.join("manifest.json")).unwrap()).unwrap();
