@@ -108,6 +108,33 @@ pub enum Command {
         /// Quantized weights only (less memory, slower prefill and batches).
         #[arg(long)]
         no_dense: bool,
+        /// Require `Authorization: Bearer <key>`, the key read from this environment variable.
+        #[arg(long, value_name = "VAR")]
+        api_key_env: Option<String>,
+    },
+    /// Serve a finished run's ranker over HTTP: POST /v1/recommend, GET /health, GET /metrics
+    /// (loopback by default; docs/serving.md).
+    #[cfg(feature = "serve")]
+    Serve {
+        /// The run directory (`runs/<name>`).
+        run_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: std::net::SocketAddr,
+        /// Label of the ranker to serve (default: the config's first).
+        #[arg(long)]
+        ranker: Option<String>,
+        /// Require `Authorization: Bearer <key>`, the key read from this environment variable.
+        #[arg(long, value_name = "VAR")]
+        api_key_env: Option<String>,
+        /// Most items one request may ask for.
+        #[arg(long, default_value_t = 1000)]
+        max_k: usize,
+        /// Most candidates one request may send.
+        #[arg(long, default_value_t = 10_000)]
+        max_candidates: usize,
+        /// Largest request body, in bytes.
+        #[arg(long, default_value_t = 256 * 1024)]
+        max_body_bytes: usize,
     },
     /// List available components: built-in and from plugin libraries.
     Plugins {
@@ -181,13 +208,25 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             Ok(0)
         }
         #[cfg(feature = "local-llm")]
-        Command::ServeLlm { model, addr, batch, gather_ms, no_dense } => {
+        #[cfg(feature = "serve")]
+        Command::Serve { run_dir, addr, ranker, api_key_env, max_k, max_candidates, max_body_bytes } => {
+            let api_key = crate::http_auth::ApiKey::from_env(api_key_env.as_deref())?;
+            let limits = crate::serve::Limits { max_body_bytes, max_k, max_candidates };
+            let server = crate::serve::spawn(crate::serve::ServeOptions { run_dir, addr, ranker, api_key: api_key.clone(), limits })?;
+            let auth = if api_key.required() { " (bearer key required)" } else { "" };
+            writeln!(out, "serving `{}` on http://{}{auth}: POST /v1/recommend, GET /health, GET /metrics; Ctrl-C stops", server.model, server.addr)?;
+            out.flush()?;
+            server.wait()?;
+            Ok(0)
+        }
+        Command::ServeLlm { model, addr, batch, gather_ms, no_dense, api_key_env } => {
             let opts = crate::serve_llm::ServeOptions {
                 model,
                 addr,
                 batch,
                 gather: std::time::Duration::from_millis(gather_ms),
                 dense: !no_dense,
+                api_key: crate::http_auth::ApiKey::from_env(api_key_env.as_deref())?,
             };
             let server = crate::serve_llm::spawn(opts)?;
             writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;

@@ -14,12 +14,16 @@ pub mod compat_1_0;
 pub mod config;
 pub mod eval;
 pub mod handles;
+#[cfg(feature = "serve")]
+pub mod http_auth;
 pub mod knowledge;
 pub mod host;
 pub mod pipeline;
 pub mod plot;
 pub mod registry;
 pub mod runstore;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod shard;
 #[cfg(feature = "local-llm")]
 pub mod serve_llm;

@@ -294,7 +294,7 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 /// A per-component seed derived from the run seed, so components do not share streams.
-fn derive_seed(seed: u64, what: &str) -> u64 {
+pub fn derive_seed(seed: u64, what: &str) -> u64 {
     let h = hash_parts(&[&seed.to_le_bytes(), what.as_bytes()]);
     u64::from_str_radix(&h[..16], 16).expect("hex")
 }
@@ -707,7 +707,7 @@ pub fn write_run_reports(run: &RunDir, reports: &[Report], skipped_lines: u64) -
 
 /// The source's dataset as the run uses it: the seeded user sample (`run.sample_users`), and
 /// never empty.
-fn load_dataset(source: &mut SourceHandle, p: &PipelineConfig) -> Result<Dataset> {
+pub fn load_dataset(source: &mut SourceHandle, p: &PipelineConfig) -> Result<Dataset> {
     let mut dataset = source.load()?;
     if let Some(n) = p.run.sample_users.filter(|&n| n > 0) {
         dataset = sample_users(dataset, n, p.run.seed);

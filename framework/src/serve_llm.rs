@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub gather: Duration,
     /// Keep f32 weight copies for prefill and wide batches.
     pub dense: bool,
+    /// Required on `/v1/*` and `/metrics` when set.
+    pub api_key: crate::http_auth::ApiKey,
 }
 
 #[derive(Default, Serialize)]
@@ -132,12 +134,12 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         std::thread::Builder::new().name("llm-generate".into()).spawn(move || generation_loop(&llm, rx, &opts, &metrics))?;
     }
     let state = Arc::new(AppState { jobs: tx, llm, model_id: model_id.clone(), metrics: metrics.clone(), next_id: AtomicU64::new(1) });
-    let app = Router::new()
+    let protected = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics_json))
-        .with_state(state);
+        .layer(axum::middleware::from_fn_with_state(opts.api_key.clone(), crate::http_auth::require_key));
+    let app = Router::new().route("/health", get(|| async { "ok" })).merge(protected).with_state(state);
     let listener = std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;

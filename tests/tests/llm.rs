@@ -48,6 +48,7 @@ fn chatgpt_fuser_against_serve_llm_and_local_llm_agree() {
         batch: 1,
         gather: Duration::from_millis(1),
         dense: false,
+        api_key: Default::default(),
     })
     .expect("server starts");
     let d = tempfile::tempdir().unwrap();
@@ -100,6 +101,7 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
         batch: 4,
         gather: Duration::from_millis(200),
         dense: true,
+        api_key: Default::default(),
     })
     .expect("server starts");
     let base = format!("http://{}", server.addr);

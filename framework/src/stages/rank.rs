@@ -43,6 +43,15 @@ pub enum ModelStart {
     Restored,
 }
 
+/// Whether `dir` (a `rankers/<label>/`) holds a model its ranker saved after fitting.
+pub fn saved_model(dir: &Path) -> bool {
+    read_state(dir).is_some_and(|s| s.saved)
+}
+
+fn read_state(dir: &Path) -> Option<FitState> {
+    std::fs::read_to_string(dir.join("fit.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
+}
+
 pub fn model_dir(r: &Runner, label: &str) -> PathBuf {
     r.run.path(&format!("rankers/{label}"))
 }
@@ -54,7 +63,6 @@ pub fn ensure_fitted(r: &Runner, slot: &mut RankerSlot, data: &FitData<'_>) -> R
         return Ok(());
     }
     let dir = model_dir(r, &slot.label);
-    let read_state = |dir: &Path| -> Option<FitState> { std::fs::read_to_string(dir.join("fit.json")).ok().and_then(|t| serde_json::from_str(&t).ok()) };
     let state_path = dir.join("fit.json");
     let state = read_state(&dir);
     let data = FitData { model_dir: Some(&dir), ..*data };
