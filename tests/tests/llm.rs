@@ -179,3 +179,37 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
     assert_eq!(e["error"]["code"], "context_length_exceeded");
     server.shutdown().unwrap();
 }
+
+/// `--api-key-env`: `/v1/*` and `/metrics` need `Authorization: Bearer <key>`; `/health` stays
+/// open for probes.
+#[test]
+fn serve_llm_with_a_key_refuses_requests_without_it() {
+    let server = spawn(ServeOptions {
+        model: model(),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        batch: 1,
+        gather: Duration::from_millis(1),
+        dense: false,
+        api_key: recfuse::http_auth::ApiKey::new("llm-key-8a1"),
+    })
+    .expect("server starts");
+    let base = format!("http://{}", server.addr);
+    assert_eq!(ureq::get(&format!("{base}/health")).call().unwrap().status(), 200);
+    for key in [None, Some("Bearer wrong"), Some("llm-key-8a1")] {
+        let mut req = ureq::get(&format!("{base}/v1/models"));
+        if let Some(k) = key {
+            req = req.set("Authorization", k);
+        }
+        match req.call() {
+            Err(ureq::Error::Status(401, r)) => {
+                let e: Value = r.into_json().unwrap();
+                assert_eq!(e["error"]["code"], "invalid_api_key");
+            }
+            other => panic!("{key:?}: expected 401, got {:?}", other.map(|r| r.status())),
+        }
+    }
+    let ok = ureq::get(&format!("{base}/v1/models")).set("Authorization", "Bearer llm-key-8a1").call().unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(matches!(ureq::get(&format!("{base}/metrics")).call(), Err(ureq::Error::Status(401, _))));
+    server.shutdown().unwrap();
+}
