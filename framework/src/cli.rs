@@ -210,7 +210,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
         #[cfg(feature = "local-llm")]
         #[cfg(feature = "serve")]
         Command::Serve { run_dir, addr, ranker, api_key_env, max_k, max_candidates, max_body_bytes } => {
-            let api_key = crate::http_auth::ApiKey::from_env(api_key_env.as_deref())?;
+            let api_key = crate::http::ApiKey::from_env(api_key_env.as_deref())?;
             let limits = crate::serve::Limits { max_body_bytes, max_k, max_candidates };
             let server = crate::serve::spawn(crate::serve::ServeOptions { run_dir, addr, ranker, api_key: api_key.clone(), limits })?;
             let auth = if api_key.required() { " (bearer key required)" } else { "" };
@@ -226,7 +226,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                 batch,
                 gather: std::time::Duration::from_millis(gather_ms),
                 dense: !no_dense,
-                api_key: crate::http_auth::ApiKey::from_env(api_key_env.as_deref())?,
+                api_key: crate::http::ApiKey::from_env(api_key_env.as_deref())?,
             };
             let server = crate::serve_llm::spawn(opts)?;
             writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;

@@ -15,7 +15,7 @@ pub mod config;
 pub mod eval;
 pub mod handles;
 #[cfg(feature = "serve")]
-pub mod http_auth;
+pub mod http;
 pub mod knowledge;
 pub mod host;
 pub mod pipeline;

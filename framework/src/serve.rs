@@ -18,20 +18,20 @@
 //! * `GET /health` is always open. `GET /metrics` gives Prometheus text.
 //! * Errors are JSON in the OpenAI shape, naming the bad field (`param`); unknown item ids are
 //!   listed.
-//! * An optional bearer key ([`crate::http_auth`]) protects `/v1/*` and `/metrics`.
+//! * An optional bearer key ([`crate::http`]) protects `/v1/*` and `/metrics`.
 //! * Ctrl-C stops the server after the requests in flight.
 
 use crate::config::{ConfigSources, LoadedConfig, Protocol};
 use crate::eval::{compose_two_stage, top_n};
 use crate::handles::{FitData, RankerHandle};
 use crate::host::{HostServices, Progress, TaskTable, Tasks};
-use crate::http_auth::{require_key, ApiKey};
+use crate::http::{require_key, ApiKey};
 use crate::knowledge::KnowledgeBase;
 use crate::pipeline;
 use crate::split::split_dataset;
 use anyhow::{bail, ensure, Context, Result};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -296,13 +296,12 @@ struct AppState {
     metrics: Metrics,
 }
 
-/// An error in the OpenAI shape; `param` names the bad field.
+/// An error in the OpenAI shape ([`crate::http::error`]); `param` names the bad field, `extra`
+/// adds a field to `error` (the unknown item ids).
 fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, extra: Option<(&str, serde_json::Value)>) -> Response {
-    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
-    let mut body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": null}});
-    if let Some((k, v)) = extra {
-        body["error"][k] = v;
-    }
+    let Some((key, value)) = extra else { return crate::http::error(status, message, param, None) };
+    let mut body = json!({"error": {"message": message.into(), "type": "invalid_request_error", "param": param, "code": null}});
+    body["error"][key] = value;
     (status, Json(body)).into_response()
 }
 
@@ -369,12 +368,9 @@ async fn recommend(State(s): State<Arc<AppState>>, body: Result<axum::body::Byte
 }
 
 async fn answer(s: &Arc<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Response {
-    let body = match body {
+    let body = match crate::http::body_or_error(body) {
         Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {} bytes", s.limits.max_body_bytes), None, None)
-        }
-        Err(e) => return error(e.status(), e.body_text(), None, None),
+        Err(response) => return response,
     };
     let req = match RecommendRequest::parse(&body) {
         Ok(r) => r,
@@ -474,11 +470,8 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         .layer(axum::middleware::from_fn_with_state(opts.api_key.clone(), require_key));
     let app = Router::new()
         .route("/health", get(|State(s): State<Arc<AppState>>| async move { Json(json!({"status": "ok", "model": s.model.label, "users": s.model.users.len(), "items": s.model.items.len()})) }))
-        .merge(protected)
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint (POST /v1/recommend, GET /health, GET /metrics)", None, None) })
-        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint", None, None) })
-        .layer(DefaultBodyLimit::max(opts.limits.max_body_bytes))
-        .with_state(state);
+        .merge(protected);
+    let app = crate::http::json_errors(app, "POST /v1/recommend, GET /health, GET /metrics", opts.limits.max_body_bytes).with_state(state);
     let listener = std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;

@@ -37,7 +37,7 @@ pub struct ServeOptions {
     /// Keep f32 weight copies for prefill and wide batches.
     pub dense: bool,
     /// Required on `/v1/*` and `/metrics` when set.
-    pub api_key: crate::http_auth::ApiKey,
+    pub api_key: crate::http::ApiKey,
 }
 
 #[derive(Default, Serialize)]
@@ -138,8 +138,9 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics_json))
-        .layer(axum::middleware::from_fn_with_state(opts.api_key.clone(), crate::http_auth::require_key));
-    let app = Router::new().route("/health", get(|| async { "ok" })).merge(protected).with_state(state);
+        .layer(axum::middleware::from_fn_with_state(opts.api_key.clone(), crate::http::require_key));
+    let app = Router::new().route("/health", get(|| async { "ok" })).merge(protected);
+    let app = crate::http::json_errors(app, "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics", MAX_BODY_BYTES).with_state(state);
     let listener = std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -200,7 +201,9 @@ fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metr
 struct ChatRequest {
     #[serde(default)]
     model: Option<String>,
-    messages: Vec<Message>,
+    /// Parsed by [`parse_messages`]: content may be a string, `null` (assistant) or an array of
+    /// text parts.
+    messages: Vec<Value>,
     #[serde(default)]
     max_tokens: Option<usize>,
     #[serde(default)]
@@ -223,6 +226,64 @@ struct ChatRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     tools: Option<Value>,
+    #[serde(default)]
+    stop: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+/// The most a request body may hold.
+const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// The roles a chat may use (`developer` is OpenAI's newer name for `system`).
+const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
+/// Messages as the engine takes them, or a 400 naming the message and field.
+fn parse_messages(raw: &[Value]) -> Result<Vec<Message>, Response> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let bad = |field: &str, message: String| error(StatusCode::BAD_REQUEST, message, Some(&format!("messages[{i}]{field}")), None);
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some(r) if ROLES.contains(&r) => if r == "developer" { "system" } else { r },
+                Some("tool") => return Err(bad(".role", "tool messages are not supported (tools are not)".into())),
+                Some(r) => return Err(bad(".role", format!("unknown role `{r}` (roles: {})", ROLES.join(", ")))),
+                None => return Err(bad(".role", "every message needs a `role`".into())),
+            };
+            let content = match m.get("content") {
+                Some(Value::String(t)) => t.clone(),
+                Some(Value::Null) | None if role == "assistant" => String::new(),
+                Some(Value::Array(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, part) in parts.iter().enumerate() {
+                        match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                            (Some("text"), Some(t)) => texts.push(t),
+                            (kind, _) => {
+                                return Err(bad(
+                                    &format!(".content[{j}]"),
+                                    format!("only text content parts (`{{\"type\": \"text\", \"text\": ...}}`) are supported, got {}", kind.unwrap_or("a part without a type")),
+                                ))
+                            }
+                        }
+                    }
+                    texts.join("\n")
+                }
+                _ => return Err(bad(".content", "`content` must be a string or an array of text parts".into())),
+            };
+            Ok(Message { role: role.to_string(), content })
+        })
+        .collect()
+}
+
+/// OpenAI's `stop`: a string or an array of up to 4 strings.
+fn parse_stop(stop: Option<&Value>) -> Result<Vec<String>, Response> {
+    let bad = || error(StatusCode::BAD_REQUEST, "`stop` must be a string or an array of up to 4 strings", Some("stop"), None);
+    match stop {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::String(s)) => Ok(vec![s.clone()].into_iter().filter(|s| !s.is_empty()).collect()),
+        Some(Value::Array(a)) if a.len() <= 4 => a.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(bad)).filter(|s| !matches!(s, Ok(t) if t.is_empty())).collect(),
+        Some(_) => Err(bad()),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -231,16 +292,17 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response {
-    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
-    (status, Json(json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}}))).into_response()
-}
+use crate::http::error;
 
-async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>) -> Response {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let reject = |r: Response| {
         s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         r
+    };
+    let body = match crate::http::body_or_error(body) {
+        Ok(b) => b,
+        Err(r) => return reject(r),
     };
     let req: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -252,13 +314,45 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
     if req.tools.is_some() {
         return reject(error(StatusCode::BAD_REQUEST, "tools are not supported", Some("tools"), None));
     }
+    if let Some(m) = req.model.as_deref().filter(|m| *m != s.model_id) {
+        return reject(error(
+            StatusCode::NOT_FOUND,
+            format!("The model `{m}` does not exist: this server serves `{}` (GET /v1/models)", s.model_id),
+            Some("model"),
+            Some("model_not_found"),
+        ));
+    }
+    if let Some(kind) = req.response_format.as_ref().map(|f| f.get("type").and_then(Value::as_str).unwrap_or("?")).filter(|k| *k != "text") {
+        return reject(error(
+            StatusCode::BAD_REQUEST,
+            format!("response_format `{kind}` is not supported: this server does not constrain decoding (only `text`)"),
+            Some("response_format"),
+            None,
+        ));
+    }
     if req.messages.is_empty() {
         return reject(error(StatusCode::BAD_REQUEST, "messages must not be empty", Some("messages"), None));
     }
+    let messages = match parse_messages(&req.messages) {
+        Ok(m) => m,
+        Err(r) => return reject(r),
+    };
+    let stop = match parse_stop(req.stop.as_ref()) {
+        Ok(s) => s,
+        Err(r) => return reject(r),
+    };
     let temperature = req.temperature.unwrap_or(1.0);
     let top_p = req.top_p.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) || !(top_p > 0.0 && top_p <= 1.0) {
-        return reject(error(StatusCode::BAD_REQUEST, "temperature must be in [0, 2] and top_p in (0, 1]", Some("temperature"), None));
+    if !(0.0..=2.0).contains(&temperature) {
+        return reject(error(StatusCode::BAD_REQUEST, "temperature must be in [0, 2]", Some("temperature"), None));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return reject(error(StatusCode::BAD_REQUEST, "top_p must be in (0, 1]", Some("top_p"), None));
+    }
+    for (name, v) in [("max_tokens", req.max_tokens), ("max_completion_tokens", req.max_completion_tokens)] {
+        if v == Some(0) {
+            return reject(error(StatusCode::BAD_REQUEST, format!("{name} must be at least 1"), Some(name), None));
+        }
     }
     let (frequency_penalty, presence_penalty) = (req.frequency_penalty.unwrap_or(0.0), req.presence_penalty.unwrap_or(0.0));
     for (name, v) in [("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)] {
@@ -266,7 +360,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
             return reject(error(StatusCode::BAD_REQUEST, format!("{name} must be in [-2, 2]"), Some(name), None));
         }
     }
-    let prompt = match s.llm.encode_chat(&req.messages) {
+    let prompt = match s.llm.encode_chat(&messages) {
         Ok(p) => p,
         Err(e) => return reject(error(StatusCode::BAD_REQUEST, format!("{e:#}"), Some("messages"), None)),
     };
@@ -288,6 +382,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Byte
         seed: req.seed.unwrap_or(id),
         frequency_penalty,
         presence_penalty,
+        stop,
         ..Default::default()
     };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);

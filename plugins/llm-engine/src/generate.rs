@@ -28,6 +28,9 @@ pub struct GenParams {
     /// themselves under greedy decoding; a little of either helps.
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    /// Texts that end the answer (OpenAI's `stop`): the answer is cut before the first one to
+    /// appear, and streamed text never shows a part of one.
+    pub stop: Vec<String>,
 }
 
 impl Default for GenParams {
@@ -40,6 +43,7 @@ impl Default for GenParams {
             ignore_stop: false,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            stop: Vec::new(),
         }
     }
 }
@@ -130,8 +134,28 @@ impl Llm {
         Ok(out)
     }
 
+    /// The token ids of a chat: the template's own text (control tokens included) encoded as
+    /// written, each message's content encoded literally ([`GgufTokenizer::encode_literal`]):
+    /// a control token typed in a message is text, not a turn boundary.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        self.tokenizer.encode(&self.render_chat(messages)?)
+        const OPEN: char = '\u{E000}';
+        const CLOSE: char = '\u{E001}';
+        // Render with a private-use marker per message in place of its content, then encode
+        // template and contents piece by piece.
+        let marked: Vec<Message> = messages.iter().enumerate().map(|(i, m)| Message { role: m.role.clone(), content: format!("{OPEN}{i}{CLOSE}") }).collect();
+        let rendered = self.render_chat(&marked)?;
+        let mut ids: Vec<u32> = self.tokenizer.bos.into_iter().collect();
+        let mut rest = rendered.as_str();
+        while let Some(start) = rest.find(OPEN) {
+            ids.extend(self.tokenizer.encode_continuation(&rest[..start])?);
+            let after = &rest[start + OPEN.len_utf8()..];
+            let end = after.find(CLOSE).context("the chat template cut a message marker")?;
+            let i: usize = after[..end].parse().context("the chat template changed a message marker")?;
+            ids.extend(self.tokenizer.encode_literal(&messages[i].content)?);
+            rest = &after[end + CLOSE.len_utf8()..];
+        }
+        ids.extend(self.tokenizer.encode_continuation(rest)?);
+        Ok(ids)
     }
 
     /// Prompts left-padded (with eos, masked out of attention) to `longest`, and each one's padding.
@@ -213,30 +237,47 @@ impl Llm {
                 let (i, s) = (live[r], slot[r]);
                 penalize(row_logits, &out[s], &params[i]);
                 let token = sample(row_logits, &params[i], &mut rngs[s]);
-                let stopped = !params[i].ignore_stop && self.tokenizer.stop.contains(&token);
+                let mut stopped = !params[i].ignore_stop && self.tokenizer.stop.contains(&token);
+                let stops = &params[i].stop;
+                let mut cut: Option<String> = None; // the answer, ended by a stop string
                 if !stopped {
                     out[s].push(token);
-                    if let Some(delta) = delta.as_mut() {
+                    if delta.is_some() || !stops.is_empty() {
                         // Decode the whole answer so far: tokens can split a character.
                         let text = self.tokenizer.decode(&out[s])?;
-                        if text.len() > emitted[s] && !text.ends_with('\u{FFFD}') && text.is_char_boundary(emitted[s]) {
-                            delta(i, &text[emitted[s]..]);
-                            emitted[s] = text.len();
+                        let shown = match first_stop(&text, stops) {
+                            Some(at) => {
+                                stopped = true;
+                                cut = Some(text[..at].to_string());
+                                at
+                            }
+                            // Hold back what may be the start of a stop string.
+                            None => text.len() - partial_stop(&text, stops),
+                        };
+                        if let Some(delta) = delta.as_mut() {
+                            if shown > emitted[s] && !text[..shown].ends_with('\u{FFFD}') && text.is_char_boundary(emitted[s]) && text.is_char_boundary(shown) {
+                                delta(i, &text[emitted[s]..shown]);
+                                emitted[s] = shown;
+                            }
                         }
                     }
                 }
                 let full = out[s].len() >= params[i].max_new_tokens || cache.len() + 1 >= context;
                 if stopped || full {
-                    let text = self.tokenizer.decode(&out[s])?;
+                    let text = match cut {
+                        Some(t) => t,
+                        None => self.tokenizer.decode(&out[s])?,
+                    };
                     if let Some(delta) = delta.as_mut() {
                         if text.len() > emitted[s] && text.is_char_boundary(emitted[s]) {
                             delta(i, &text[emitted[s]..]);
                         }
                     }
+                    let eos = stopped && out[s].last() != Some(&token);
                     done(i, Completion {
                         text,
                         prompt_tokens: prompts[i].len(),
-                        completion_tokens: out[s].len() + stopped as usize,
+                        completion_tokens: out[s].len() + eos as usize,
                         finish: if stopped { FinishReason::Stop } else { FinishReason::Length },
                     })?;
                 } else {
@@ -255,6 +296,23 @@ impl Llm {
             rows = next_rows;
         }
     }
+}
+
+/// Where the first of `stops` begins in `text`, if one does.
+fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// The longest end of `text` that is the beginning of a stop string (not yet shown while
+/// streaming: the next token may complete it).
+fn partial_stop(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| (1..s.len()).rev().filter(move |&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+        .filter(|prefix| text.ends_with(prefix))
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Greedy when temperature is 0, else nucleus sampling with the row's own seeded generator.

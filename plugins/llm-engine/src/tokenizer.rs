@@ -17,6 +17,8 @@ const USER_DEFINED: i32 = 4;
 
 pub struct GgufTokenizer {
     inner: Tokenizer,
+    /// The same vocabulary with control tokens matched as plain text: for text a user wrote.
+    literal: Tokenizer,
     pub bos: Option<u32>,
     pub eos: u32,
     /// Tokens that end a generation: eos and the chat end-of-turn token if there is one.
@@ -95,7 +97,9 @@ impl GgufTokenizer {
                 }
             }
         }
-        Ok(Self { inner, bos, eos, stop })
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
+        Ok(Self { inner, literal, bos, eos, stop })
     }
 
     /// Encodes text in which control tokens (`<|im_start|>` ...) are written literally, as a
@@ -109,6 +113,18 @@ impl GgufTokenizer {
     /// Encodes text that continues a sequence (no beginning-of-sequence token).
     pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The id of a token of the vocabulary (control tokens included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Encodes text someone typed (a chat message): `<|im_start|>` in it is the characters
+    /// `<`, `|`, ..., never the control token, so a user cannot open a turn of its own.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.literal.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 

@@ -1,0 +1,89 @@
+//! What `recfuse serve` and `recfuse serve-llm` share: errors in the OpenAI shape (every
+//! status, 404/405/413 included), and the optional bearer key. The key is read once from an
+//! environment variable named on the command line (never from the command line itself, where
+//! `ps` would show it); every protected request must carry `Authorization: Bearer <key>`, or
+//! gets 401.
+
+use anyhow::{Context, Result};
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use std::sync::Arc;
+
+/// An error in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`.
+pub fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response {
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    let body = serde_json::json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// The request body, or the error to answer with: 413 in the JSON shape when it is over the
+/// router's limit ([`json_errors`]).
+pub fn body_or_error(body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>) -> Result<axum::body::Bytes, Response> {
+    body.map_err(|e| {
+        let message = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { format!("the request body is too large ({})", e.body_text()) } else { e.body_text() };
+        error(e.status(), message, None, None)
+    })
+}
+
+/// Unknown paths (404), wrong methods (405) and bodies over `max_body_bytes` (413) answered as
+/// JSON errors, not axum's plain text.
+pub fn json_errors<S: Clone + Send + Sync + 'static>(router: Router<S>, endpoints: &'static str, max_body_bytes: usize) -> Router<S> {
+    router
+        .fallback(move || async move { error(StatusCode::NOT_FOUND, format!("no such endpoint ({endpoints})"), None, None) })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint", None, None) })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// The key requests must present, if any.
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<Arc<str>>);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        f.write_str(if self.0.is_some() { "ApiKey(<set>)" } else { "ApiKey(none)" })
+    }
+}
+
+impl ApiKey {
+    /// The key held by environment variable `var` (`None`: no key required).
+    pub fn from_env(var: Option<&str>) -> Result<Self> {
+        let Some(var) = var.filter(|v| !v.is_empty()) else { return Ok(Self(None)) };
+        let key = std::env::var(var).with_context(|| format!("--api-key-env: environment variable `{var}` is not set"))?;
+        anyhow::ensure!(!key.trim().is_empty(), "--api-key-env: environment variable `{var}` is empty");
+        Ok(Self(Some(Arc::from(key.trim()))))
+    }
+
+    /// A key given directly (tests, embedding).
+    pub fn new(key: &str) -> Self {
+        Self(Some(Arc::from(key)))
+    }
+
+    pub fn required(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn accepts(&self, header: Option<&str>) -> bool {
+        match &self.0 {
+            None => true,
+            // Compared in constant time: the position of the first wrong byte is not timed.
+            Some(key) => header.and_then(|h| h.strip_prefix("Bearer ")).is_some_and(|given| {
+                given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            }),
+        }
+    }
+}
+
+/// Middleware: 401 unless the request carries the key.
+pub async fn require_key(State(key): State<ApiKey>, request: Request, next: Next) -> Response {
+    let header = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if key.accepts(header) {
+        return next.run(request).await;
+    }
+    let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong API key: send `Authorization: Bearer <key>`", None, Some("invalid_api_key"));
+    response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+    response
+}
