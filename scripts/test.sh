@@ -8,6 +8,8 @@ scripts/fetch-data.sh ml-100k smollm2
 cargo test --workspace --locked --no-fail-fast "$@"
 # The deployment files (Kubernetes schemas, the Slurm flow end to end) with the binary just built.
 scripts/check-deploy.sh target/debug/recfuse
+# serve-llm through the official openai Python client (pinned, from PyPI).
+scripts/check-openai-client.sh target/debug/recfuse
 # The SDK must stay publishable: package it and build the packaged crate on its own, as
 # crates.io would (outside the workspace, from its own manifest).
 cargo package -p recfuse-sdk --allow-dirty --quiet
