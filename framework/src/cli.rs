@@ -111,6 +111,13 @@ pub enum Command {
         /// Require `Authorization: Bearer <key>`, the key read from this environment variable.
         #[arg(long, value_name = "VAR")]
         api_key_env: Option<String>,
+        /// Most requests waiting or generating; more get 503 with Retry-After.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// KV-cache memory the requests may reserve together (prompt + max_tokens each), in MiB;
+        /// beyond it, 503 with Retry-After.
+        #[arg(long, default_value_t = 2048)]
+        kv_budget_mb: u64,
     },
     /// Serve a finished run's ranker over HTTP: POST /v1/recommend, GET /health, GET /metrics
     /// (loopback by default; docs/serving.md).
@@ -219,7 +226,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             server.wait()?;
             Ok(0)
         }
-        Command::ServeLlm { model, addr, batch, gather_ms, no_dense, api_key_env } => {
+        Command::ServeLlm { model, addr, batch, gather_ms, no_dense, api_key_env, max_queue, kv_budget_mb } => {
             let opts = crate::serve_llm::ServeOptions {
                 model,
                 addr,
@@ -227,6 +234,8 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                 gather: std::time::Duration::from_millis(gather_ms),
                 dense: !no_dense,
                 api_key: crate::http::ApiKey::from_env(api_key_env.as_deref())?,
+                max_queue,
+                kv_budget_bytes: kv_budget_mb << 20,
             };
             let server = crate::serve_llm::spawn(opts)?;
             writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use recfuse_llm_engine::{Completion, GenParams, Llm, Message};
+use recfuse_llm_engine::{Completion, FinishReason, GenParams, Llm, Message};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -38,12 +38,20 @@ pub struct ServeOptions {
     pub dense: bool,
     /// Required on `/v1/*` and `/metrics` when set.
     pub api_key: crate::http::ApiKey,
+    /// Admission: most requests waiting or generating, and most KV-cache memory they may
+    /// reserve together (prompt + max_tokens each); beyond either, 503 with Retry-After.
+    pub max_queue: usize,
+    pub kv_budget_bytes: u64,
 }
 
 #[derive(Default, Serialize)]
 pub struct Metrics {
     pub requests: AtomicU64,
     pub rejected: AtomicU64,
+    /// Generations stopped because their client went away.
+    pub cancelled: AtomicU64,
+    /// Requests refused with 503 because the queue or the KV budget was full.
+    pub overloaded: AtomicU64,
     pub batches: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
@@ -53,6 +61,56 @@ struct Job {
     prompt: Vec<u32>,
     params: GenParams,
     sink: Sink,
+    /// Its place in the queue and its share of the KV budget, given back when it is done.
+    ticket: Ticket,
+}
+
+/// What admitted requests hold: how many wait or generate, and the KV memory they reserved.
+struct Admission {
+    jobs: std::sync::atomic::AtomicUsize,
+    kv_bytes: AtomicU64,
+    max_jobs: usize,
+    budget: u64,
+}
+
+/// One admitted request's reservation; released when dropped.
+struct Ticket {
+    admission: Arc<Admission>,
+    kv_bytes: u64,
+}
+
+impl Admission {
+    /// Reserves a place and `kv_bytes`, or `None` when either is full.
+    fn admit(self: &Arc<Self>, kv_bytes: u64) -> Option<Ticket> {
+        if self.jobs.fetch_add(1, Ordering::SeqCst) >= self.max_jobs {
+            self.jobs.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let mut used = self.kv_bytes.load(Ordering::SeqCst);
+        loop {
+            if used + kv_bytes > self.budget {
+                self.jobs.fetch_sub(1, Ordering::SeqCst);
+                return None;
+            }
+            match self.kv_bytes.compare_exchange(used, used + kv_bytes, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Some(Ticket { admission: self.clone(), kv_bytes }),
+                Err(now) => used = now,
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.jobs.fetch_sub(1, Ordering::SeqCst);
+        self.admission.kv_bytes.fetch_sub(self.kv_bytes, Ordering::SeqCst);
+    }
+}
+
+/// KV-cache bytes one token takes (keys and values of every layer, f32).
+fn kv_bytes_per_token(llm: &Llm) -> u64 {
+    let h = llm.hyper();
+    (2 * h.layers * h.kv_heads * h.head_dim * 4) as u64
 }
 
 /// Where a job's answer goes: whole, or piece by piece as it is generated.
@@ -68,6 +126,14 @@ enum Piece {
 }
 
 impl Sink {
+    /// The client went away: nobody will read the answer.
+    fn is_closed(&self) -> bool {
+        match self {
+            Sink::Whole(tx) => tx.is_closed(),
+            Sink::Stream(tx) => tx.is_closed(),
+        }
+    }
+
     fn finish(self, r: Result<Completion, String>) {
         match self {
             Sink::Whole(tx) => {
@@ -85,6 +151,7 @@ impl Sink {
 
 struct AppState {
     jobs: mpsc::Sender<Job>,
+    admission: Arc<Admission>,
     llm: Arc<Llm>,
     model_id: String,
     metrics: Arc<Metrics>,
@@ -133,7 +200,8 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         let (llm, metrics, opts) = (llm.clone(), metrics.clone(), opts.clone());
         std::thread::Builder::new().name("llm-generate".into()).spawn(move || generation_loop(&llm, rx, &opts, &metrics))?;
     }
-    let state = Arc::new(AppState { jobs: tx, llm, model_id: model_id.clone(), metrics: metrics.clone(), next_id: AtomicU64::new(1) });
+    let admission = Arc::new(Admission { jobs: Default::default(), kv_bytes: AtomicU64::new(0), max_jobs: opts.max_queue.max(1), budget: opts.kv_budget_bytes });
+    let state = Arc::new(AppState { jobs: tx, admission, llm, model_id: model_id.clone(), metrics: metrics.clone(), next_id: AtomicU64::new(1) });
     let protected = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
@@ -163,32 +231,59 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
 /// Takes every waiting request (up to `batch`, after waiting `gather` for more) and generates
 /// them together.
 fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metrics: &Metrics) {
-    while let Ok(first) = rx.recv() {
+    // A batch's cache holds every row for its longest prompt plus its largest max_tokens: a
+    // job that would take it over the KV budget waits for the next batch.
+    let per_token = kv_bytes_per_token(llm);
+    let batch_bytes = |jobs: &[Job], extra: &Job| -> u64 {
+        let longest = jobs.iter().chain([extra]).map(|j| j.prompt.len()).max().unwrap_or(0);
+        let most_new = jobs.iter().chain([extra]).map(|j| j.params.max_new_tokens).max().unwrap_or(0);
+        (jobs.len() as u64 + 1) * (longest + most_new) as u64 * per_token
+    };
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
         let mut jobs = vec![first];
         let deadline = std::time::Instant::now() + opts.gather;
         while jobs.len() < opts.batch {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
-                Ok(j) => jobs.push(j),
+                Ok(j) if batch_bytes(&jobs, &j) <= opts.kv_budget_bytes => jobs.push(j),
+                Ok(j) => {
+                    carried = Some(j);
+                    break;
+                }
                 Err(_) => break,
             }
         }
         metrics.batches.fetch_add(1, Ordering::Relaxed);
         let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
         let params: Vec<GenParams> = jobs.iter().map(|j| j.params.clone()).collect();
-        let sinks = std::cell::RefCell::new(jobs.into_iter().map(|j| Some(j.sink)).collect::<Vec<_>>());
+        let (sinks, mut tickets): (Vec<Option<Sink>>, Vec<Option<Ticket>>) = jobs.into_iter().map(|j| (Some(j.sink), Some(j.ticket))).unzip();
+        let sinks = std::cell::RefCell::new(sinks);
         let mut delta = |i: usize, text: &str| {
             if let Some(Sink::Stream(tx)) = &sinks.borrow()[i] {
                 let _ = tx.send(Piece::Delta(text.to_string()));
             }
         };
         let mut done = |i: usize, c: Completion| {
+            if c.finish == FinishReason::Cancelled {
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(sink) = sinks.borrow_mut()[i].take() {
                 sink.finish(Ok(c));
             }
+            tickets[i] = None; // its place and KV reservation go back
             Ok(())
         };
-        let result = llm.generate_streaming(&prompts, &params, opts.batch, Some(&mut delta), &mut done);
+        // A client that went away (closed its stream, timed out) leaves the batch at once.
+        let cancelled = |i: usize| sinks.borrow()[i].as_ref().is_some_and(Sink::is_closed);
+        let result = llm.generate_cancellable(&prompts, &params, opts.batch, Some(&mut delta), &mut done, &cancelled);
         if let Err(e) = result {
             for sink in sinks.borrow_mut().iter_mut().filter_map(Option::take) {
                 sink.finish(Err(format!("generation failed: {e:#}")));
@@ -374,6 +469,22 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<axum::bod
             Some("context_length_exceeded"),
         ));
     }
+    // Admission: a place in the queue and the KV memory this request may take.
+    let kv_bytes = (prompt.len() + max_new) as u64 * kv_bytes_per_token(&s.llm);
+    if kv_bytes > s.admission.budget {
+        return reject(error(
+            StatusCode::BAD_REQUEST,
+            format!("prompt + max_tokens ({} tokens) need more KV memory than the server's budget allows ({} tokens)", prompt.len() + max_new, s.admission.budget / kv_bytes_per_token(&s.llm)),
+            Some("max_tokens"),
+            None,
+        ));
+    }
+    let Some(ticket) = s.admission.admit(kv_bytes) else {
+        s.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "the server is at capacity (queue or KV memory budget full): retry later", None, Some("server_overloaded"));
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        return reject(r);
+    };
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let params = GenParams {
         max_new_tokens: max_new,
@@ -389,7 +500,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<axum::bod
     let model = req.model.clone().unwrap_or_else(|| s.model_id.clone());
     if req.stream == Some(true) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        if s.jobs.send(Job { prompt, params, sink: Sink::Stream(tx) }).is_err() {
+        if s.jobs.send(Job { prompt, params, sink: Sink::Stream(tx), ticket }).is_err() {
             return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);
         }
         let chunk = ChunkHeader { id: format!("chatcmpl-{id}"), created, model };
@@ -397,7 +508,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<axum::bod
         return stream_response(s.clone(), chunk, usage, rx);
     }
     let (tx, rx) = oneshot::channel();
-    if s.jobs.send(Job { prompt, params, sink: Sink::Whole(tx) }).is_err() {
+    if s.jobs.send(Job { prompt, params, sink: Sink::Whole(tx), ticket }).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the generation thread has stopped", None, None);
     }
     let c = match rx.await {

@@ -49,6 +49,8 @@ fn chatgpt_fuser_against_serve_llm_and_local_llm_agree() {
         gather: Duration::from_millis(1),
         dense: false,
         api_key: Default::default(),
+        max_queue: 64,
+        kv_budget_bytes: 2 << 30,
     })
     .expect("server starts");
     let d = tempfile::tempdir().unwrap();
@@ -102,6 +104,8 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
         gather: Duration::from_millis(200),
         dense: true,
         api_key: Default::default(),
+        max_queue: 64,
+        kv_budget_bytes: 2 << 30,
     })
     .expect("server starts");
     let base = format!("http://{}", server.addr);
@@ -191,6 +195,8 @@ fn serve_llm_with_a_key_refuses_requests_without_it() {
         gather: Duration::from_millis(1),
         dense: false,
         api_key: recfuse::http::ApiKey::new("llm-key-8a1"),
+        max_queue: 64,
+        kv_budget_bytes: 2 << 30,
     })
     .expect("server starts");
     let base = format!("http://{}", server.addr);
@@ -227,6 +233,8 @@ fn serve_llm_protocol_stop_models_content_parts_and_errors() {
         gather: Duration::from_millis(1),
         dense: false,
         api_key: Default::default(),
+        max_queue: 64,
+        kv_budget_bytes: 2 << 30,
     })
     .expect("server starts");
     let base = format!("http://{}", server.addr);
@@ -319,4 +327,79 @@ fn serve_llm_protocol_stop_models_content_parts_and_errors() {
     let plain = llm.encode_chat(&msg("hi")).unwrap();
     assert_eq!(turns(&ids, "<|im_start|>"), turns(&plain, "<|im_start|>"), "a typed <|im_start|> became a control token");
     assert_eq!(turns(&ids, "<|im_end|>"), turns(&plain, "<|im_end|>"));
+}
+
+/// Opens a streamed completion on a raw socket and reads until the first content chunk: the
+/// request is admitted and generating. Dropping the returned socket is a client going away.
+fn open_stream(addr: std::net::SocketAddr, model: &str, max_tokens: usize) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let body = serde_json::json!({"model": model, "stream": true, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write the numbers from 1 to 3000, one per line."}]})
+    .to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    s
+}
+
+/// Waits (up to a minute: a liveness bound, not a speed target) until `f` holds.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client that disconnects mid-stream stops its generation and frees its place; a full queue
+/// answers 503 with Retry-After; a request that cannot fit the KV budget is a 400 naming
+/// `max_tokens`.
+#[test]
+fn serve_llm_cancels_abandoned_generations_and_admits_within_its_limits() {
+    let id = "SmolLM2-135M-Instruct.Q4_1";
+    let llm_bytes_per_token = 2 * 30 * 3 * 64 * 4; // SmolLM2-135M: 30 layers, 3 KV heads of 64, f32
+    let server = spawn(ServeOptions {
+        model: model(),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        batch: 4,
+        gather: Duration::from_millis(1),
+        dense: false,
+        api_key: Default::default(),
+        max_queue: 1,
+        kv_budget_bytes: 3000 * llm_bytes_per_token,
+    })
+    .expect("server starts");
+    let base = format!("http://{}", server.addr);
+    let short = serde_json::json!({"model": id, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Say hi."}]});
+
+    // One long generation holds the only place: the next request is turned away, with a hint.
+    let long = open_stream(server.addr, id, 2000);
+    match ureq::post(&format!("{base}/v1/chat/completions")).send_json(short.clone()) {
+        Err(ureq::Error::Status(503, r)) => {
+            assert_eq!(r.header("Retry-After"), Some("1"));
+            let e: Value = r.into_json().unwrap();
+            assert_eq!(e["error"]["code"], "server_overloaded");
+        }
+        other => panic!("expected 503, got {:?}", other.map(|r| r.status())),
+    }
+    assert_eq!(server.metrics.overloaded.load(Ordering::Relaxed), 1);
+    // The client goes away: its generation stops and its place is free again.
+    drop(long);
+    eventually("the abandoned generation is cancelled", || server.metrics.cancelled.load(Ordering::Relaxed) == 1);
+    let r: Value = ureq::post(&format!("{base}/v1/chat/completions")).send_json(short.clone()).unwrap().into_json().unwrap();
+    assert!(r["choices"][0]["message"]["content"].is_string());
+    // More than the whole KV budget can never run: a 400 naming max_tokens, not a 503.
+    let huge = serde_json::json!({"model": id, "max_tokens": 5000, "messages": [{"role": "user", "content": "Say hi."}]});
+    match ureq::post(&format!("{base}/v1/chat/completions")).send_json(huge) {
+        Err(ureq::Error::Status(400, r)) => assert_eq!(r.into_json::<Value>().unwrap()["error"]["param"], "max_tokens"),
+        other => panic!("expected 400, got {:?}", other.map(|r| r.status())),
+    }
+    server.shutdown().unwrap();
 }

@@ -71,6 +71,8 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` or the model context.
     Length,
+    /// The caller gave up on it (a client that went away): it left the batch early.
+    Cancelled,
 }
 
 #[derive(Clone, Debug)]
@@ -200,10 +202,25 @@ impl Llm {
         mut delta: Option<&mut dyn FnMut(usize, &str)>,
         done: &mut dyn FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
+        self.generate_cancellable(prompts, params, batch, delta.take(), done, &|_| false)
+    }
+
+    /// [`Self::generate_streaming`], asking `cancelled(i)` before every decoding step: a prompt
+    /// whose caller gave up leaves the batch at once (`done` gets it with
+    /// [`FinishReason::Cancelled`]) and frees its row.
+    pub fn generate_cancellable(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &[GenParams],
+        batch: usize,
+        mut delta: Option<&mut dyn FnMut(usize, &str)>,
+        done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+        cancelled: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
         for chunk in order.chunks(batch.max(1)) {
-            self.generate_batch(chunk, prompts, params, &mut delta, done)?;
+            self.generate_batch(chunk, prompts, params, &mut delta, done, cancelled)?;
         }
         Ok(())
     }
@@ -215,6 +232,7 @@ impl Llm {
         params: &[GenParams],
         delta: &mut Option<&mut dyn FnMut(usize, &str)>,
         done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+        cancelled: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
         let context = self.model.hyper.context;
         let longest = ids.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
@@ -235,6 +253,11 @@ impl Llm {
             let mut next_rows = Vec::with_capacity(live.len());
             for (r, row_logits) in logits.iter_mut().enumerate() {
                 let (i, s) = (live[r], slot[r]);
+                if cancelled(i) {
+                    let text = self.tokenizer.decode(&out[s])?;
+                    done(i, Completion { text, prompt_tokens: prompts[i].len(), completion_tokens: out[s].len(), finish: FinishReason::Cancelled })?;
+                    continue;
+                }
                 penalize(row_logits, &out[s], &params[i]);
                 let token = sample(row_logits, &params[i], &mut rngs[s]);
                 let mut stopped = !params[i].ignore_stop && self.tokenizer.stop.contains(&token);
