@@ -128,6 +128,7 @@ impl TunerHandle {
 }
 
 /// What a ranker's fit (or load) is given, host-side.
+#[derive(Clone, Copy)]
 pub struct FitData<'a> {
     /// Train view (what it may learn from).
     pub train: &'a ViewData,
@@ -141,6 +142,28 @@ pub struct FitData<'a> {
     /// Validation targets for model selection (users, items).
     pub valid_users: &'a [UserIdx],
     pub valid_items: &'a [ItemIdx],
+}
+
+impl<'a> FitData<'a> {
+    /// A run's fit data: its split, knowledge, tuner artifact and validation targets
+    /// (`SplitData::validation_targets`); no model directory yet.
+    pub fn of_run(
+        split: &'a crate::split::SplitData,
+        knowledge: &'a crate::knowledge::KnowledgeBase,
+        artifact: Option<&'a Artifact>,
+        valid: &'a (Vec<UserIdx>, Vec<ItemIdx>),
+    ) -> Self {
+        FitData {
+            train: &split.train,
+            context: &split.context,
+            knowledge: &knowledge.users,
+            item_knowledge: &knowledge.items,
+            artifact,
+            model_dir: None,
+            valid_users: &valid.0,
+            valid_items: &valid.1,
+        }
+    }
 }
 
 impl<'a> FitData<'a> {

@@ -10,7 +10,59 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// A server running on its own thread and tokio runtime; dropping it does not stop it,
+/// [`Background::shutdown`] or Ctrl-C do (after the requests in flight).
+pub struct Background {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Background {
+    /// Binds `addr` (port 0 picks a free port) and serves `app` on a thread named `name`.
+    pub fn spawn(addr: SocketAddr, app: Router, name: &str, worker_threads: usize) -> Result<Self> {
+        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(worker_threads.max(1)).enable_all().build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        tokio::select! {
+                            _ = stopped => {}
+                            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: finishing the requests in flight"),
+                        }
+                    })
+                    .await?;
+                Ok(())
+            })
+        })?;
+        Ok(Self { addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    pub fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.wait()
+    }
+
+    /// Blocks until the server stops.
+    pub fn wait(mut self) -> Result<()> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => anyhow::bail!("server thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
 
 /// An error in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response {

@@ -596,11 +596,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
         let ctx = eval::EvalContext { split: &split, cfg: &p.eval, users: &users, negatives: &negatives, batch_size: p.run.batch_size };
         let frame = eval::ReportFrame::new(&split, &p.eval);
-        // Validation targets for rankers that select on them (never the test items).
-        let (valid_users, valid_items): (Vec<UserIdx>, Vec<ItemIdx>) = (0..split.targets.len() as u32)
-            .filter(|&u| split.targets[u as usize].valid != NONE)
-            .map(|u| (u, split.targets[u as usize].valid))
-            .unzip();
+        let valid = split.validation_targets();
         let mut slots: Vec<stages::rank::RankerSlot> = p
             .rankers
             .iter()
@@ -608,17 +604,7 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
             .zip(&keys.fit)
             .map(|((spec, handle), fit_key)| stages::rank::RankerSlot { label: spec.label.clone(), fit_key: fit_key.clone(), handle, obtained: None })
             .collect();
-        let kb = knowledge()?;
-        let fit_data = FitData {
-            train: &split.train,
-            context: &split.context,
-            knowledge: &kb.users,
-            item_knowledge: &kb.items,
-            artifact: artifact.as_ref(),
-            model_dir: None,
-            valid_users: &valid_users,
-            valid_items: &valid_items,
-        };
+        let fit_data = FitData::of_run(&split, knowledge()?, artifact.as_ref(), &valid);
         let rerank_of = |spec: &ComponentSpec, slots: &[stages::rank::RankerSlot]| {
             spec.rerank.as_ref().map(|rr| (slots.iter().position(|s| s.label == rr.from).expect("checked by config"), rr.top))
         };

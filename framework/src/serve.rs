@@ -45,7 +45,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::oneshot;
 
 /// What one request may ask for.
 #[derive(Clone, Debug)]
@@ -130,20 +129,8 @@ impl Recommender {
             Some(_) => Some(crate::stages::tune::artifact(run_dir)?),
             None => None,
         };
-        let (valid_users, valid_items): (Vec<UserIdx>, Vec<ItemIdx>) = (0..split.targets.len() as u32)
-            .filter(|&u| split.targets[u as usize].valid != NONE)
-            .map(|u| (u, split.targets[u as usize].valid))
-            .unzip();
-        let data = FitData {
-            train: &split.train,
-            context: &split.context,
-            knowledge: &kb.users,
-            item_knowledge: &kb.items,
-            artifact: artifact.as_ref(),
-            model_dir: None,
-            valid_users: &valid_users,
-            valid_items: &valid_items,
-        };
+        let valid = split.validation_targets();
+        let data = FitData::of_run(&split, &kb, artifact.as_ref(), &valid);
         let restore = |i: usize| -> Result<RankerHandle> {
             let spec = &p.rankers[i];
             let mut handle = registry.ranker(&spec.kind, &spec.settings, host(&spec.key)).with_context(|| format!("config key `{}`", spec.key))?;
@@ -436,25 +423,17 @@ async fn answer(s: &Arc<AppState>, body: Result<axum::body::Bytes, BytesRejectio
 pub struct ServerHandle {
     pub addr: SocketAddr,
     pub model: String,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    server: crate::http::Background,
 }
 
 impl ServerHandle {
-    pub fn shutdown(mut self) -> Result<()> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.wait()
+    pub fn shutdown(self) -> Result<()> {
+        self.server.shutdown()
     }
 
     /// Blocks until the server stops.
-    pub fn wait(mut self) -> Result<()> {
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => bail!("server thread panicked"),
-            None => Ok(()),
-        }
+    pub fn wait(self) -> Result<()> {
+        self.server.wait()
     }
 }
 
@@ -472,24 +451,7 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         .route("/health", get(|State(s): State<Arc<AppState>>| async move { Json(json!({"status": "ok", "model": s.model.label, "users": s.model.users.len(), "items": s.model.items.len()})) }))
         .merge(protected);
     let app = crate::http::json_errors(app, "POST /v1/recommend, GET /health, GET /metrics", opts.limits.max_body_bytes).with_state(state);
-    let listener = std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let thread = std::thread::Builder::new().name("serve".into()).spawn(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    tokio::select! {
-                        _ = stopped => {}
-                        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: finishing the requests in flight"),
-                    }
-                })
-                .await?;
-            Ok(())
-        })
-    })?;
-    Ok(ServerHandle { addr, model: label, stop: Some(stop), thread: Some(thread) })
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let server = crate::http::Background::spawn(opts.addr, app, "serve", cores)?;
+    Ok(ServerHandle { addr: server.addr, model: label, server })
 }

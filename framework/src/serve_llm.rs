@@ -10,7 +10,7 @@
 //! `stream_options.include_usage`), `GET /v1/models`, `GET /health`, `GET /metrics` (requests,
 //! tokens, batches, as JSON). Not supported (answered with a 400 naming the field): `n > 1`, tools.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -158,34 +158,22 @@ struct AppState {
     next_id: AtomicU64,
 }
 
-/// A running server; dropping it does not stop it, [`ServerHandle::shutdown`] does.
+/// A running server; dropping it does not stop it, [`ServerHandle::shutdown`] or Ctrl-C do.
 pub struct ServerHandle {
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     pub model_id: String,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    server: crate::http::Background,
 }
 
 impl ServerHandle {
-    pub fn shutdown(mut self) -> Result<()> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.join()
+    pub fn shutdown(self) -> Result<()> {
+        self.server.shutdown()
     }
 
     /// Blocks until the server stops (Ctrl-C for the CLI).
-    pub fn wait(mut self) -> Result<()> {
-        self.join()
-    }
-
-    fn join(&mut self) -> Result<()> {
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => anyhow::bail!("server thread panicked"),
-            None => Ok(()),
-        }
+    pub fn wait(self) -> Result<()> {
+        self.server.wait()
     }
 }
 
@@ -209,23 +197,8 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         .layer(axum::middleware::from_fn_with_state(opts.api_key.clone(), crate::http::require_key));
     let app = Router::new().route("/health", get(|| async { "ok" })).merge(protected);
     let app = crate::http::json_errors(app, "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics", MAX_BODY_BYTES).with_state(state);
-    let listener = std::net::TcpListener::bind(opts.addr).with_context(|| format!("binding {}", opts.addr))?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let thread = std::thread::Builder::new().name("llm-http".into()).spawn(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .await?;
-            Ok(())
-        })
-    })?;
-    Ok(ServerHandle { addr, metrics, model_id, stop: Some(stop_tx), thread: Some(thread) })
+    let server = crate::http::Background::spawn(opts.addr, app, "llm-http", 2)?;
+    Ok(ServerHandle { addr: server.addr, metrics, model_id, server })
 }
 
 /// Takes every waiting request (up to `batch`, after waiting `gather` for more) and generates

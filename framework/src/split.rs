@@ -58,6 +58,11 @@ impl SplitData {
     pub fn evaluable_users(&self) -> Vec<UserIdx> {
         (0..self.targets.len() as u32).filter(|&u| self.targets[u as usize].test != NONE).collect()
     }
+    /// Users with a validation target, and those targets (for rankers that select on them;
+    /// never the test items).
+    pub fn validation_targets(&self) -> (Vec<UserIdx>, Vec<ItemIdx>) {
+        (0..self.targets.len() as u32).filter(|&u| self.targets[u as usize].valid != NONE).map(|u| (u, self.targets[u as usize].valid)).unzip()
+    }
     /// Number of train events of a user.
     pub fn train_len(&self, user: UserIdx) -> usize {
         self.train.view().history(user).len()

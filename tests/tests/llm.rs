@@ -10,6 +10,21 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// Server options on a free loopback port: `batch` rows, `gather_ms` to fill a batch, no key,
+/// generous admission limits.
+fn options(batch: usize, gather_ms: u64, dense: bool) -> ServeOptions {
+    ServeOptions {
+        model: model(),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        batch,
+        gather: Duration::from_millis(gather_ms),
+        dense,
+        api_key: Default::default(),
+        max_queue: 64,
+        kv_budget_bytes: 2 << 30,
+    }
+}
+
 fn model() -> std::path::PathBuf {
     let p = root().join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.exists(), "SmolLM2 missing: run scripts/fetch-data.sh smollm2 (scripts/test.sh does)");
@@ -42,16 +57,7 @@ fn run(cfg: &Path) {
 fn chatgpt_fuser_against_serve_llm_and_local_llm_agree() {
     // One request at a time, quantized weights: the server then computes exactly what the
     // in-process fuser does with batch_size 1.
-    let server = spawn(ServeOptions {
-        model: model(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        batch: 1,
-        gather: Duration::from_millis(1),
-        dense: false,
-        api_key: Default::default(),
-        max_queue: 64,
-        kv_budget_bytes: 2 << 30,
-    })
+    let server = spawn(options(1, 1, false))
     .expect("server starts");
     let d = tempfile::tempdir().unwrap();
     let chatgpt = ml100k_config(
@@ -97,16 +103,7 @@ fn chatgpt_fuser_against_serve_llm_and_local_llm_agree() {
 
 #[test]
 fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
-    let server = spawn(ServeOptions {
-        model: model(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        batch: 4,
-        gather: Duration::from_millis(200),
-        dense: true,
-        api_key: Default::default(),
-        max_queue: 64,
-        kv_budget_bytes: 2 << 30,
-    })
+    let server = spawn(options(4, 200, true))
     .expect("server starts");
     let base = format!("http://{}", server.addr);
     let models: Value = ureq::get(&format!("{base}/v1/models")).call().unwrap().into_json().unwrap();
@@ -188,16 +185,7 @@ fn serve_llm_speaks_the_protocol_and_batches_concurrent_requests() {
 /// open for probes.
 #[test]
 fn serve_llm_with_a_key_refuses_requests_without_it() {
-    let server = spawn(ServeOptions {
-        model: model(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        batch: 1,
-        gather: Duration::from_millis(1),
-        dense: false,
-        api_key: recfuse::http::ApiKey::new("llm-key-8a1"),
-        max_queue: 64,
-        kv_budget_bytes: 2 << 30,
-    })
+    let server = spawn(ServeOptions { api_key: recfuse::http::ApiKey::new("llm-key-8a1"), ..options(1, 1, false) })
     .expect("server starts");
     let base = format!("http://{}", server.addr);
     assert_eq!(ureq::get(&format!("{base}/health")).call().unwrap().status(), 200);
@@ -226,16 +214,7 @@ fn serve_llm_with_a_key_refuses_requests_without_it() {
 /// message staying text.
 #[test]
 fn serve_llm_protocol_stop_models_content_parts_and_errors() {
-    let server = spawn(ServeOptions {
-        model: model(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        batch: 2,
-        gather: Duration::from_millis(1),
-        dense: false,
-        api_key: Default::default(),
-        max_queue: 64,
-        kv_budget_bytes: 2 << 30,
-    })
+    let server = spawn(options(2, 1, false))
     .expect("server starts");
     let base = format!("http://{}", server.addr);
     let id = "SmolLM2-135M-Instruct.Q4_1";
@@ -365,16 +344,7 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 fn serve_llm_cancels_abandoned_generations_and_admits_within_its_limits() {
     let id = "SmolLM2-135M-Instruct.Q4_1";
     let llm_bytes_per_token = 2 * 30 * 3 * 64 * 4; // SmolLM2-135M: 30 layers, 3 KV heads of 64, f32
-    let server = spawn(ServeOptions {
-        model: model(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        batch: 4,
-        gather: Duration::from_millis(1),
-        dense: false,
-        api_key: Default::default(),
-        max_queue: 1,
-        kv_budget_bytes: 3000 * llm_bytes_per_token,
-    })
+    let server = spawn(ServeOptions { max_queue: 1, kv_budget_bytes: 3000 * llm_bytes_per_token, ..options(4, 1, false) })
     .expect("server starts");
     let base = format!("http://{}", server.addr);
     let short = serde_json::json!({"model": id, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Say hi."}]});

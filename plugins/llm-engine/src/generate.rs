@@ -14,6 +14,9 @@ pub struct Message {
     pub content: String,
 }
 
+/// Called with a prompt's index and its new text as generation produces it.
+pub type OnText<'a> = Option<&'a mut dyn FnMut(usize, &str)>;
+
 #[derive(Clone, Debug)]
 pub struct GenParams {
     pub max_new_tokens: usize,
@@ -199,7 +202,7 @@ impl Llm {
         prompts: &[Vec<u32>],
         params: &[GenParams],
         batch: usize,
-        mut delta: Option<&mut dyn FnMut(usize, &str)>,
+        mut delta: OnText<'_>,
         done: &mut dyn FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
         self.generate_cancellable(prompts, params, batch, delta.take(), done, &|_| false)
@@ -213,7 +216,7 @@ impl Llm {
         prompts: &[Vec<u32>],
         params: &[GenParams],
         batch: usize,
-        mut delta: Option<&mut dyn FnMut(usize, &str)>,
+        mut delta: OnText<'_>,
         done: &mut dyn FnMut(usize, Completion) -> Result<()>,
         cancelled: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
@@ -230,7 +233,7 @@ impl Llm {
         ids: &[usize],
         prompts: &[Vec<u32>],
         params: &[GenParams],
-        delta: &mut Option<&mut dyn FnMut(usize, &str)>,
+        delta: &mut OnText<'_>,
         done: &mut dyn FnMut(usize, Completion) -> Result<()>,
         cancelled: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
