@@ -550,11 +550,13 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     if let Some(s) = shard {
         match Plan::read(&main.root)? {
             Some(plan) if plan.key == keys.plan => {}
-            Some(_) => bail!(
+            // Prepared for this run's knowledge but with other settings after it: refuse. A plan
+            // older than the knowledge this shard just fused is simply not this run's yet.
+            Some(_) if keys.fuse.as_ref().is_none_or(|k| main.is_done("fuse", k)) => bail!(
                 "{} was prepared with another config or dataset than shard {s} runs with: run `recfuse prepare` with this config again (or use another run directory)",
                 main.root.display()
             ),
-            None => {
+            _ => {
                 r.save_manifest()?;
                 let note = format!("shard {s} is done until the run is prepared: next `recfuse prepare CONFIG` (once every shard is here), then this command again to evaluate");
                 return Ok(RunOutcome { run_dir: r.run.root.clone(), reports: vec![], stages: r.stages, models: vec![], note: Some(note) });

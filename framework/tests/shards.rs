@@ -143,4 +143,13 @@ fn four_shards_with_one_killed_merge_to_exactly_the_unsharded_run() {
     let lost = recfuse(&["merge", main.to_str().unwrap()]).output().unwrap();
     assert_eq!(lost.status.code(), Some(2), "a merge that lost a model's results must not exit 0");
     assert!(String::from_utf8_lossy(&lost.stderr).contains("bpr"));
+    // A shard of a new fuse config meets the old plan: it fuses and waits for `prepare` (a
+    // stale plan is not an error in the fuse wave).
+    let refused = recfuse(&["run", config, "--shard", "0/4", "--set", "fusers[0].max_tokens=100"]).output().unwrap();
+    assert!(refused.status.success(), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("next `recfuse prepare"));
+    // ... and `merge` now refuses the mix of shards fused under two configs, naming them.
+    let mixed = recfuse(&["merge", main.to_str().unwrap()]).output().unwrap();
+    assert_eq!(mixed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("another config"), "{}", String::from_utf8_lossy(&mixed.stderr));
 }
