@@ -16,7 +16,7 @@ export RECFUSE_CHECK_KEY="check-$RANDOM-$RANDOM"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$RECFUSE" serve-llm --addr "127.0.0.1:$port" --batch 4 --api-key-env RECFUSE_CHECK_KEY > "$log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 1 120); do
     curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
     kill -0 $server 2>/dev/null || { cat "$log" >&2; exit 1; }
