@@ -192,8 +192,10 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             if merged.knowledge_shards > 0 {
                 writeln!(out, "merged the knowledge of {} shards", merged.knowledge_shards)?;
             }
-            if merged.reports.is_empty() {
+            if !merged.prepared {
                 writeln!(out, "the run is not prepared yet: no report to merge (next: `recfuse prepare CONFIG`)")?;
+            } else if merged.reports.is_empty() {
+                writeln!(out, "the run has no rankers: no report to merge")?;
             } else {
                 writeln!(out, "merged the evaluation of {} shards\n\n{}", merged.shards, crate::eval::markdown(&merged.reports))?;
             }

@@ -597,7 +597,6 @@ pub fn evaluate_outcomes(
         let rank_rows = |rows: std::ops::Range<usize>| -> Result<Vec<Outcome>> {
             let mut outcomes = Vec::with_capacity(rows.len());
             let mut masked = vec![false; n_items];
-            let mut neg_scores: Vec<f32> = Vec::new();
             for row in rows {
                 let (u, neg) = (chunk[row], &negs[row]);
                 let s = &out[row * per_user..(row + 1) * per_user];
@@ -606,23 +605,17 @@ pub fn evaluate_outcomes(
                 }
                 let t = split.targets[u as usize];
                 let history = split.train.view().history(u);
-                let (rank, positive) = match cfg.protocol {
+                let (rank, positive, negatives) = match cfg.protocol {
                     Protocol::Full => {
                         mark_seen(&mut masked, split, u, true);
                         let rank = rank_of(s, t.test as usize, &masked);
                         mark_seen(&mut masked, split, u, false);
-                        neg_scores.clear();
-                        neg_scores.extend(neg.iter().map(|&i| s[i as usize]));
-                        (rank, s[t.test as usize])
+                        (rank, s[t.test as usize], neg.iter().map(|&i| s[i as usize]).collect())
                     }
-                    Protocol::Sampled => {
-                        neg_scores.clear();
-                        neg_scores.extend_from_slice(&s[1..]);
-                        (rank_of(s, 0, &no_mask), s[0])
-                    }
+                    Protocol::Sampled => (rank_of(s, 0, &no_mask), s[0], s[1..].to_vec()),
                 };
                 let cold = history.len() <= cfg.cold_start_max;
-                outcomes.push(Outcome { user: u, rank, cold, positive, negatives: neg_scores.clone(), seconds: 0.0 });
+                outcomes.push(Outcome { user: u, rank, cold, positive, negatives, seconds: 0.0 });
             }
             Ok(outcomes)
         };

@@ -14,17 +14,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-/// A server running on its own thread and tokio runtime; dropping it does not stop it,
-/// [`Background::shutdown`] or Ctrl-C do (after the requests in flight).
-pub struct Background {
+/// A server running on its own thread and tokio runtime, with what its owner wants to know of
+/// it (`info`, reachable through `Deref`). Dropping it does not stop it; [`Running::shutdown`]
+/// or Ctrl-C do (after the requests in flight).
+pub struct Running<T> {
     pub addr: SocketAddr,
+    info: T,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-impl Background {
+impl<T> std::ops::Deref for Running<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.info
+    }
+}
+
+impl<T> Running<T> {
     /// Binds `addr` (port 0 picks a free port) and serves `app` on a thread named `name`.
-    pub fn spawn(addr: SocketAddr, app: Router, name: &str, worker_threads: usize) -> Result<Self> {
+    pub fn spawn(addr: SocketAddr, app: Router, name: &str, worker_threads: usize, info: T) -> Result<Self> {
         let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -44,7 +53,7 @@ impl Background {
                 Ok(())
             })
         })?;
-        Ok(Self { addr, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { addr, info, stop: Some(stop), thread: Some(thread) })
     }
 
     pub fn shutdown(mut self) -> Result<()> {

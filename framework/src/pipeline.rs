@@ -591,60 +591,62 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
         artifact = Some(a);
     }
 
+    let valid = split.validation_targets();
+    let mut slots: Vec<stages::rank::RankerSlot> = p
+        .rankers
+        .iter()
+        .zip(std::mem::take(&mut c.rankers))
+        .zip(&keys.fit)
+        .map(|((spec, handle), fit_key)| stages::rank::RankerSlot { label: spec.label.clone(), fit_key: fit_key.clone(), handle, obtained: None })
+        .collect();
+    if opts.role == Role::Prepare {
+        // Every ranker fitted and saved once, for the shards to restore (one saved under its
+        // key by an earlier prepare is left as it is).
+        for slot in slots.iter_mut().filter(|s| !stages::rank::saved_under(&stages::rank::model_dir(&r, &s.label), &s.fit_key)) {
+            let fit_data = FitData::of_run(&split, knowledge()?, artifact.as_ref(), &valid);
+            stages::rank::ensure_fitted(&r, slot, &fit_data).with_context(|| format!("ranker `{}`", slot.label))?;
+        }
+        let plan = Plan {
+            key: keys.plan.clone(),
+            frame: eval::ReportFrame::new(&split, &p.eval),
+            users: all_users.len(),
+            users_sha256: Plan::users_hash(&all_users),
+            rankers: p
+                .rankers
+                .iter()
+                .zip(&keys.evaluate)
+                .map(|(spec, key)| PlannedRanker {
+                    label: spec.label.clone(),
+                    key: key.clone(),
+                    reranked: spec.rerank.as_ref().map(|rr| RerankInfo { from: rr.from.clone(), top: rr.top }),
+                })
+                .collect(),
+            skipped_lines: dataset.skipped,
+        };
+        plan.write(&r.run.root)?;
+        let models = slots.iter().filter_map(|s| Some((s.label.clone(), s.obtained?))).collect();
+        r.save_manifest()?;
+        let note = "prepared: next `recfuse run CONFIG --shard i/n` for every shard, then `recfuse merge RUN_DIR`".to_string();
+        return Ok(RunOutcome { run_dir: r.run.root.clone(), reports: vec![], stages: r.stages, models, note: Some(note) });
+    }
+
     // Rank and evaluate, one stage per ranker, on the same users and negatives.
     let mut reports = Vec::new();
     let mut models = Vec::new();
-    if !c.rankers.is_empty() {
+    if !slots.is_empty() {
         let negatives = eval::sample_negatives(&split, &dataset, &users, &p.eval, derive_seed(p.run.seed, "eval"));
         let ctx = eval::EvalContext { split: &split, cfg: &p.eval, users: &users, negatives: &negatives, batch_size: p.run.batch_size };
         let frame = eval::ReportFrame::new(&split, &p.eval);
-        let valid = split.validation_targets();
-        let mut slots: Vec<stages::rank::RankerSlot> = p
-            .rankers
-            .iter()
-            .zip(std::mem::take(&mut c.rankers))
-            .zip(&keys.fit)
-            .map(|((spec, handle), fit_key)| stages::rank::RankerSlot { label: spec.label.clone(), fit_key: fit_key.clone(), handle, obtained: None })
-            .collect();
-        let fit_data = FitData::of_run(&split, knowledge()?, artifact.as_ref(), &valid);
-        let rerank_of = |spec: &ComponentSpec, slots: &[stages::rank::RankerSlot]| {
-            spec.rerank.as_ref().map(|rr| (slots.iter().position(|s| s.label == rr.from).expect("checked by config"), rr.top))
-        };
-        if opts.role == Role::Prepare {
-            // Every ranker fitted and saved once, for the shards to restore.
-            for slot in slots.iter_mut() {
-                stages::rank::ensure_fitted(&r, slot, &fit_data).with_context(|| format!("ranker `{}`", slot.label))?;
-            }
-            let plan = Plan {
-                key: keys.plan.clone(),
-                frame,
-                users: all_users.len(),
-                users_sha256: Plan::users_hash(&all_users),
-                rankers: p
-                    .rankers
-                    .iter()
-                    .zip(&keys.evaluate)
-                    .map(|(spec, key)| PlannedRanker {
-                        label: spec.label.clone(),
-                        key: key.clone(),
-                        reranked: spec.rerank.as_ref().map(|rr| RerankInfo { from: rr.from.clone(), top: rr.top }),
-                    })
-                    .collect(),
-                skipped_lines: dataset.skipped,
-            };
-            plan.write(&r.run.root)?;
-            models = slots.iter().filter_map(|s| Some((s.label.clone(), s.obtained?))).collect();
-            r.save_manifest()?;
-            let note = "prepared: next `recfuse run CONFIG --shard i/n` for every shard, then `recfuse merge RUN_DIR`".to_string();
-            return Ok(RunOutcome { run_dir: r.run.root.clone(), reports, stages: r.stages, models, note: Some(note) });
-        }
         std::fs::create_dir_all(r.run.path("reports"))?;
         for (i, spec) in p.rankers.iter().enumerate() {
-            let first = rerank_of(spec, &slots);
+            let first = spec.rerank.as_ref().map(|rr| (slots.iter().position(|s| s.label == rr.from).expect("checked by config"), rr.top));
             let stage = format!("evaluate.{}", spec.label);
             let json_name = format!("reports/{}.json", spec.label);
             let outcomes_name = format!("reports/{}.outcomes.jsonl", spec.label);
             let evaluated = r.stage(&stage, &keys.evaluate[i], &[&json_name, &outcomes_name], |r, _| {
+                // Knowledge is read only when an evaluation runs (a rerun that skips them all
+                // reads nothing).
+                let fit_data = FitData::of_run(&split, knowledge()?, artifact.as_ref(), &valid);
                 let rep = stages::rank::evaluate(r, &mut slots, i, first, &fit_data, &ctx, &r.run.path(&outcomes_name))?;
                 write_atomic(&r.run.path(&json_name), serde_json::to_string_pretty(&rep)?.as_bytes())
             });

@@ -419,23 +419,14 @@ async fn answer(s: &Arc<AppState>, body: Result<axum::body::Bytes, BytesRejectio
     .into_response()
 }
 
-/// A running server; [`ServerHandle::shutdown`] stops it, Ctrl-C too.
-pub struct ServerHandle {
-    pub addr: SocketAddr,
+/// What a running `recfuse serve` tells its owner.
+pub struct Served {
+    /// Label of the served ranker.
     pub model: String,
-    server: crate::http::Background,
 }
 
-impl ServerHandle {
-    pub fn shutdown(self) -> Result<()> {
-        self.server.shutdown()
-    }
-
-    /// Blocks until the server stops.
-    pub fn wait(self) -> Result<()> {
-        self.server.wait()
-    }
-}
+/// A running server; `shutdown` stops it, Ctrl-C too.
+pub type ServerHandle = crate::http::Running<Served>;
 
 /// Loads the run's ranker, binds `opts.addr` (port 0 picks a free port) and serves in the
 /// background until shut down or Ctrl-C.
@@ -452,6 +443,5 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         .merge(protected);
     let app = crate::http::json_errors(app, "POST /v1/recommend, GET /health, GET /metrics", opts.limits.max_body_bytes).with_state(state);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let server = crate::http::Background::spawn(opts.addr, app, "serve", cores)?;
-    Ok(ServerHandle { addr: server.addr, model: label, server })
+    crate::http::Running::spawn(opts.addr, app, "serve", cores, Served { model: label })
 }

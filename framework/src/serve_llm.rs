@@ -158,24 +158,14 @@ struct AppState {
     next_id: AtomicU64,
 }
 
-/// A running server; dropping it does not stop it, [`ServerHandle::shutdown`] or Ctrl-C do.
-pub struct ServerHandle {
-    pub addr: SocketAddr,
+/// What a running `recfuse serve-llm` tells its owner.
+pub struct LlmServed {
     pub metrics: Arc<Metrics>,
     pub model_id: String,
-    server: crate::http::Background,
 }
 
-impl ServerHandle {
-    pub fn shutdown(self) -> Result<()> {
-        self.server.shutdown()
-    }
-
-    /// Blocks until the server stops (Ctrl-C for the CLI).
-    pub fn wait(self) -> Result<()> {
-        self.server.wait()
-    }
-}
+/// A running server; dropping it does not stop it, `shutdown` or Ctrl-C do.
+pub type ServerHandle = crate::http::Running<LlmServed>;
 
 /// Loads the model, binds `opts.addr` (port 0 picks a free port) and serves in the background.
 pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
@@ -197,8 +187,7 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         .layer(axum::middleware::from_fn_with_state(opts.api_key.clone(), crate::http::require_key));
     let app = Router::new().route("/health", get(|| async { "ok" })).merge(protected);
     let app = crate::http::json_errors(app, "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics", MAX_BODY_BYTES).with_state(state);
-    let server = crate::http::Background::spawn(opts.addr, app, "llm-http", 2)?;
-    Ok(ServerHandle { addr: server.addr, metrics, model_id, server })
+    crate::http::Running::spawn(opts.addr, app, "llm-http", 2, LlmServed { metrics, model_id })
 }
 
 /// Takes every waiting request (up to `batch`, after waiting `gather` for more) and generates

@@ -324,7 +324,9 @@ fn add_json(acc: &mut serde_json::Value, v: &serde_json::Value) {
 pub struct Merged {
     /// Shards whose knowledge was merged (0: none, or merged earlier by `prepare`).
     pub knowledge_shards: usize,
-    /// Shards whose evaluation was merged, and the reports (empty: the run is not prepared).
+    /// Whether `prepare` has run (its plan is there).
+    pub prepared: bool,
+    /// Shards whose evaluation was merged, and the reports (empty: not prepared, or no rankers).
     pub shards: usize,
     pub reports: Vec<Report>,
 }
@@ -356,9 +358,11 @@ pub fn merge(run_root: &Path) -> Result<Merged> {
             "{} is not prepared (no {PLAN}) and no shard has knowledge to merge: run the shards, then `recfuse prepare CONFIG`",
             run_root.display()
         );
-        return Ok(Merged { knowledge_shards, shards: 0, reports: vec![] });
+        return Ok(Merged { knowledge_shards, prepared: false, shards: 0, reports: vec![] });
     };
-    ensure!(!plan.rankers.is_empty(), "the run has no rankers: no report to merge");
+    if plan.rankers.is_empty() {
+        return Ok(Merged { knowledge_shards, prepared: true, shards: 0, reports: vec![] });
+    }
     let shards = shards_with(run_root, "evaluate.")?;
     ensure!(!shards.is_empty(), "no shard in {} has evaluated: run the shards (`recfuse run CONFIG --shard i/n`) first", run.path("shards").display());
     let mut reports = Vec::new();
@@ -389,7 +393,7 @@ pub fn merge(run_root: &Path) -> Result<Merged> {
         }
     }
     crate::pipeline::write_run_reports(&run, &reports, plan.skipped_lines)?;
-    Ok(Merged { knowledge_shards, shards: shards.len(), reports })
+    Ok(Merged { knowledge_shards, prepared: true, shards: shards.len(), reports })
 }
 
 /// `run.batch_size` of the config a shard ran with (vectors are merged in batches of it, as an

@@ -48,6 +48,11 @@ pub fn saved_model(dir: &Path) -> bool {
     read_state(dir).is_some_and(|s| s.saved)
 }
 
+/// Whether `dir` holds a model saved after a fit under `key`.
+pub fn saved_under(dir: &Path, key: &str) -> bool {
+    read_state(dir).is_some_and(|s| s.saved && s.key == key)
+}
+
 fn read_state(dir: &Path) -> Option<FitState> {
     std::fs::read_to_string(dir.join("fit.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
 }
