@@ -80,22 +80,42 @@ pub fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>
     (status, axum::Json(body)).into_response()
 }
 
-/// The request body, or the error to answer with: 413 in the JSON shape when it is over the
-/// router's limit ([`json_errors`]).
-pub fn body_or_error(body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>) -> Result<axum::body::Bytes, Response> {
-    body.map_err(|e| {
-        let message = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { format!("the request body is too large ({})", e.body_text()) } else { e.body_text() };
-        error(e.status(), message, None, None)
-    })
+/// How much of an oversized body is read and dropped before answering 413. A client that sends
+/// its whole body before reading (most do) gets the 413 instead of a broken pipe: closing a socket
+/// with unread data resets the connection. Beyond this, the connection is closed regardless.
+const DRAIN_BYTES: usize = 64 << 20;
+
+/// The request body, or the error to answer with: 413 in the JSON shape when it is over
+/// `max_bytes`. An oversized body is drained up to [`DRAIN_BYTES`] first.
+pub async fn read_body(body: axum::body::Body, max_bytes: usize) -> Result<axum::body::Bytes, Response> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"), None, None))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if seen > max_bytes.saturating_add(DRAIN_BYTES) {
+            break;
+        }
+        if seen <= max_bytes {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > max_bytes {
+        let message = format!("the request body is too large ({seen} bytes or more; the limit is {max_bytes})");
+        return Err(error(StatusCode::PAYLOAD_TOO_LARGE, message, None, None));
+    }
+    Ok(kept.into())
 }
 
-/// Unknown paths (404), wrong methods (405) and bodies over `max_body_bytes` (413) answered as
-/// JSON errors, not axum's plain text.
-pub fn json_errors<S: Clone + Send + Sync + 'static>(router: Router<S>, endpoints: &'static str, max_body_bytes: usize) -> Router<S> {
+/// Unknown paths (404) and wrong methods (405) answered as JSON errors, not axum's plain text.
+/// Bodies are limited by the handlers themselves ([`read_body`]).
+pub fn json_errors<S: Clone + Send + Sync + 'static>(router: Router<S>, endpoints: &'static str) -> Router<S> {
     router
         .fallback(move || async move { error(StatusCode::NOT_FOUND, format!("no such endpoint ({endpoints})"), None, None) })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint", None, None) })
-        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
 }
 
 /// The key requests must present, if any.

@@ -30,7 +30,6 @@ use crate::knowledge::KnowledgeBase;
 use crate::pipeline;
 use crate::split::split_dataset;
 use anyhow::{bail, ensure, Context, Result};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -346,7 +345,7 @@ struct Recommended<'a> {
     score: f32,
 }
 
-async fn recommend(State(s): State<Arc<AppState>>, body: Result<axum::body::Bytes, BytesRejection>) -> Response {
+async fn recommend(State(s): State<Arc<AppState>>, body: axum::body::Body) -> Response {
     let t = Instant::now();
     let response = answer(&s, body).await;
     let timed = response.status().is_success().then(|| t.elapsed().as_secs_f64());
@@ -354,8 +353,8 @@ async fn recommend(State(s): State<Arc<AppState>>, body: Result<axum::body::Byte
     response
 }
 
-async fn answer(s: &Arc<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Response {
-    let body = match crate::http::body_or_error(body) {
+async fn answer(s: &Arc<AppState>, body: axum::body::Body) -> Response {
+    let body = match crate::http::read_body(body, s.limits.max_body_bytes).await {
         Ok(b) => b,
         Err(response) => return response,
     };
@@ -441,7 +440,7 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
     let app = Router::new()
         .route("/health", get(|State(s): State<Arc<AppState>>| async move { Json(json!({"status": "ok", "model": s.model.label, "users": s.model.users.len(), "items": s.model.items.len()})) }))
         .merge(protected);
-    let app = crate::http::json_errors(app, "POST /v1/recommend, GET /health, GET /metrics", opts.limits.max_body_bytes).with_state(state);
+    let app = crate::http::json_errors(app, "POST /v1/recommend, GET /health, GET /metrics").with_state(state);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     crate::http::Running::spawn(opts.addr, app, "serve", cores, Served { model: label })
 }

@@ -186,7 +186,7 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
         .route("/metrics", get(metrics_json))
         .layer(axum::middleware::from_fn_with_state(opts.api_key.clone(), crate::http::require_key));
     let app = Router::new().route("/health", get(|| async { "ok" })).merge(protected);
-    let app = crate::http::json_errors(app, "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics", MAX_BODY_BYTES).with_state(state);
+    let app = crate::http::json_errors(app, "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics").with_state(state);
     crate::http::Running::spawn(opts.addr, app, "llm-http", 2, LlmServed { metrics, model_id })
 }
 
@@ -351,13 +351,13 @@ struct StreamOptions {
 
 use crate::http::error;
 
-async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Body) -> Response {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let reject = |r: Response| {
         s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         r
     };
-    let body = match crate::http::body_or_error(body) {
+    let body = match crate::http::read_body(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(r) => return reject(r),
     };
