@@ -57,6 +57,41 @@ fn d_batch() -> usize {
     DEFAULT_BATCH_SIZE
 }
 
+/// `[embed]`: every user's fused knowledge text, and every item's text (its fused text, else its
+/// catalog title and attributes), embedded with all-MiniLM-L6-v2 through ONNX Runtime and kept
+/// as a knowledge vector that any ranker can read. Vectors are cached by text hash in the run.
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedSection {
+    /// The vector's name, as rankers ask for it (the `ort` ranker's `user_vector`/`item_vector`).
+    #[serde(default = "d_embed_name")]
+    pub name: String,
+    /// The encoder's directory: `model.onnx` and `tokenizer.json`.
+    #[serde(default = "d_embed_dir")]
+    pub dir: PathBuf,
+    /// Longer texts are cut to this many tokens.
+    #[serde(default = "d_embed_tokens")]
+    pub max_tokens: usize,
+    /// ONNX Runtime sessions (batches encoded at once).
+    #[serde(default = "d_embed_sessions")]
+    pub sessions: usize,
+    /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, else what scripts/fetch-data.sh fetched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_library: Option<PathBuf>,
+}
+fn d_embed_name() -> String {
+    "minilm".into()
+}
+fn d_embed_dir() -> PathBuf {
+    PathBuf::from(".cache/data/minilm")
+}
+fn d_embed_tokens() -> usize {
+    256
+}
+fn d_embed_sessions() -> usize {
+    2
+}
+
 #[derive(Deserialize, Serialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsSection {
@@ -238,6 +273,8 @@ pub struct PipelineConfig {
     pub plugins: PluginsSection,
     pub source: ComponentSpec,
     pub fusers: Vec<ComponentSpec>,
+    /// `[embed]`: text embeddings of the fused knowledge, as knowledge vectors.
+    pub embed: Option<EmbedSection>,
     /// From `[instructions]` or `[[instructions]]`: one builder per task (`task`, default kind).
     pub instructions: Vec<ComponentSpec>,
     pub tuner: Option<ComponentSpec>,
@@ -272,8 +309,8 @@ impl std::fmt::Display for ConfigErrors {
 }
 impl std::error::Error for ConfigErrors {}
 
-const TOP_LEVEL: [&str; 10] =
-    ["run", "plugins", "source", "fusers", "instructions", "tuner", "ranker", "rankers", "split", "eval"];
+const TOP_LEVEL: [&str; 11] =
+    ["run", "plugins", "source", "fusers", "embed", "instructions", "tuner", "ranker", "rankers", "split", "eval"];
 
 fn to_config_value(v: Value) -> config::Value {
     use config::ValueKind as K;
@@ -585,6 +622,16 @@ impl LoadedConfig {
             }
         };
         let fusers = self.component_list("fusers", &mut errors);
+        let embed = match self.tree.get("embed") {
+            None | Some(Value::Null) => None,
+            Some(_) => self.section::<EmbedSection>("embed", None, &mut errors),
+        };
+        if embed.is_some() && fusers.is_empty() && self.tree.get("fusers").is_none() {
+            errors.push(self.key_error("embed", "embeds the fused knowledge: it needs `[[fusers]]`"));
+        }
+        if embed.as_ref().is_some_and(|e| e.max_tokens == 0 || e.sessions == 0) {
+            errors.push(self.key_error("embed", "`max_tokens` and `sessions` must be at least 1"));
+        }
         let instructions = match self.tree.get("instructions") {
             Some(Value::Object(_)) => self.optional_component("instructions", &mut errors).into_iter().collect(),
             _ => self.component_list("instructions", &mut errors),
@@ -644,6 +691,7 @@ impl LoadedConfig {
             plugins,
             source: source.unwrap_or(fallback.source),
             fusers,
+            embed,
             instructions,
             tuner,
             rankers,
@@ -704,6 +752,7 @@ fn placeholder() -> PipelineConfig {
         plugins: PluginsSection::default(),
         source: ComponentSpec { key: "source".into(), kind: String::new(), label: String::new(), rerank: None, settings: Value::Null },
         fusers: vec![],
+        embed: None,
         instructions: vec![],
         tuner: None,
         rankers: vec![],

@@ -27,6 +27,7 @@ pub mod serve;
 pub mod shard;
 #[cfg(feature = "local-llm")]
 pub mod serve_llm;
+pub mod embed;
 pub mod split;
 pub mod stages;
 
@@ -51,3 +52,5 @@ use recfuse_plugin_local_llm_fuser as _;
 use recfuse_plugin_lora_tuner as _;
 #[cfg(feature = "lora")]
 use recfuse_plugin_llm_ranker as _;
+#[cfg(feature = "onnx")]
+use recfuse_plugin_ort_ranker as _;

@@ -140,6 +140,8 @@ fn component_error(cfg: &LoadedConfig, spec: &ComponentSpec, err: &anyhow::Error
 pub struct Components {
     pub source: SourceHandle,
     pub fusers: Vec<FuserHandle>,
+    /// `[embed]`'s text encoder.
+    pub embedder: Option<crate::embed::Embedder>,
     /// One builder per task, shared with the host service that renders prompts for rankers.
     pub instructions: Vec<(String, Arc<Mutex<InstructionsHandle>>)>,
     pub tuner: Option<TunerHandle>,
@@ -188,12 +190,20 @@ pub fn build_components(
     let instructions: Vec<Option<InstructionsHandle>> = p.instructions.iter().map(|s| make!(s, ComponentKind::Instructions, instructions)).collect();
     let tuner = p.tuner.as_ref().map(|s| make!(s, ComponentKind::Tuner, tuner));
     let rankers: Vec<Option<RankerHandle>> = p.rankers.iter().map(|r| make!(r, ComponentKind::Ranker, ranker)).collect();
+    let embedder = p.embed.as_ref().and_then(|e| match crate::embed::Embedder::load(e) {
+        Ok(e) => Some(e),
+        Err(err) => {
+            errors.push(cfg.key_error("embed", format!("{err:#}")));
+            None
+        }
+    });
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
     Ok(Components {
         source: source.expect("checked"),
         fusers: fusers.into_iter().map(|f| f.expect("checked")).collect(),
+        embedder,
         instructions: p
             .instructions
             .iter()
@@ -385,7 +395,8 @@ impl StageKeys {
         let mut key = hash_parts(&[dataset_sha.as_bytes(), split_json.as_bytes(), &p.run.seed.to_le_bytes()]);
         let mut fuse = None;
         if !c.fusers.is_empty() {
-            let parts: Vec<String> = p.fusers.iter().zip(&c.fusers).map(|(s, f)| format!("{}|{}", spec_json(s), version_of(&f.provenance))).collect();
+            let mut parts: Vec<String> = p.fusers.iter().zip(&c.fusers).map(|(s, f)| format!("{}|{}", spec_json(s), version_of(&f.provenance))).collect();
+            parts.extend(c.embedder.as_ref().map(|e| format!("embed|{}", e.fingerprint())));
             key = hash_parts(&[key.as_bytes(), b"fuse", parts.join("\n").as_bytes()]);
             fuse = Some(key.clone());
         }
@@ -532,9 +543,9 @@ pub fn run_with(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> R
     if let Some(key) = &keys.fuse {
         let batch = p.run.batch_size;
         match opts.role {
-            Role::Whole => r.stage("fuse", key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch, None))?,
+            Role::Whole => r.stage("fuse", key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, c.embedder.as_mut(), &split.history, batch, None))?,
             Role::Shard(s) if !main.is_done("fuse", key) => {
-                r.stage("fuse", key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, &split.history, batch, Some(s)))?
+                r.stage("fuse", key, &stages::fuse::OUTPUTS, |r, _| stages::fuse::run(r, &mut c.fusers, c.embedder.as_mut(), &split.history, batch, Some(s)))?
             }
             Role::Shard(_) => tracing::info!(stage = "fuse", "merged into the run directory by `prepare`, skipped"),
             Role::Prepare if !main.is_done("fuse", key) => {

@@ -36,7 +36,7 @@ fn unknown_component_lists_the_available_ones() {
     let cfg = ml100k_config(d.path(), "unknown", "[ranker]\nkind = \"sasrek\"\n");
     let err = format!("{:#}", validate(&load(&cfg, &[], &[]).unwrap()).err().unwrap());
     assert!(err.contains("config key `ranker.kind`"), "{err}");
-    assert!(err.contains("unknown ranker `sasrek`; available rankers: bpr, llm, popularity, sasrec"), "{err}");
+    assert!(err.contains("unknown ranker `sasrek`; available rankers: bpr, llm, ort, popularity, sasrec"), "{err}");
     assert!(err.contains("unknown.toml"), "{err}");
 }
 

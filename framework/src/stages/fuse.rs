@@ -2,6 +2,7 @@
 //! gathered), then every item, journaled batch by batch (see [`crate::knowledge`]).
 
 use super::Runner;
+use crate::embed::Embedder;
 use crate::handles::{FuserHandle, ViewData};
 use crate::knowledge::{latest_records, write_batch_vectors, KnowledgeRecord, Side};
 use crate::runstore::Journal;
@@ -13,16 +14,20 @@ use std::collections::{BTreeMap, HashSet};
 /// The stage's outputs, for its key check.
 pub const OUTPUTS: [&str; 2] = ["knowledge.jsonl", "item_knowledge.jsonl"];
 
-/// Fuses every user and item, or those of `shard` (by id) in a sharded run.
-pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch: usize, shard: Option<ShardSpec>) -> Result<()> {
+/// Fuses every user and item, or those of `shard` (by id) in a sharded run; with `embedder`,
+/// each record's text also becomes a knowledge vector (see [`crate::embed`]).
+pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], mut embedder: Option<&mut Embedder>, history: &ViewData, batch: usize, shard: Option<ShardSpec>) -> Result<()> {
     for f in fusers.iter_mut() {
         f.prepare(history)?;
+    }
+    if let Some(e) = embedder.as_deref_mut() {
+        e.open_cache(&r.run.path(""))?;
     }
     let catalog = &history.catalog;
     let names: Vec<String> = fusers.iter().map(|f| f.provenance.name.clone()).collect();
     let mine = |id: &str| shard.is_none_or(|s| s.owns(id));
     let users: Vec<(u32, String)> = catalog.users.iter().enumerate().filter(|(_, u)| mine(&u.id)).map(|(i, u)| (i as u32, u.id.clone())).collect();
-    let failed = fuse_side(r, Side::Users, &users, batch, |users| {
+    let failed = fuse_side(r, Side::Users, &users, batch, embedder.as_deref_mut(), |_| String::new(), |users| {
         let mut out: Vec<Vec<(u32, String, Vec<NamedVector>)>> = Vec::new();
         for f in fusers.iter_mut() {
             out.push(f.fuse(history, users)?.into_iter().map(|k| (k.user, k.text, k.vectors)).collect());
@@ -43,7 +48,7 @@ pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch
         );
     }
     let items: Vec<(u32, String)> = catalog.items.iter().enumerate().filter(|(_, it)| mine(&it.id)).map(|(i, it)| (i as u32, it.id.clone())).collect();
-    fuse_side(r, Side::Items, &items, batch, |items| {
+    fuse_side(r, Side::Items, &items, batch, embedder, |i| catalog_text(&catalog.items[i as usize]), |items| {
         let mut out = Vec::new();
         for f in fusers.iter_mut() {
             out.push(f.fuse_items(history, items)?.into_iter().map(|k| (k.item, k.text, k.vectors)).collect());
@@ -53,8 +58,19 @@ pub fn run(r: &mut Runner, fusers: &mut [FuserHandle], history: &ViewData, batch
     Ok(())
 }
 
+/// What an item without fused text is embedded from: its title and attributes.
+fn catalog_text(item: &Item) -> String {
+    let attrs: Vec<String> = item.attrs.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("{k}: {v}")).collect();
+    match (item.title.is_empty(), attrs.is_empty()) {
+        (_, true) => item.title.clone(),
+        (true, false) => attrs.join("; "),
+        (false, false) => format!("{}. {}", item.title, attrs.join("; ")),
+    }
+}
+
 /// Fuses one side in batches, resuming after the indices already journaled. `fuse` returns, per
-/// fuser, what it said about the batch. For users, a fuser that says nothing about a user is a
+/// fuser, what it said about the batch; `embedder` turns each successful record's text (or
+/// `fallback_text` of its index, when the fusers gave none) into a vector. For users, a fuser that says nothing about a user is a
 /// recorded failure (named after `fusers`); for items, silence means "no item knowledge".
 /// A user whose last record is a failure is not done: it is fused again (the new record
 /// supersedes the old, see [`latest_records`]). Returns the records still failing.
@@ -63,6 +79,8 @@ fn fuse_side(
     side: Side,
     all: &[(u32, String)],
     batch: usize,
+    mut embedder: Option<&mut Embedder>,
+    fallback_text: impl Fn(u32) -> String,
     mut fuse: impl FnMut(&[u32]) -> Result<Vec<Vec<(u32, String, Vec<NamedVector>)>>>,
     fusers: &[String],
 ) -> Result<Vec<KnowledgeRecord>> {
@@ -107,6 +125,20 @@ fn fuse_side(
                     }
                     None => {}
                 }
+            }
+        }
+        if let Some(e) = embedder.as_deref_mut() {
+            let texts: Vec<(usize, String)> = records
+                .iter()
+                .enumerate()
+                .filter(|(_, rec)| rec.errors.is_empty())
+                .map(|(k, rec)| (k, if rec.text.is_empty() { fallback_text(rec.index) } else { rec.text.clone() }))
+                .filter(|(_, t)| !t.is_empty())
+                .collect();
+            let embedded = e.embed(&texts.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>())?;
+            for ((k, _), values) in texts.iter().zip(embedded) {
+                records[*k].vectors.push(e.name.clone());
+                vectors.push((records[*k].index, NamedVector { name: e.name.clone(), values }));
             }
         }
         if side == Side::Items {

@@ -8,13 +8,14 @@ use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex};
 
 /// Where `scripts/fetch-data.sh onnxruntime` puts the library, relative to the working directory.
 pub const DEFAULT_LIBRARY: &str = ".cache/data/onnxruntime/libonnxruntime.so.1.31.1";
 
-/// The process's ONNX Runtime: the library can be loaded once per process.
-static RUNTIME: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+/// The process's ONNX Runtime once loaded (the library can be loaded once per process). A failed
+/// load is not kept: a later call with a corrected path tries again.
+static RUNTIME: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mutex::new(None);
 
 /// The library to load: `configured` (a config's `runtime_library`), else `ORT_DYLIB_PATH`, else
 /// [`DEFAULT_LIBRARY`]; with where the choice came from, for error messages.
@@ -30,31 +31,27 @@ fn library_path(configured: Option<&Path>) -> (PathBuf, &'static str) {
 
 /// Loads ONNX Runtime (once per process) and returns its environment. A missing or broken library
 /// is an error naming the path and how to get it, never a panic.
-pub fn environment(configured: Option<&Path>) -> Result<&'static ort::environment::Environment> {
+pub fn environment(configured: Option<&Path>) -> Result<ort::environment::Environment> {
     let (path, origin) = library_path(configured);
-    let loaded = RUNTIME.get_or_init(|| {
-        if !path.is_file() {
-            return Err(format!(
-                "ONNX Runtime library not found at {} ({origin}): run `scripts/fetch-data.sh onnxruntime`, or point `runtime_library` or ORT_DYLIB_PATH at libonnxruntime.so",
-                path.display()
-            ));
+    let mut runtime = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((loaded, env)) = runtime.as_ref() {
+        if configured.is_some_and(|c| c != loaded) {
+            tracing::warn!(loaded = %loaded.display(), asked = %path.display(), "ONNX Runtime is already loaded in this process; using it");
         }
-        let env = ort::init_from(&path)
-            .map_err(|e| format!("loading ONNX Runtime from {} ({origin}): {e}", path.display()))?
-            .with_name("recfuse")
-            .build()
-            .map_err(|e| format!("starting ONNX Runtime from {}: {e}", path.display()))?;
-        Ok((path.clone(), env))
-    });
-    match loaded {
-        Ok((loaded_path, env)) => {
-            if configured.is_some_and(|c| c != loaded_path) {
-                tracing::warn!(loaded = %loaded_path.display(), asked = %path.display(), "ONNX Runtime is already loaded in this process; using it");
-            }
-            Ok(env)
-        }
-        Err(e) => Err(anyhow!("{e}")),
+        return Ok(env.clone());
     }
+    ensure!(
+        path.is_file(),
+        "ONNX Runtime library not found at {} ({origin}): run `scripts/fetch-data.sh onnxruntime`, or point `runtime_library` or ORT_DYLIB_PATH at libonnxruntime.so",
+        path.display()
+    );
+    let env = ort::init_from(&path)
+        .map_err(|e| anyhow!("loading ONNX Runtime from {} ({origin}): {e}", path.display()))?
+        .with_name("recfuse")
+        .build()
+        .map_err(|e| anyhow!("starting ONNX Runtime from {}: {e}", path.display()))?;
+    *runtime = Some((path, env.clone()));
+    Ok(env)
 }
 
 /// Where a model runs.
@@ -93,7 +90,7 @@ fn session(bytes: &[u8], model: &Path, opts: &SessionOptions) -> Result<Session>
     fn err(what: &'static str) -> impl Fn(ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
         move |e| anyhow!("{what}: {e}")
     }
-    let mut builder = Session::builder(env)
+    let mut builder = Session::builder(&env)
         .map_err(|e| anyhow!("creating an ONNX Runtime session: {e}"))?
         .with_intra_threads(threads)
         .map_err(err("setting session threads"))?
