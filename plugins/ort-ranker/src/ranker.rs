@@ -142,6 +142,14 @@ pub struct ExportCheck {
     pub max_abs_diff: f32,
 }
 
+/// The check's pairs: the model's inputs for them and the training side's scores, saved as
+/// `export_check.safetensors` so another runtime (Python onnxruntime) can repeat the check.
+struct CheckData {
+    users: Vec<u32>,
+    items: Vec<u32>,
+    expected: Vec<f32>,
+}
+
 /// A loaded model with its feature tables.
 struct Loaded {
     pool: SessionPool,
@@ -150,6 +158,7 @@ struct Loaded {
     output: String,
     tables: BTreeMap<String, Table>,
     export_check: Option<ExportCheck>,
+    check_data: Option<CheckData>,
 }
 
 pub struct OrtRanker {
@@ -227,7 +236,7 @@ impl OrtRanker {
             ensure!(rank == 1 || (rank == 2 && last == Some(1)), "{}: output `{output}` must be [batch] or [batch, 1], got {:?}", path.display(), o.dtype());
             Ok(())
         })?;
-        Ok(Loaded { pool, bytes, feeds, output, tables, export_check })
+        Ok(Loaded { pool, bytes, feeds, output, tables, export_check, check_data: None })
     }
 
     /// Trains the feature MLP, exports it, and checks the export.
@@ -292,6 +301,7 @@ impl OrtRanker {
         );
         self.host.info(format!("ort: exported model matches training (max |difference| {max_abs_diff:e} over {CHECK_PAIRS} pairs)"));
         loaded.export_check = Some(ExportCheck { pairs: CHECK_PAIRS, max_abs_diff });
+        loaded.check_data = Some(CheckData { users: check_users, items: check_items, expected });
         Ok(loaded)
     }
 
@@ -355,6 +365,31 @@ impl OrtRanker {
     }
 }
 
+/// Writes the check pairs' model inputs (named as the model's inputs) and `expected` scores.
+fn write_check(m: &Loaded, c: &CheckData, path: &Path) -> Result<()> {
+    use safetensors::{tensor::TensorView, Dtype};
+    let n = c.users.len();
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, feed) in &m.feeds {
+        let (dtype, shape, bytes): (Dtype, Vec<usize>, Vec<u8>) = match feed {
+            Feed::UserVector(v) | Feed::ItemVector(v) => {
+                let (t, idx) = match feed {
+                    Feed::UserVector(_) => (&m.tables[&format!("user:{v}")], &c.users),
+                    _ => (&m.tables[&format!("item:{v}")], &c.items),
+                };
+                let bytes = idx.iter().flat_map(|&i| t.rows[i as usize * t.dim..(i as usize + 1) * t.dim].iter().flat_map(|x| x.to_le_bytes())).collect();
+                (Dtype::F32, vec![n, t.dim], bytes)
+            }
+            Feed::UserIndex => (Dtype::I64, vec![n], c.users.iter().flat_map(|&u| (u as i64).to_le_bytes()).collect()),
+            Feed::ItemIndex => (Dtype::I64, vec![n], c.items.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect()),
+        };
+        tensors.push((name.clone(), dtype, shape, bytes));
+    }
+    tensors.push(("expected".into(), Dtype::F32, vec![n], c.expected.iter().flat_map(|x| x.to_le_bytes()).collect()));
+    let views = tensors.iter().map(|(name, dtype, shape, bytes)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))).collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    std::fs::write(path, safetensors::serialize(views, None)?).with_context(|| format!("writing {}", path.display()))
+}
+
 impl Ranker for OrtRanker {
     type Config = Config;
     const DESCRIPTION: &'static str = "ONNX Runtime (CPU, CUDA by config): a feature MLP trained in candle and exported to ONNX, or a model of your own";
@@ -403,6 +438,9 @@ impl Ranker for OrtRanker {
         std::fs::write(dir.join("model.onnx"), &m.bytes).with_context(|| format!("writing {}", dir.join("model.onnx").display()))?;
         let saved = Saved { feeds: m.feeds.clone(), output: m.output.clone(), export_check: m.export_check };
         std::fs::write(dir.join("ort-ranker.json"), serde_json::to_vec_pretty(&saved)?)?;
+        if let Some(c) = &m.check_data {
+            write_check(m, c, &dir.join("export_check.safetensors"))?;
+        }
         Ok(true)
     }
 
