@@ -1,7 +1,8 @@
 //! `recfuse serve` under load: oha (a maintained HTTP load generator from crates.io, installed
 //! into `.cache/tools` by `scripts/bench-serve.sh`) against the server on loopback. Each
 //! request asks for the top 10 of 1000 candidates for one ML-100K user, with 1, 8 and 32
-//! connections, for BPR and SASRec fitted on all of ML-100K.
+//! connections, for BPR, SASRec and the `ort` feature MLP (MiniLM embeddings of template
+//! knowledge and movie texts, through ONNX Runtime) fitted on all of ML-100K.
 //!
 //! Reports throughput and p50/p99 latency as oha measures them (client side, including HTTP and
 //! JSON). Prints a table and JSON lines (also `target/bench-results/serve-load.jsonl`), and the
@@ -37,9 +38,13 @@ fn main() {
         &config,
         format!(
             "[run]\nname = \"served\"\ndir = \"{}\"\n\n[source]\nkind = \"recbole-atomic\"\ndir = \"{}\"\nname = \"ml-100k\"\n\n\
-             [eval]\nmax_users = 100\n\n[[rankers]]\nkind = \"bpr\"\n\n[[rankers]]\nkind = \"sasrec\"\n",
+             [eval]\nmax_users = 100\n\n[[rankers]]\nkind = \"bpr\"\n\n[[rankers]]\nkind = \"sasrec\"\n\n\
+             [[fusers]]\nkind = \"template\"\n\n[embed]\ndir = \"{minilm}\"\nruntime_library = \"{lib}\"\n\n\
+             [[rankers]]\nkind = \"ort\"\nruntime_library = \"{lib}\"\n[rankers.train]\nepochs = 24\n",
             runs.display(),
-            data.display()
+            data.display(),
+            minilm = root().join(".cache/data/minilm").display(),
+            lib = root().join(".cache/data/onnxruntime/libonnxruntime.so.1.31.1").display(),
         ),
     )
     .unwrap();
@@ -52,7 +57,7 @@ fn main() {
     let mut lines = Vec::new();
     let mut panels = Vec::new();
     println!("\n| ranker | connections | requests/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|");
-    for ranker in ["bpr", "sasrec"] {
+    for ranker in ["bpr", "sasrec", "ort"] {
         let server = recfuse::serve::spawn(recfuse::serve::ServeOptions {
             run_dir: runs.join("served"),
             addr: "127.0.0.1:0".parse().unwrap(),

@@ -308,6 +308,10 @@ impl OrtRanker {
     /// Scores of (user, item) pairs through ONNX Runtime, `batch` pairs per call, the calls
     /// spread over the session pool.
     fn score_pairs(m: &Loaded, users: &[u32], items: &[u32], batch: usize) -> Result<Vec<f32>> {
+        if users.len() <= batch {
+            // One call: on this thread (a served request is one call).
+            return Self::run(m, users, items);
+        }
         let chunks: Vec<(usize, usize)> = (0..users.len()).step_by(batch.max(1)).map(|a| (a, (a + batch).min(users.len()))).collect();
         let mut out = vec![0f32; users.len()];
         let next = std::sync::atomic::AtomicUsize::new(0);

@@ -156,12 +156,20 @@ fn check_side(model: &Path, side: &str, got: &[ort::value::Outlet], want: &[Tens
     Ok(())
 }
 
-/// Sessions of one model, each used by one batch at a time.
+/// Sessions of one model, each used by one batch at a time. Waiting callers are served first
+/// come, first served, so a burst of requests does not starve one of them.
 pub struct SessionPool {
-    sessions: Mutex<Vec<Session>>,
-    returned: Condvar,
+    state: Mutex<PoolState>,
+    changed: Condvar,
     size: usize,
     pub model: PathBuf,
+}
+
+struct PoolState {
+    free: Vec<Session>,
+    /// The next ticket to hand out, and the oldest ticket still waiting to be served.
+    next_ticket: u64,
+    serving: u64,
 }
 
 impl SessionPool {
@@ -177,26 +185,34 @@ impl SessionPool {
         let first = session(bytes, model, opts)?;
         check_side(model, "input", first.inputs(), inputs)?;
         check_side(model, "output", first.outputs(), outputs)?;
-        let mut sessions = vec![first];
+        let mut free = vec![first];
         for _ in 1..size {
-            sessions.push(session(bytes, model, opts)?);
+            free.push(session(bytes, model, opts)?);
         }
-        Ok(Self { sessions: Mutex::new(sessions), returned: Condvar::new(), size, model: model.to_path_buf() })
+        let state = PoolState { free, next_ticket: 0, serving: 0 };
+        Ok(Self { state: Mutex::new(state), changed: Condvar::new(), size, model: model.to_path_buf() })
     }
 
     pub fn size(&self) -> usize {
         self.size
     }
 
-    /// Runs `f` with a session of the pool, waiting for one to be free.
+    /// Runs `f` with a session of the pool, waiting (in arrival order) for one to be free.
     pub fn with<T>(&self, f: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
         let session = {
-            let mut free = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let ticket = st.next_ticket;
+            st.next_ticket += 1;
             loop {
-                if let Some(s) = free.pop() {
-                    break s;
+                if st.serving == ticket {
+                    if let Some(s) = st.free.pop() {
+                        st.serving += 1;
+                        // The next in line may find a session free too.
+                        self.changed.notify_all();
+                        break s;
+                    }
                 }
-                free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
         // Returned even when `f` fails or panics, so the pool never shrinks.
@@ -204,8 +220,8 @@ impl SessionPool {
         impl Drop for Return<'_> {
             fn drop(&mut self) {
                 if let Some(s) = self.1.take() {
-                    self.0.sessions.lock().unwrap_or_else(|p| p.into_inner()).push(s);
-                    self.0.returned.notify_one();
+                    self.0.state.lock().unwrap_or_else(|p| p.into_inner()).free.push(s);
+                    self.0.changed.notify_all();
                 }
             }
         }
