@@ -34,14 +34,16 @@ pub struct Config {
     /// With `model`: the output holding the scores, f32 [batch] or [batch, 1].
     #[serde(default = "default_output")]
     pub output: String,
-    /// The trained model's features: which user and item knowledge vectors it reads.
-    #[serde(default = "default_vector")]
-    pub user_vector: String,
-    #[serde(default = "default_vector")]
-    pub item_vector: String,
-    /// How the feature MLP is shaped and trained (without `model`).
+    /// The trained model's features: which user and item knowledge vectors it reads (default
+    /// `minilm`, what `[embed]` writes). Without `model` only.
     #[serde(default)]
-    pub train: TrainConfig,
+    pub user_vector: Option<String>,
+    #[serde(default)]
+    pub item_vector: Option<String>,
+    /// How the feature MLP is shaped and trained (default: [`TrainConfig::default`]). Without
+    /// `model` only.
+    #[serde(default)]
+    pub train: Option<TrainConfig>,
     #[serde(default)]
     pub provider: Provider,
     #[serde(default)]
@@ -64,9 +66,8 @@ pub struct Config {
 fn default_output() -> String {
     mlp::SCORE.into()
 }
-fn default_vector() -> String {
-    "minilm".into()
-}
+/// The vector the trained model reads when the config names none.
+const DEFAULT_VECTOR: &str = "minilm";
 fn default_sessions() -> usize {
     2
 }
@@ -172,17 +173,30 @@ impl OrtRanker {
         SessionOptions { provider: self.cfg.provider, cuda_device: self.cfg.cuda_device, sessions: self.cfg.sessions, threads: self.cfg.threads, runtime_library: self.cfg.runtime_library.clone() }
     }
 
+    fn user_vector(&self) -> &str {
+        self.cfg.user_vector.as_deref().unwrap_or(DEFAULT_VECTOR)
+    }
+    fn item_vector(&self) -> &str {
+        self.cfg.item_vector.as_deref().unwrap_or(DEFAULT_VECTOR)
+    }
+
     /// The feeds of the configured model, or of the trained one.
     fn feeds(&self) -> Result<Vec<(String, Feed)>> {
         if self.cfg.model.is_none() {
             ensure!(self.cfg.inputs.is_empty(), "`inputs` describes a model of your own: set `model` too (without `model`, the ranker trains its own)");
             return Ok(vec![
-                (mlp::USER_VECTOR.into(), Feed::UserVector(self.cfg.user_vector.clone())),
-                (mlp::ITEM_VECTOR.into(), Feed::ItemVector(self.cfg.item_vector.clone())),
+                (mlp::USER_VECTOR.into(), Feed::UserVector(self.user_vector().into())),
+                (mlp::ITEM_VECTOR.into(), Feed::ItemVector(self.item_vector().into())),
                 (mlp::USER_INDEX.into(), Feed::UserIndex),
                 (mlp::ITEM_INDEX.into(), Feed::ItemIndex),
             ]);
         }
+        let trained_only: Vec<&str> = [("train", self.cfg.train.is_some()), ("user_vector", self.cfg.user_vector.is_some()), ("item_vector", self.cfg.item_vector.is_some())]
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| *k)
+            .collect();
+        ensure!(trained_only.is_empty(), "`{}` configures the model the ranker trains, but `model` brings your own: remove one (your model's features go in `inputs`)", trained_only.join("`, `"));
         ensure!(!self.cfg.inputs.is_empty(), "`model` needs `inputs`: what feeds each of its inputs (`user_vector:<name>`, `item_vector:<name>`, `user_index`, `item_index`)");
         self.cfg.inputs.iter().map(|(k, v)| Ok((k.clone(), Feed::parse(k, v)?))).collect()
     }
@@ -241,8 +255,8 @@ impl OrtRanker {
 
     /// Trains the feature MLP, exports it, and checks the export.
     fn train(&self, view: &TrainView<'_>, inputs: &FitInputs<'_>, feeds: Vec<(String, Feed)>, tables: BTreeMap<String, Table>) -> Result<Loaded> {
-        let cfg = &self.cfg.train;
-        let (ut, it) = (&tables[&format!("user:{}", self.cfg.user_vector)], &tables[&format!("item:{}", self.cfg.item_vector)]);
+        let cfg = &self.cfg.train.clone().unwrap_or_default();
+        let (ut, it) = (&tables[&format!("user:{}", self.user_vector())], &tables[&format!("item:{}", self.item_vector())]);
         let features = Features { user: ut.rows.clone(), item: it.rows.clone(), user_dim: ut.dim, item_dim: it.dim };
         let mut rng = SeededRng::new(self.cfg.seed.unwrap_or_else(|| self.host.seed()));
         let model = FeatureMlp::new(view.n_users(), view.n_items(), ut.dim, it.dim, cfg, &mut rng)?;

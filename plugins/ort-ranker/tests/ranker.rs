@@ -51,6 +51,12 @@ fn ranker(extra: serde_json::Value, dir: &Path) -> anyhow::Result<OrtRanker> {
         "runtime_library": library(),
         "train": {"epochs": 30, "id_dim": 8, "hidden": 16, "batch_size": 32, "learning_rate": 0.01}
     });
+    if extra.get("model").is_some() {
+        // A model of one's own: the trained model's settings do not apply.
+        for k in ["user_vector", "item_vector", "train"] {
+            cfg.as_object_mut().unwrap().remove(k);
+        }
+    }
     cfg.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     let cfg: Config = serde_json::from_value(cfg)?;
     OrtRanker::new(cfg, Host::standalone(dir, 0))
@@ -139,6 +145,9 @@ fn missing_corrupt_and_mismatched_models_are_clear_errors() {
     assert!(e.contains("no user knowledge has a vector `minilm`"), "{e}");
     let e = err(serde_json::json!({"model": model, "inputs": {"user_vector": "user_text"}}));
     assert!(e.contains("`inputs.user_vector` = \"user_text\""), "{e}");
+    // Settings of the trained model next to a model of one's own.
+    let e = err(serde_json::json!({"model": model, "inputs": feeds, "train": {"epochs": 2}}));
+    assert!(e.contains("`train` configures the model the ranker trains"), "{e}");
     // CUDA asked for on a CPU-only runtime: an error, not a silent CPU run.
     let e = err(serde_json::json!({"provider": "cuda"}));
     assert!(e.contains("CUDA execution provider is not available"), "{e}");
