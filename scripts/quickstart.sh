@@ -6,5 +6,5 @@
 # No API key, no GPU. Extra arguments go to `recfuse run` (e.g. --set 'rankers[0].half_life_days=30').
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-data.sh ml-100k smollm2
+scripts/fetch-data.sh ml-100k smollm2 onnxruntime minilm
 cargo run --release --locked -p recfuse -- run configs/quickstart.toml "$@"
