@@ -74,6 +74,7 @@ fn catalog_text(item: &Item) -> String {
 /// recorded failure (named after `fusers`); for items, silence means "no item knowledge".
 /// A user whose last record is a failure is not done: it is fused again (the new record
 /// supersedes the old, see [`latest_records`]). Returns the records still failing.
+#[allow(clippy::too_many_arguments)] // the side's inputs, then its two text sources
 fn fuse_side(
     r: &mut Runner,
     side: Side,

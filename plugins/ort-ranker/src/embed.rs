@@ -61,29 +61,13 @@ impl TextEncoder {
         order.sort_by_key(|&i| encodings[i].get_ids().len());
         const BATCH: usize = 32;
         let batches: Vec<&[usize]> = order.chunks(BATCH).collect();
+        let vectors = self.pool.parallel(batches.len(), |b| {
+            let rows: Vec<&tokenizers::Encoding> = batches[b].iter().map(|&i| &encodings[i]).collect();
+            self.run(&rows)
+        })?;
         let mut out = vec![Vec::new(); texts.len()];
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<Result<Vec<(usize, Vec<f32>)>>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..self.pool.size().min(batches.len()))
-                .map(|_| {
-                    let (next, batches, encodings) = (&next, &batches, &encodings);
-                    scope.spawn(move || -> Result<Vec<(usize, Vec<f32>)>> {
-                        let mut done = Vec::new();
-                        loop {
-                            let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(batch) = batches.get(b) else { return Ok(done) };
-                            let rows: Vec<&tokenizers::Encoding> = batch.iter().map(|&i| &encodings[i]).collect();
-                            for (&i, v) in batch.iter().zip(self.run(&rows)?) {
-                                done.push((i, v));
-                            }
-                        }
-                    })
-                })
-                .collect();
-            workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(anyhow!("an embedding worker panicked")))).collect()
-        });
-        for r in results {
-            for (i, v) in r? {
+        for (batch, vs) in batches.iter().zip(vectors) {
+            for (&i, v) in batch.iter().zip(vs) {
                 out[i] = v;
             }
         }

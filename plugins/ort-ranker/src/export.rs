@@ -31,7 +31,7 @@ impl Elem {
 }
 
 /// One dimension of an input or output: fixed, or named and free (the batch).
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum Dim {
     Fixed(i64),
     Named(&'static str),

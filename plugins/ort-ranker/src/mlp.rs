@@ -178,10 +178,10 @@ impl FeatureMlp {
         let dims = |v: &Var| v.as_tensor().dims().iter().map(|&d| d as i64).collect::<Vec<i64>>();
         let batch = Dim::Named("batch");
         let mut g = Graph::new("recfuse_feature_mlp");
-        g.input(USER_VECTOR, Elem::F32, &[batch.clone(), Dim::Fixed(self.user_dim as i64)])
-            .input(ITEM_VECTOR, Elem::F32, &[batch.clone(), Dim::Fixed(self.item_dim as i64)])
-            .input(USER_INDEX, Elem::I64, &[batch.clone()])
-            .input(ITEM_INDEX, Elem::I64, &[batch.clone()])
+        g.input(USER_VECTOR, Elem::F32, &[batch, Dim::Fixed(self.user_dim as i64)])
+            .input(ITEM_VECTOR, Elem::F32, &[batch, Dim::Fixed(self.item_dim as i64)])
+            .input(USER_INDEX, Elem::I64, &[batch])
+            .input(ITEM_INDEX, Elem::I64, &[batch])
             .output(SCORE, Elem::F32, &[batch]);
         for (name, v) in [("user_emb", &self.user_emb), ("item_emb", &self.item_emb), ("item_bias", &self.item_bias), ("w1", &self.w1), ("b1", &self.b1), ("w2", &self.w2), ("b2", &self.b2)] {
             g.weight(name, &dims(v), &Self::values(v)?);

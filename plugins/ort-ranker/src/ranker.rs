@@ -5,7 +5,7 @@
 
 use crate::mlp::{self, FeatureMlp, Features, TrainConfig};
 use crate::runtime::{Provider, SessionOptions, SessionPool, TensorSpec};
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use ort::value::{DynValue, Tensor, TensorElementType};
 use recfuse_sdk::prelude::*;
 use recfuse_sdk::rng::SeededRng;
@@ -327,29 +327,7 @@ impl OrtRanker {
             return Self::run(m, users, items);
         }
         let chunks: Vec<(usize, usize)> = (0..users.len()).step_by(batch.max(1)).map(|a| (a, (a + batch).min(users.len()))).collect();
-        let mut out = vec![0f32; users.len()];
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<Result<Vec<(usize, Vec<f32>)>>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..m.pool.size().min(chunks.len()))
-                .map(|_| {
-                    let (next, chunks) = (&next, &chunks);
-                    scope.spawn(move || -> Result<Vec<(usize, Vec<f32>)>> {
-                        let mut done = Vec::new();
-                        while let Some(&(a, b)) = chunks.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
-                            done.push((a, Self::run(m, &users[a..b], &items[a..b])?));
-                        }
-                        Ok(done)
-                    })
-                })
-                .collect();
-            workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(anyhow!("a scoring worker panicked")))).collect()
-        });
-        for r in results {
-            for (a, scores) in r? {
-                out[a..a + scores.len()].copy_from_slice(&scores);
-            }
-        }
-        Ok(out)
+        Ok(m.pool.parallel(chunks.len(), |c| Self::run(m, &users[chunks[c].0..chunks[c].1], &items[chunks[c].0..chunks[c].1]))?.concat())
     }
 
     /// One ONNX Runtime call.

@@ -197,6 +197,36 @@ impl SessionPool {
         self.size
     }
 
+    /// Runs `job(0..jobs)` on up to one thread per session (each job takes a session with
+    /// [`SessionPool::with`]), and returns the results in job order. The first error wins.
+    pub fn parallel<T: Send>(&self, jobs: usize, job: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done: Vec<Result<Vec<(usize, T)>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..self.size.min(jobs))
+                .map(|_| {
+                    let (next, job) = (&next, &job);
+                    scope.spawn(move || {
+                        let mut done = Vec::new();
+                        loop {
+                            let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if j >= jobs {
+                                return Ok(done);
+                            }
+                            done.push((j, job(j)?));
+                        }
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(anyhow!("an ONNX Runtime worker panicked")))).collect()
+        });
+        let mut results: Vec<(usize, T)> = Vec::with_capacity(jobs);
+        for d in done {
+            results.extend(d?);
+        }
+        results.sort_by_key(|(j, _)| *j);
+        Ok(results.into_iter().map(|(_, t)| t).collect())
+    }
+
     /// Runs `f` with a session of the pool, waiting (in arrival order) for one to be free.
     pub fn with<T>(&self, f: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
         let session = {
