@@ -16,7 +16,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use recfuse_llm_engine::{Completion, FinishReason, GenParams, Llm, Message};
+use recfuse_llm_engine::{Completion, Decoding, FinishReason, GenParams, Llm, Message, OnText};
+use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct Metrics {
     /// Requests refused with 503 because the queue or the KV budget was full.
     pub overloaded: AtomicU64,
     pub batches: AtomicU64,
+    /// Requests that joined a running batch (continuous batching).
+    pub joined: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
 }
@@ -190,66 +193,112 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
     crate::http::Running::spawn(opts.addr, app, "llm-http", 2, LlmServed { metrics, model_id })
 }
 
-/// Takes every waiting request (up to `batch`, after waiting `gather` for more) and generates
-/// them together.
+/// Continuous batching: requests start together (after waiting `gather` for more when the
+/// server is idle), then join the running batch between decoding steps while it has room (up to
+/// `batch` rows and the KV budget), and leave it as they finish.
+///
+/// A request whose prompt is longer than the running batch cannot join it (rows cannot be moved
+/// right); it waits at the head of the queue, and nothing overtakes it, so the batch drains and
+/// it starts the next one (or the batch grows long enough first).
 fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metrics: &Metrics) {
-    // A batch's cache holds every row for its longest prompt plus its largest max_tokens: a
-    // job that would take it over the KV budget waits for the next batch.
     let per_token = kv_bytes_per_token(llm);
-    let batch_bytes = |jobs: &[Job], extra: &Job| -> u64 {
-        let longest = jobs.iter().chain([extra]).map(|j| j.prompt.len()).max().unwrap_or(0);
-        let most_new = jobs.iter().chain([extra]).map(|j| j.params.max_new_tokens).max().unwrap_or(0);
-        (jobs.len() as u64 + 1) * (longest + most_new) as u64 * per_token
-    };
-    let mut carried: Option<Job> = None;
+    let mut waiting: std::collections::VecDeque<Job> = Default::default();
+    let mut running: Option<Decoding> = None;
+    // The sink and ticket of every row of the running batch, by row id.
+    let live: std::cell::RefCell<HashMap<usize, (Sink, Ticket)>> = Default::default();
+    let mut next_id = 0usize;
     loop {
-        let first = match carried.take() {
-            Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => j,
+        if running.is_none() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(j) => waiting.push_back(j),
                 Err(_) => return,
-            },
-        };
-        let mut jobs = vec![first];
-        let deadline = std::time::Instant::now() + opts.gather;
-        while jobs.len() < opts.batch {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(j) if batch_bytes(&jobs, &j) <= opts.kv_budget_bytes => jobs.push(j),
-                Ok(j) => {
-                    carried = Some(j);
-                    break;
+            }
+            let deadline = std::time::Instant::now() + opts.gather;
+            while waiting.len() < opts.batch {
+                match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                    Ok(j) => waiting.push_back(j),
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
         }
-        metrics.batches.fetch_add(1, Ordering::Relaxed);
-        let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt.clone()).collect();
-        let params: Vec<GenParams> = jobs.iter().map(|j| j.params.clone()).collect();
-        let (sinks, mut tickets): (Vec<Option<Sink>>, Vec<Option<Ticket>>) = jobs.into_iter().map(|j| (Some(j.sink), Some(j.ticket))).unzip();
-        let sinks = std::cell::RefCell::new(sinks);
-        let mut delta = |i: usize, text: &str| {
-            if let Some(Sink::Stream(tx)) = &sinks.borrow()[i] {
+        while let Ok(j) = rx.try_recv() {
+            waiting.push_back(j);
+        }
+        let mut admitted: Vec<(usize, Job)> = Vec::new();
+        match running.as_mut() {
+            None => {
+                // A new batch: the waiting requests, in order, while its cache (every row at the
+                // longest prompt plus the largest max_tokens) stays within the budget.
+                let (mut longest, mut most_new) = (0, 0);
+                while let Some(j) = waiting.front() {
+                    let (l, m) = (longest.max(j.prompt.len()), most_new.max(j.params.max_new_tokens));
+                    if !admitted.is_empty() && (admitted.len() >= opts.batch || (admitted.len() as u64 + 1) * (l + m) as u64 * per_token > opts.kv_budget_bytes) {
+                        break;
+                    }
+                    (longest, most_new) = (l, m);
+                    admitted.push((next_id, waiting.pop_front().expect("front")));
+                    next_id += 1;
+                }
+                let jobs: Vec<(usize, &[u32], GenParams)> = admitted.iter().map(|(id, j)| (*id, j.prompt.as_slice(), j.params.clone())).collect();
+                metrics.batches.fetch_add(1, Ordering::Relaxed);
+                match llm.start(&jobs) {
+                    Ok(batch) => running = Some(batch),
+                    Err(e) => {
+                        for (_, j) in admitted.drain(..) {
+                            j.sink.finish(Err(format!("generation failed: {e:#}")));
+                        }
+                    }
+                }
+            }
+            Some(batch) => {
+                while let Some(j) = waiting.front() {
+                    let rows = batch.rows() as u64 + 1;
+                    let bytes = rows * (batch.len() + batch.most_remaining().max(j.params.max_new_tokens)) as u64 * per_token;
+                    if batch.rows() >= opts.batch || !batch.can_join(j.prompt.len()) || bytes > opts.kv_budget_bytes {
+                        break;
+                    }
+                    let j = waiting.pop_front().expect("front");
+                    let id = next_id;
+                    next_id += 1;
+                    match llm.join(batch, id, &j.prompt, j.params.clone()) {
+                        Ok(()) => admitted.push((id, j)),
+                        Err(e) => j.sink.finish(Err(format!("generation failed: {e:#}"))),
+                    }
+                }
+                if !admitted.is_empty() {
+                    metrics.joined.fetch_add(admitted.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        live.borrow_mut().extend(admitted.into_iter().map(|(id, j)| (id, (j.sink, j.ticket))));
+        let Some(batch) = running.as_mut() else { continue };
+        let mut delta = |id: usize, text: &str| {
+            if let Some((Sink::Stream(tx), _)) = live.borrow().get(&id) {
                 let _ = tx.send(Piece::Delta(text.to_string()));
             }
         };
-        let mut done = |i: usize, c: Completion| {
+        let mut done = |id: usize, c: Completion| {
             if c.finish == FinishReason::Cancelled {
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(sink) = sinks.borrow_mut()[i].take() {
+            // Its place and KV reservation go back with the ticket.
+            if let Some((sink, _ticket)) = live.borrow_mut().remove(&id) {
                 sink.finish(Ok(c));
             }
-            tickets[i] = None; // its place and KV reservation go back
             Ok(())
         };
         // A client that went away (closed its stream, timed out) leaves the batch at once.
-        let cancelled = |i: usize| sinks.borrow()[i].as_ref().is_some_and(Sink::is_closed);
-        let result = llm.generate_cancellable(&prompts, &params, opts.batch, Some(&mut delta), &mut done, &cancelled);
-        if let Err(e) = result {
-            for sink in sinks.borrow_mut().iter_mut().filter_map(Option::take) {
+        let cancelled = |id: usize| live.borrow().get(&id).is_some_and(|(sink, _)| sink.is_closed());
+        let mut on_text: OnText<'_> = Some(&mut delta);
+        if let Err(e) = llm.step(batch, &mut on_text, &mut done, &cancelled) {
+            for (_, (sink, _)) in live.borrow_mut().drain() {
                 sink.finish(Err(format!("generation failed: {e:#}")));
             }
+            running = None;
+            continue;
+        }
+        if batch.is_empty() {
+            running = None;
         }
     }
 }

@@ -373,3 +373,68 @@ fn serve_llm_cancels_abandoned_generations_and_admits_within_its_limits() {
     }
     server.shutdown().unwrap();
 }
+
+/// Continuous batching in the engine: a prompt that joins a running batch gets the greedy answer
+/// it gets alone (its padding, mask and positions are right), and the cache grows in blocks
+/// as answers get longer instead of being allocated for `max_tokens` up front.
+#[test]
+fn a_joined_prompt_decodes_as_alone_and_the_cache_grows_in_blocks() {
+    use recfuse_llm_engine::{GenParams, Llm, Message, KV_BLOCK};
+    let llm = Llm::load(&model(), false).unwrap();
+    let chat = |text: &str| llm.encode_chat(&[Message { role: "user".into(), content: text.into() }]).unwrap();
+    let (long, short) = (chat("Write the numbers from 1 to 500, one per line."), chat("Name three colours."));
+    let params = |n: usize, ignore_stop: bool| GenParams { max_new_tokens: n, ignore_stop, ..Default::default() };
+    let mut alone = String::new();
+    llm.generate(&[short.clone()], &[params(16, false)], 1, |_, c| {
+        alone = c.text;
+        Ok(())
+    })
+    .unwrap();
+
+    let mut batch = llm.start(&[(0, long.as_slice(), params(KV_BLOCK + 40, true))]).unwrap();
+    let first_capacity = batch.capacity();
+    assert_eq!(first_capacity, long.len() + KV_BLOCK, "the first block, not max_tokens");
+    let mut texts = std::collections::BTreeMap::new();
+    let mut done = |i: usize, c: recfuse_llm_engine::Completion| {
+        texts.insert(i, (c.text, c.completion_tokens));
+        Ok(())
+    };
+    for _ in 0..5 {
+        llm.step(&mut batch, &mut None, &mut done, &|_| false).unwrap();
+    }
+    assert!(batch.can_join(short.len()) && !batch.can_join(batch.len() + 1));
+    llm.join(&mut batch, 1, &short, params(16, false)).unwrap();
+    assert_eq!(batch.rows(), 2);
+    let mut most_capacity = 0;
+    while !batch.is_empty() {
+        llm.step(&mut batch, &mut None, &mut done, &|_| false).unwrap();
+        most_capacity = most_capacity.max(batch.capacity());
+    }
+    // Same answer as alone, up to float rounding: a 2-row step sums in another order than a
+    // 1-row one, which may flip a near-tie late in the answer. A wrong position or mask would
+    // derail it from the first tokens.
+    let common = texts[&1].0.chars().zip(alone.chars()).take_while(|(a, b)| a == b).count();
+    assert!(common >= 40, "joined answer {:?} differs early from the answer alone {alone:?}", texts[&1].0);
+    assert_eq!(texts[&0].1, KV_BLOCK + 40);
+    assert!(most_capacity > first_capacity, "the cache grew past its first block");
+}
+
+/// `serve-llm` batches continuously: a short request sent while a long one is generating joins
+/// its batch and finishes first (the long one is still running when its client leaves).
+#[test]
+fn serve_llm_lets_a_short_request_join_and_finish_during_a_long_one() {
+    let id = "SmolLM2-135M-Instruct.Q4_1";
+    let server = spawn(options(4, 1, false)).expect("server starts");
+    let base = format!("http://{}", server.addr);
+    let long = open_stream(server.addr, id, 1500);
+    let short = serde_json::json!({"model": id, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": "Say hi."}]});
+    let r: Value = ureq::post(&format!("{base}/v1/chat/completions")).send_json(short).unwrap().into_json().unwrap();
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    assert_eq!(server.metrics.joined.load(Ordering::Relaxed), 1, "the short request joined the running batch");
+    assert_eq!(server.metrics.batches.load(Ordering::Relaxed), 1, "no second batch was started");
+    assert_eq!(server.metrics.cancelled.load(Ordering::Relaxed), 0);
+    // The long generation was still running: leaving now cancels it.
+    drop(long);
+    eventually("the long generation is cancelled", || server.metrics.cancelled.load(Ordering::Relaxed) == 1);
+    server.shutdown().unwrap();
+}

@@ -237,90 +237,183 @@ impl Llm {
         done: &mut dyn FnMut(usize, Completion) -> Result<()>,
         cancelled: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
+        let jobs: Vec<(usize, &[u32], GenParams)> = ids.iter().map(|&i| (i, prompts[i].as_slice(), params[i].clone())).collect();
+        let mut batch = self.start(&jobs)?;
+        while !batch.is_empty() {
+            self.step(&mut batch, delta, done, cancelled)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a batch: the prompts (`(id, tokens, params)`; `id` is what the callbacks of
+    /// [`Llm::step`] are called with) left-padded to the longest and prefilled together.
+    pub fn start(&self, jobs: &[(usize, &[u32], GenParams)]) -> Result<Decoding> {
         let context = self.model.hyper.context;
-        let longest = ids.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+        let longest = jobs.iter().map(|j| j.1.len()).max().unwrap_or(0);
         anyhow::ensure!(longest > 0, "empty prompt");
         anyhow::ensure!(longest < context, "prompt of {longest} tokens does not fit the model context of {context}");
-        let (mut rows, pads) = self.left_pad(ids.iter().map(|&i| prompts[i].as_slice()), longest);
-        let most_new = ids.iter().map(|&i| params[i].max_new_tokens).max().unwrap_or(0);
-        let mut cache = self.model.new_cache(pads, longest + most_new);
-        let mut live: Vec<usize> = ids.to_vec();
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
-        let mut rngs: Vec<SeededRng> = ids.iter().map(|&i| SeededRng::new(params[i].seed)).collect();
-        let mut slot: Vec<usize> = (0..ids.len()).collect(); // live row -> index into ids/out/rngs
-        let mut emitted = vec![0usize; ids.len()]; // bytes of text already streamed
-        loop {
-            let logits = self.model.forward(&rows, &mut cache)?;
-            let mut logits: Vec<Vec<f32>> = logits.to_vec2()?;
-            let mut keep = Vec::with_capacity(live.len());
-            let mut next_rows = Vec::with_capacity(live.len());
-            for (r, row_logits) in logits.iter_mut().enumerate() {
-                let (i, s) = (live[r], slot[r]);
-                if cancelled(i) {
-                    let text = self.tokenizer.decode(&out[s])?;
-                    done(i, Completion { text, prompt_tokens: prompts[i].len(), completion_tokens: out[s].len(), finish: FinishReason::Cancelled })?;
-                    continue;
-                }
-                penalize(row_logits, &out[s], &params[i]);
-                let token = sample(row_logits, &params[i], &mut rngs[s]);
-                let mut stopped = !params[i].ignore_stop && self.tokenizer.stop.contains(&token);
-                let stops = &params[i].stop;
-                let mut cut: Option<String> = None; // the answer, ended by a stop string
-                if !stopped {
-                    out[s].push(token);
-                    if delta.is_some() || !stops.is_empty() {
-                        // Decode the whole answer so far: tokens can split a character.
-                        let text = self.tokenizer.decode(&out[s])?;
-                        let shown = match first_stop(&text, stops) {
-                            Some(at) => {
-                                stopped = true;
-                                cut = Some(text[..at].to_string());
-                                at
-                            }
-                            // Hold back what may be the start of a stop string.
-                            None => text.len() - partial_stop(&text, stops),
-                        };
-                        if let Some(delta) = delta.as_mut() {
-                            if shown > emitted[s] && !text[..shown].ends_with('\u{FFFD}') && text.is_char_boundary(emitted[s]) && text.is_char_boundary(shown) {
-                                delta(i, &text[emitted[s]..shown]);
-                                emitted[s] = shown;
-                            }
+        let (rows, pads) = self.left_pad(jobs.iter().map(|j| j.1), longest);
+        let most_new = jobs.iter().map(|j| j.2.max_new_tokens).max().unwrap_or(0);
+        // Room for the first block of answers; the cache grows as answers do.
+        let mut cache = self.model.new_cache(pads, longest + most_new.clamp(1, KV_BLOCK));
+        let logits: Vec<Vec<f32>> = self.model.forward(&rows, &mut cache)?.to_vec2()?;
+        let rows = jobs.iter().zip(logits).map(|((id, prompt, params), logits)| Row::new(*id, prompt.len(), params.clone(), logits)).collect();
+        Ok(Decoding { cache, rows })
+    }
+
+    /// Adds a prompt to a running batch between two steps: it is prefilled on its own, left-padded
+    /// to the batch's length, and decodes with the others from the next step on. Only a prompt
+    /// no longer than the batch ([`Decoding::can_join`]) can join: the batch's rows cannot be
+    /// moved right (their keys carry their positions).
+    pub fn join(&self, batch: &mut Decoding, id: usize, prompt: &[u32], params: GenParams) -> Result<()> {
+        anyhow::ensure!(batch.can_join(prompt.len()), "a prompt of {} tokens cannot join a batch at {} tokens", prompt.len(), batch.len());
+        let len = batch.cache.len();
+        let (rows, pads) = self.left_pad(std::iter::once(prompt), len);
+        let mut cache = self.model.new_cache(pads, batch.cache.capacity());
+        let logits: Vec<Vec<f32>> = self.model.forward(&rows, &mut cache)?.to_vec2()?;
+        batch.cache.append_rows(cache)?;
+        batch.rows.push(Row::new(id, prompt.len(), params, logits.into_iter().next().context("no logits")?));
+        Ok(())
+    }
+
+    /// One decoding step of every row: each samples its next token from its pending logits; rows
+    /// that finish (stop, length, or `cancelled(id)`) go to `done` and leave; the others run one
+    /// forward pass together. The cache grows by [`KV_BLOCK`] columns when it is full.
+    pub fn step(&self, batch: &mut Decoding, delta: &mut OnText<'_>, done: &mut dyn FnMut(usize, Completion) -> Result<()>, cancelled: &dyn Fn(usize) -> bool) -> Result<()> {
+        let context = self.model.hyper.context;
+        let mut keep = Vec::with_capacity(batch.rows.len());
+        let mut next_rows = Vec::with_capacity(batch.rows.len());
+        for (r, row) in batch.rows.iter_mut().enumerate() {
+            let i = row.id;
+            if cancelled(i) {
+                let text = self.tokenizer.decode(&row.out)?;
+                done(i, Completion { text, prompt_tokens: row.prompt_len, completion_tokens: row.out.len(), finish: FinishReason::Cancelled })?;
+                continue;
+            }
+            let params = &row.params;
+            penalize(&mut row.logits, &row.out, params);
+            let token = sample(&row.logits, params, &mut row.rng);
+            let mut stopped = !params.ignore_stop && self.tokenizer.stop.contains(&token);
+            let stops = &params.stop;
+            let mut cut: Option<String> = None; // the answer, ended by a stop string
+            if !stopped {
+                row.out.push(token);
+                if delta.is_some() || !stops.is_empty() {
+                    // Decode the whole answer so far: tokens can split a character.
+                    let text = self.tokenizer.decode(&row.out)?;
+                    let shown = match first_stop(&text, stops) {
+                        Some(at) => {
+                            stopped = true;
+                            cut = Some(text[..at].to_string());
+                            at
                         }
-                    }
-                }
-                let full = out[s].len() >= params[i].max_new_tokens || cache.len() + 1 >= context;
-                if stopped || full {
-                    let text = match cut {
-                        Some(t) => t,
-                        None => self.tokenizer.decode(&out[s])?,
+                        // Hold back what may be the start of a stop string.
+                        None => text.len() - partial_stop(&text, stops),
                     };
                     if let Some(delta) = delta.as_mut() {
-                        if text.len() > emitted[s] && text.is_char_boundary(emitted[s]) {
-                            delta(i, &text[emitted[s]..]);
+                        if shown > row.emitted && !text[..shown].ends_with('\u{FFFD}') && text.is_char_boundary(row.emitted) && text.is_char_boundary(shown) {
+                            delta(i, &text[row.emitted..shown]);
+                            row.emitted = shown;
                         }
                     }
-                    let eos = stopped && out[s].last() != Some(&token);
-                    done(i, Completion {
-                        text,
-                        prompt_tokens: prompts[i].len(),
-                        completion_tokens: out[s].len() + eos as usize,
-                        finish: if stopped { FinishReason::Stop } else { FinishReason::Length },
-                    })?;
-                } else {
-                    keep.push(r);
-                    next_rows.push(vec![token]);
                 }
             }
+            let full = row.out.len() >= params.max_new_tokens || batch.cache.len() + 1 >= context;
+            if stopped || full {
+                let text = match cut {
+                    Some(t) => t,
+                    None => self.tokenizer.decode(&row.out)?,
+                };
+                if let Some(delta) = delta.as_mut() {
+                    if text.len() > row.emitted && text.is_char_boundary(row.emitted) {
+                        delta(i, &text[row.emitted..]);
+                    }
+                }
+                let eos = stopped && row.out.last() != Some(&token);
+                done(i, Completion {
+                    text,
+                    prompt_tokens: row.prompt_len,
+                    completion_tokens: row.out.len() + eos as usize,
+                    finish: if stopped { FinishReason::Stop } else { FinishReason::Length },
+                })?;
+            } else {
+                keep.push(r);
+                next_rows.push(vec![token]);
+            }
+        }
+        if keep.len() < batch.rows.len() {
             if keep.is_empty() {
+                batch.rows.clear();
                 return Ok(());
             }
-            if keep.len() < live.len() {
-                cache.retain(&keep)?;
-                live = keep.iter().map(|&r| live[r]).collect();
-                slot = keep.iter().map(|&r| slot[r]).collect();
-            }
-            rows = next_rows;
+            batch.cache.retain(&keep)?;
+            let mut rows: Vec<Option<Row>> = std::mem::take(&mut batch.rows).into_iter().map(Some).collect();
+            batch.rows = keep.iter().map(|&r| rows[r].take().expect("kept once")).collect();
         }
+        if batch.cache.len() + 1 > batch.cache.capacity() {
+            batch.cache.grow((batch.cache.capacity() + KV_BLOCK).min(context))?;
+        }
+        let logits: Vec<Vec<f32>> = self.model.forward(&next_rows, &mut batch.cache)?.to_vec2()?;
+        for (row, l) in batch.rows.iter_mut().zip(logits) {
+            row.logits = l;
+        }
+        Ok(())
+    }
+}
+
+/// Columns the KV cache grows by: memory follows the tokens generated, not `max_tokens`.
+pub const KV_BLOCK: usize = 64;
+
+/// One prompt being answered in a [`Decoding`].
+struct Row {
+    id: usize,
+    prompt_len: usize,
+    params: GenParams,
+    rng: SeededRng,
+    out: Vec<u32>,
+    /// The logits its next token is sampled from.
+    logits: Vec<f32>,
+    /// Bytes of text already streamed.
+    emitted: usize,
+}
+
+impl Row {
+    fn new(id: usize, prompt_len: usize, params: GenParams, logits: Vec<f32>) -> Self {
+        Self { id, prompt_len, rng: SeededRng::new(params.seed), params, out: Vec::new(), logits, emitted: 0 }
+    }
+}
+
+/// A batch being decoded ([`Llm::start`], [`Llm::join`], [`Llm::step`]): rows join between
+/// steps and leave as they finish (continuous batching).
+pub struct Decoding {
+    cache: crate::model::KvCache,
+    rows: Vec<Row>,
+}
+
+impl Decoding {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    /// Rows decoding.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+    /// Columns of the cache: every row's (padded) prompt and answer so far.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+    /// Columns allocated.
+    pub fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+    /// The most tokens a row may still generate: with [`Decoding::len`], the columns the batch
+    /// may still need.
+    pub fn most_remaining(&self) -> usize {
+        self.rows.iter().map(|r| r.params.max_new_tokens.saturating_sub(r.out.len())).max().unwrap_or(0)
+    }
+    /// Whether a prompt of `prompt_len` tokens can join (see [`Llm::join`]).
+    pub fn can_join(&self, prompt_len: usize) -> bool {
+        prompt_len > 0 && prompt_len <= self.cache.len()
     }
 }
 

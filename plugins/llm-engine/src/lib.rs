@@ -9,6 +9,6 @@ mod model;
 mod tokenizer;
 pub mod tunable;
 
-pub use generate::{Completion, FinishReason, GenParams, Llm, Message};
+pub use generate::{Completion, Decoding, FinishReason, GenParams, Llm, Message, OnText, KV_BLOCK};
 pub use model::Hyper;
 pub use tokenizer::GgufTokenizer;

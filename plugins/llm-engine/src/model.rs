@@ -95,6 +95,44 @@ impl KvCache {
         self.len
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Reallocates the buffers for `capacity` columns, keeping what they hold.
+    pub fn grow(&mut self, capacity: usize) -> Result<()> {
+        if capacity <= self.capacity {
+            return Ok(());
+        }
+        for layer in self.layers.iter_mut().flatten() {
+            for buf in [&mut layer.0, &mut layer.1] {
+                let (rows, heads, _, hd) = buf.dims4()?;
+                let bigger = Tensor::zeros((rows, heads, capacity, hd), buf.dtype(), buf.device())?;
+                bigger.slice_set(&buf.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                *buf = bigger;
+            }
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Appends the rows of `other`, a cache of the same length and capacity (a prompt prefilled
+    /// on its own to join a running batch).
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        anyhow::ensure!(other.len == self.len && other.capacity == self.capacity, "caches of different lengths cannot be joined");
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            match (mine.as_mut(), theirs) {
+                (Some(m), Some(t)) => {
+                    m.0 = Tensor::cat(&[&m.0, &t.0], 0)?;
+                    m.1 = Tensor::cat(&[&m.1, &t.1], 0)?;
+                }
+                _ => anyhow::bail!("joining a cache that was never filled"),
+            }
+        }
+        self.pads.extend(other.pads);
+        Ok(())
+    }
+
     /// Keeps only the given rows (in that order).
     pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
         let index = Tensor::new(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
