@@ -99,10 +99,11 @@ pub enum Command {
         model: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
-        /// Most requests generated together.
+        /// Most requests generated together: the rows of the running batch, which waiting
+        /// requests join between decoding steps.
         #[arg(long, default_value_t = 16)]
         batch: usize,
-        /// Milliseconds to wait for more requests to fill a batch.
+        /// When idle, milliseconds to wait for more requests before starting a batch.
         #[arg(long, default_value_t = 5)]
         gather_ms: u64,
         /// Quantized weights only (less memory, slower prefill and batches).

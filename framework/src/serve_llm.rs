@@ -224,6 +224,13 @@ fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metr
         while let Ok(j) = rx.try_recv() {
             waiting.push_back(j);
         }
+        // A client that left while waiting is not prefilled (its ticket goes back as it drops).
+        let before = waiting.len();
+        waiting.retain(|j| !j.sink.is_closed());
+        metrics.cancelled.fetch_add((before - waiting.len()) as u64, Ordering::Relaxed);
+        if waiting.is_empty() && running.is_none() {
+            continue;
+        }
         let mut admitted: Vec<(usize, Job)> = Vec::new();
         match running.as_mut() {
             None => {
