@@ -24,8 +24,14 @@ s1=$!
     --no-webui > "$logs/llama.log" 2>&1 &
 s2=$!
 trap 'kill $s1 $s2 2>/dev/null; wait $s1 $s2 2>/dev/null || true; rm -rf "$logs"' EXIT
-for port in $p1 $p2; do
-    for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 0.5; done
+for pair in "$p1 $s1 recfuse" "$p2 $s2 llama"; do
+    read -r port pid name <<< "$pair"
+    for _ in $(seq 1 240); do
+        curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+        kill -0 "$pid" 2>/dev/null || { echo "$name server died:" >&2; tail -5 "$logs/$name.log" >&2; exit 1; }
+        sleep 0.5
+    done
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null || { echo "$name server never became healthy" >&2; exit 1; }
 done
 body='{"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 32, "temperature": 0,
   "messages": [{"role": "system", "content": "You are a helpful assistant who answers at length."},
@@ -44,6 +50,9 @@ curl -s "http://127.0.0.1:$p1/metrics" > "$logs/metrics.json"
 python3 - "$out" "$SECS" "$logs/metrics.json" <<'PY'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+failed = [r for r in rows if not r["codes"].get("200")]
+if failed:
+    sys.exit(f"no successful answers: {failed}")
 print("| server | clients | requests/s | tokens/s (32 per answer) | p50 s | p99 s | non-200 |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
