@@ -9,13 +9,14 @@
 //!
 //! Writes the table to stdout and the chart to `target/bench-results/local-generation.png`.
 //!
-//! `cargo bench -p recfuse --bench generation [-- ROUNDS NPP NTG]`
+//! `cargo bench -p recfuse --bench generation [-- ROUNDS NPP NTG]` (`KERNEL=candle` for candle's
+//! kernels instead of the int8 one)
 
 mod common;
 
 use common::median;
 use recfuse::plot::{grouped_bars, Panel};
-use recfuse_llm_engine::{GenParams, Llm};
+use recfuse_llm_engine::{GenParams, Kernel, Llm};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -77,7 +78,10 @@ fn main() {
     let model = root.join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model.exists(), "run scripts/fetch-data.sh smollm2");
     let bin = root.join(".cache/llama.cpp/build/bin/llama-batched-bench");
-    let llm = Llm::load(&model, true).unwrap();
+    // KERNEL=candle measures candle's kernels (with f32 copies), the engine before the int8 kernel.
+    let kernel = Kernel::named(&std::env::var("KERNEL").unwrap_or_else(|_| "auto".into()), true).unwrap();
+    eprintln!("recfuse kernel: {}", kernel.name());
+    let llm = Llm::load(&model, kernel).unwrap();
     let corpus = llm
         .tokenizer
         .encode("The user liked Toy Story, Heat and Alien, rated many dramas as average and disliked most horror films. ")

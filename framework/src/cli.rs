@@ -106,7 +106,11 @@ pub enum Command {
         /// When idle, milliseconds to wait for more requests before starting a batch.
         #[arg(long, default_value_t = 5)]
         gather_ms: u64,
-        /// Quantized weights only (less memory, slower prefill and batches).
+        /// Matmul kernel: `auto` (our int8 kernel on AVX512-VNNI CPUs, else candle's), `int8`
+        /// or `candle`.
+        #[arg(long, default_value = "auto")]
+        kernel: String,
+        /// With candle's kernel: quantized weights only (less memory, slower prefill and batches).
         #[arg(long)]
         no_dense: bool,
         /// Require `Authorization: Bearer <key>`, the key read from this environment variable.
@@ -229,13 +233,13 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             server.wait()?;
             Ok(0)
         }
-        Command::ServeLlm { model, addr, batch, gather_ms, no_dense, api_key_env, max_queue, kv_budget_mb } => {
+        Command::ServeLlm { model, addr, batch, gather_ms, kernel, no_dense, api_key_env, max_queue, kv_budget_mb } => {
             let opts = crate::serve_llm::ServeOptions {
                 model,
                 addr,
                 batch,
                 gather: std::time::Duration::from_millis(gather_ms),
-                dense: !no_dense,
+                kernel: recfuse_llm_engine::Kernel::named(&kernel, !no_dense).context("--kernel")?,
                 api_key: crate::http::ApiKey::from_env(api_key_env.as_deref())?,
                 max_queue,
                 kv_budget_bytes: kv_budget_mb << 20,

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use recfuse_llm_engine::{Completion, Decoding, FinishReason, GenParams, Llm, Message, OnText};
+use recfuse_llm_engine::{Completion, Decoding, FinishReason, GenParams, Kernel, Llm, Message, OnText};
 use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -35,8 +35,8 @@ pub struct ServeOptions {
     pub batch: usize,
     /// How long the generation thread waits for more requests to fill a batch.
     pub gather: Duration,
-    /// Keep f32 weight copies for prefill and wide batches.
-    pub dense: bool,
+    /// How the model multiplies by its weights ([`Kernel::best`] unless asked otherwise).
+    pub kernel: Kernel,
     /// Required on `/v1/*` and `/metrics` when set.
     pub api_key: crate::http::ApiKey,
     /// Admission: most requests waiting or generating, and most KV-cache memory they may
@@ -173,7 +173,7 @@ pub type ServerHandle = crate::http::Running<LlmServed>;
 /// Loads the model, binds `opts.addr` (port 0 picks a free port) and serves in the background.
 pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
     anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
-    let llm = Arc::new(Llm::load(&opts.model, opts.dense)?);
+    let llm = Arc::new(Llm::load(&opts.model, opts.kernel)?);
     let model_id = opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| llm.name.clone());
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel::<Job>();

@@ -1,12 +1,13 @@
 //! Ask the local model something, `batch` times at once, and see the answers and the speed:
 //! `cargo run --release -p recfuse-llm-engine --example chat -- MODEL.gguf "question" [batch]`
-//! (`SPARSE=1`: quantized weights only, no f32 copies).
-use recfuse_llm_engine::{GenParams, Llm, Message};
+//! (`KERNEL=int8|candle`, default `auto`; `SPARSE=1`: with candle, quantized weights only).
+use recfuse_llm_engine::{GenParams, Kernel, Llm, Message};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(args.len() >= 3, "usage: chat MODEL.gguf QUESTION [BATCH]");
-    let llm = Llm::load(args[1].as_ref(), std::env::var("SPARSE").is_err())?;
+    let kernel = Kernel::named(&std::env::var("KERNEL").unwrap_or_else(|_| "auto".into()), std::env::var("SPARSE").is_err())?;
+    let llm = Llm::load(args[1].as_ref(), kernel)?;
     let n: usize = args.get(3).map_or(Ok(1), |s| s.parse())?;
     // Slightly different prompts, so batched rows are padded as in real use.
     let prompts: Vec<Vec<u32>> = (0..n)

@@ -4,7 +4,7 @@ use recfuse_sdk::SeededRng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use crate::model::Model;
+use crate::model::{Kernel, Model};
 use crate::tokenizer::{meta, GgufTokenizer};
 
 /// One chat message, as in the OpenAI Chat Completions protocol.
@@ -103,14 +103,14 @@ pub(crate) fn chat_environment(template: String) -> Result<minijinja::Environmen
 }
 
 impl Llm {
-    /// Loads a GGUF model; `dense` keeps f32 copies of the weights for fast prefill and batches.
-    pub fn load(path: &Path, dense: bool) -> Result<Self> {
+    /// Loads a GGUF model to be run with `kernel` (usually [`Kernel::best`]).
+    pub fn load(path: &Path, kernel: Kernel) -> Result<Self> {
         let mut file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
         let content = Content::read(&mut file).with_context(|| format!("{} is not a GGUF file", path.display()))?;
         let mut load = || -> Result<Self> {
             let tokenizer = GgufTokenizer::from_gguf(&content)?;
             let chat = chat_environment(meta(&content, "tokenizer.chat_template")?.to_string()?.clone())?;
-            let model = Model::from_gguf(&content, &mut file, dense)?;
+            let model = Model::from_gguf(&content, &mut file, kernel)?;
             let name = content
                 .metadata
                 .get("general.name")

@@ -6,9 +6,10 @@
 
 mod generate;
 mod model;
+mod q8;
 mod tokenizer;
 pub mod tunable;
 
 pub use generate::{Completion, Decoding, FinishReason, GenParams, Llm, Message, OnText, KV_BLOCK};
-pub use model::Hyper;
+pub use model::{Hyper, Kernel};
 pub use tokenizer::GgufTokenizer;

@@ -8,6 +8,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
+use crate::q8::{self, PackedQ8};
 use crate::tokenizer::meta;
 
 pub struct Hyper {
@@ -21,37 +22,100 @@ pub struct Hyper {
     pub rope_base: f32,
 }
 
-/// A projection kept twice: quantized for decoding a few rows (memory-bound: fewer bytes win)
-/// and, when `dense`, as f32 for prefill and wide batches (compute-bound: candle's quantized
-/// kernels do one dot product per row, its f32 GEMM is ~2-3× faster there; measured in
-/// docs/benchmarks.md). Costs 4 bytes per weight of extra memory.
-struct Linear {
-    quantized: QMatMul,
-    dense: Option<Tensor>,
+/// How the engine multiplies by its weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Our blocked int8 kernel ([`PackedQ8`], AVX512-VNNI CPUs only) for every row count,
+    /// decoding and prefill alike: weights re-quantized to 8 bits in blocks of 32 (1.1 bytes
+    /// each), activations quantized per row as llama.cpp does.
+    Int8,
+    /// candle's kernels: its quantized matmul for a few rows (memory-bound: fewer bytes win)
+    /// and, when `dense`, an f32 copy of the weights for prefill and batches wider than 8 rows
+    /// (compute-bound: candle's quantized kernels do one dot product per row, its f32 GEMM is
+    /// ~2-3× faster there), at 4 bytes per weight of extra memory.
+    Candle { dense: bool },
 }
 
-/// Rows (batch × positions) above which the dense copy is used.
+impl Kernel {
+    /// The fastest kernel this CPU runs: [`Kernel::Int8`] with AVX512-VNNI, else candle's
+    /// (`dense`: may spend memory on f32 copies for speed).
+    pub fn best(dense: bool) -> Self {
+        if q8::available() {
+            Kernel::Int8
+        } else {
+            Kernel::Candle { dense }
+        }
+    }
+
+    /// A kernel by its name in configs and flags: `auto` ([`Kernel::best`]), `int8` or `candle`.
+    pub fn named(name: &str, dense: bool) -> Result<Self> {
+        match name {
+            "auto" => Ok(Self::best(dense)),
+            "int8" if q8::available() => Ok(Self::Int8),
+            "int8" => bail!("kernel \"int8\" needs a CPU with AVX512-VNNI, which this one lacks (use \"auto\" or \"candle\")"),
+            "candle" => Ok(Self::Candle { dense }),
+            other => bail!("unknown kernel {other:?}: expected \"auto\", \"int8\" or \"candle\""),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kernel::Int8 => "int8",
+            Kernel::Candle { .. } => "candle",
+        }
+    }
+}
+
+/// A projection in the form its [`Kernel`] multiplies.
+enum Linear {
+    Q8(PackedQ8),
+    Candle { quantized: QMatMul, dense: Option<Tensor> },
+}
+
+/// Rows (batch × positions) above which candle's dense copy is used.
 const DENSE_ROWS: usize = 8;
 
 impl Linear {
-    fn new(t: QTensor, dense: bool) -> Result<Self> {
-        let t = fast_format(t)?;
-        let dense = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
-        Ok(Self { quantized: QMatMul::from_qtensor(t)?, dense })
+    fn new(t: QTensor, kernel: Kernel) -> Result<Self> {
+        match kernel {
+            Kernel::Int8 => {
+                anyhow::ensure!(q8::available(), "the int8 kernel needs a CPU with AVX512-VNNI");
+                let (n, k) = t.shape().dims2()?;
+                let w = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(Self::Q8(PackedQ8::from_f32(&w, n, k)?))
+            }
+            Kernel::Candle { dense } => {
+                let t = fast_format(t)?;
+                let dense = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
+                Ok(Self::Candle { quantized: QMatMul::from_qtensor(t)?, dense })
+            }
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        Ok(match &self.dense {
-            Some(w) if rows > DENSE_ROWS => x.broadcast_matmul(&w.t()?)?,
-            _ => self.quantized.forward(x)?,
+        Ok(match self {
+            Self::Q8(w) => {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("a matrix") = w.rows();
+                let mut out = vec![0f32; rows * w.rows()];
+                let x = x.contiguous()?;
+                let (storage, layout) = x.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("the int8 kernel runs on the CPU") };
+                let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()];
+                w.matmul(input, rows, &mut out);
+                Tensor::from_vec(out, dims, x.device())?
+            }
+            Self::Candle { dense: Some(w), .. } if rows > DENSE_ROWS => x.broadcast_matmul(&w.t()?)?,
+            Self::Candle { quantized, .. } => quantized.forward(x)?,
         })
     }
 
     fn bytes(&self) -> usize {
-        match &self.quantized {
-            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        match self {
+            Self::Q8(w) => w.bytes(),
+            Self::Candle { quantized: QMatMul::QTensor(t), .. } => t.storage_size_in_bytes(),
+            Self::Candle { quantized: QMatMul::Tensor(t) | QMatMul::TensorF16(t), .. } => t.elem_count() * t.dtype().size_in_bytes(),
         }
     }
 }
@@ -172,8 +236,7 @@ fn fast_format(t: QTensor) -> Result<QTensor> {
 }
 
 impl Model {
-    /// `dense`: also keep f32 copies of the projections for prefill and wide batches.
-    pub fn from_gguf<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, dense: bool) -> Result<Self> {
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, kernel: Kernel) -> Result<Self> {
         let arch = meta(content, "general.architecture")?.to_string()?.clone();
         if arch != "llama" {
             bail!("general.architecture = {arch:?}: only llama-architecture models are supported");
@@ -206,12 +269,12 @@ impl Model {
         let norm = qt("output_norm.weight")?.dequantize(&device)?;
         // Models with tied embeddings (SmolLM2) have no output.weight.
         let output = match content.tensor_infos.contains_key("output.weight") {
-            true => Linear::new(qt("output.weight")?, dense)?,
-            false => Linear::new(qt("token_embd.weight")?, dense)?,
+            true => Linear::new(qt("output.weight")?, kernel)?,
+            false => Linear::new(qt("token_embd.weight")?, kernel)?,
         };
         let mut layers = Vec::with_capacity(hyper.layers);
         for i in 0..hyper.layers {
-            let mut m = |w: &str| Linear::new(qt(&format!("blk.{i}.{w}.weight"))?, dense);
+            let mut m = |w: &str| Linear::new(qt(&format!("blk.{i}.{w}.weight"))?, kernel);
             layers.push(Layer {
                 q: m("attn_q")?,
                 k: m("attn_k")?,

@@ -1,6 +1,6 @@
 //! The engine against the real SmolLM2-135M-Instruct GGUF (`scripts/fetch-data.sh smollm2`).
 
-use recfuse_llm_engine::{FinishReason, GenParams, Llm, Message};
+use recfuse_llm_engine::{FinishReason, GenParams, Kernel, Llm, Message};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -10,11 +10,18 @@ fn model_path() -> PathBuf {
     p
 }
 
-/// Quantized weights only, so every row of a batch takes the same kernel whatever the batch
-/// width (the dense path switches on with more rows and would change the arithmetic).
+/// The fastest kernel without f32 copies, so every row of a batch takes the same kernel
+/// whatever the batch width (candle's dense path switches on with more rows and would change
+/// the arithmetic).
 fn llm() -> &'static Llm {
     static LLM: OnceLock<Llm> = OnceLock::new();
-    LLM.get_or_init(|| Llm::load(&model_path(), false).expect("model loads"))
+    LLM.get_or_init(|| Llm::load(&model_path(), Kernel::best(false)).expect("model loads"))
+}
+
+/// candle's kernels with f32 weight copies: f32 arithmetic from 8 rows up.
+fn dense() -> &'static Llm {
+    static DENSE: OnceLock<Llm> = OnceLock::new();
+    DENSE.get_or_init(|| Llm::load(&model_path(), Kernel::Candle { dense: true }).expect("model loads"))
 }
 
 fn user(text: &str) -> Vec<Message> {
@@ -68,8 +75,7 @@ fn batched_generation_equals_one_at_a_time() {
     // (~2e-4 of the logit scale in f32); int8-quantized activations amplify such noise to a few
     // percent, so the comparison runs on the f32 (dense) weights. Greedy texts may still part
     // at a near-tie late in the answer.
-    static DENSE: OnceLock<Llm> = OnceLock::new();
-    let llm = DENSE.get_or_init(|| Llm::load(&model_path(), true).expect("model loads"));
+    let llm = dense();
     let questions = ["Name a fruit.", "What colour is the sky on a clear day? Answer in one sentence.", "Count from one to five."];
     let prompts: Vec<Vec<u32>> = questions.iter().map(|q| llm.encode_chat(&user(q)).unwrap()).collect();
     assert_eq!(prompts.iter().map(Vec::len).collect::<std::collections::HashSet<_>>().len(), 3);
@@ -101,6 +107,40 @@ fn batched_generation_equals_one_at_a_time() {
     }
 }
 
+/// The int8 kernel (where the CPU has it) computes the model the f32 weights do: a long prompt
+/// (many rows through every projection, so the kernel's multi-row units run) gives the same
+/// next token and nearly the same logits, and a greedy answer opens with the same words. A
+/// layout, offset or scale mistake in the kernel breaks all three.
+#[test]
+fn int8_kernel_computes_what_f32_weights_do() {
+    if Kernel::best(false) != Kernel::Int8 {
+        eprintln!("skipped: this CPU has no AVX512-VNNI, the engine runs candle's kernels");
+        return;
+    }
+    let int8 = llm();
+    let text = "Summarise this viewer's taste in two sentences. They rated Toy Story 5, Heat 4, Alien 5, \
+        Casablanca 3 and Scream 1; they often watch thrillers late at night and skip musicals.";
+    let prompt = int8.encode_chat(&user(text)).unwrap();
+    assert!(prompt.len() > 50, "{} tokens", prompt.len());
+    let (a, b) = (&int8.next_token_logits(std::slice::from_ref(&prompt)).unwrap()[0], &dense().next_token_logits(std::slice::from_ref(&prompt)).unwrap()[0]);
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+    assert_eq!(argmax(a), argmax(b));
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let cosine = dot / norm(a) / norm(b);
+    assert!(cosine > 0.995, "cosine {cosine}");
+    let answer = |llm: &Llm| {
+        let mut out = String::new();
+        llm.generate(&[prompt.clone()], &[GenParams { max_new_tokens: 12, ..Default::default() }], 1, |_, c| {
+            out = c.text;
+            Ok(())
+        })
+        .unwrap();
+        out.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    };
+    assert_eq!(answer(int8), answer(dense()));
+}
+
 #[test]
 fn sampling_is_seeded() {
     let llm = llm();
@@ -124,7 +164,7 @@ fn a_file_that_is_not_gguf_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("model.gguf");
     std::fs::write(&p, b"not a model").unwrap();
-    let err = format!("{:#}", Llm::load(&p, false).err().expect("refused"));
+    let err = format!("{:#}", Llm::load(&p, Kernel::best(false)).err().expect("refused"));
     assert!(err.contains("model.gguf") && err.contains("not a GGUF file"), "{err}");
 }
 
