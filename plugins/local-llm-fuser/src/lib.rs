@@ -9,7 +9,7 @@
 
 use recfuse_behaviour_text::fusion::{Completion, CompletionCache, FusionPrompt, Usage};
 use recfuse_behaviour_text::BehaviourConfig;
-use recfuse_llm_engine::{GenParams, Llm, Message};
+use recfuse_llm_engine::{GenParams, Kernel, Llm, Message};
 use recfuse_sdk::prelude::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -47,9 +47,16 @@ pub struct LocalLlmConfig {
     /// Users generated together; larger batches give more tokens/s (docs/benchmarks.md).
     #[serde(default = "d_batch")]
     pub batch_size: usize,
-    /// Keep f32 copies of the weights for fast prefill and batches (+4 bytes per weight).
+    /// Matmul kernel: `auto` (int8 on AVX512-VNNI CPUs, else candle's), `int8` or `candle`.
+    #[serde(default = "d_kernel")]
+    pub kernel: String,
+    /// With candle's kernel, keep f32 copies of the weights for fast prefill and batches
+    /// (+4 bytes per weight).
     #[serde(default = "d_true")]
     pub dense: bool,
+}
+fn d_kernel() -> String {
+    "auto".into()
 }
 fn d_model() -> PathBuf {
     DEFAULT_MODEL.into()
@@ -107,8 +114,9 @@ impl KnowledgeFuser for LocalLlmFuser {
         }
         let prompt = FusionPrompt::new(cfg.system_prompt.clone(), cfg.user_prompt.clone(), cfg.behaviour.clone())?;
         let model_sha256 = sha256_file(&cfg.model)?;
-        let llm = Llm::load(&cfg.model, cfg.dense).with_context(|| format!("model = {}", cfg.model.display()))?;
-        host.info(format!("{} loaded from {} ({} MB of quantized weights)", llm.name, cfg.model.display(), llm.weight_bytes() >> 20));
+        let kernel = Kernel::named(&cfg.kernel, cfg.dense).context("kernel")?;
+        let llm = Llm::load(&cfg.model, kernel).with_context(|| format!("model = {}", cfg.model.display()))?;
+        host.info(format!("{} loaded from {} ({} MB of quantized weights, {} kernel)", llm.name, cfg.model.display(), llm.weight_bytes() >> 20, kernel.name()));
         let cache = CompletionCache::open(&host.run_dir().join("cache.jsonl"))?;
         let usage = Usage::resume(&host, &cache)?; // a resumed run adds to what it spent before
         Ok(Self { cfg, host, llm, model_sha256, prompt, cache, usage })
