@@ -81,6 +81,8 @@ pub enum FinishReason {
 #[derive(Clone, Debug)]
 pub struct Completion {
     pub text: String,
+    /// The tokens generated (a stop token or a cut stop string's tokens included).
+    pub tokens: Vec<u32>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub finish: FinishReason,
@@ -287,7 +289,7 @@ impl Llm {
             let i = row.id;
             if cancelled(i) {
                 let text = self.tokenizer.decode(&row.out)?;
-                done(i, Completion { text, prompt_tokens: row.prompt_len, completion_tokens: row.out.len(), finish: FinishReason::Cancelled })?;
+                done(i, Completion { text, tokens: row.out.clone(), prompt_tokens: row.prompt_len, completion_tokens: row.out.len(), finish: FinishReason::Cancelled })?;
                 continue;
             }
             let params = &row.params;
@@ -332,6 +334,7 @@ impl Llm {
                 let eos = stopped && row.out.last() != Some(&token);
                 done(i, Completion {
                     text,
+                    tokens: row.out.clone(),
                     prompt_tokens: row.prompt_len,
                     completion_tokens: row.out.len() + eos as usize,
                     finish: if stopped { FinishReason::Stop } else { FinishReason::Length },

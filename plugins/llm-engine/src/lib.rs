@@ -4,6 +4,7 @@
 //! and by `recfuse serve-llm`. [`tunable`] holds the trainable f32 models (Llama from GGUF,
 //! ChatGLM2/3 from a checkpoint directory) and LoRA adapters the `lora` tuner trains.
 
+mod decode_attention;
 mod generate;
 mod model;
 mod q8;

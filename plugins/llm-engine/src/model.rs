@@ -8,6 +8,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
+use crate::decode_attention;
 use crate::q8::{self, PackedQ8};
 use crate::tokenizer::meta;
 
@@ -99,11 +100,7 @@ impl Linear {
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().expect("a matrix") = w.rows();
                 let mut out = vec![0f32; rows * w.rows()];
-                let x = x.contiguous()?;
-                let (storage, layout) = x.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("the int8 kernel runs on the CPU") };
-                let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()];
-                w.matmul(input, rows, &mut out);
+                with_values(&x.contiguous()?, |input| w.matmul(input, rows, &mut out))?;
                 Tensor::from_vec(out, dims, x.device())?
             }
             Self::Candle { dense: Some(w), .. } if rows > DENSE_ROWS => x.broadcast_matmul(&w.t()?)?,
@@ -224,6 +221,14 @@ impl KvCache {
     }
 }
 
+/// Runs `f` on the values of a contiguous f32 CPU tensor, without copying them.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    anyhow::ensure!(t.is_contiguous(), "expected a contiguous tensor");
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("the engine runs on the CPU") };
+    Ok(f(&cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()]))
+}
+
 /// candle has SIMD kernels for Q4_0, Q8_0 and the K-quants only; Q4_1/Q5_0/Q5_1 fall back to
 /// scalar code (Q4_1: 4× slower here, docs/benchmarks.md). Re-quantizing those to Q8_0 at load
 /// keeps nearly all the precision the file has and runs on the SIMD path.
@@ -316,7 +321,8 @@ impl Model {
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, rows * t, &self.device)?;
         let mut x = self.embedding.embedding(&ids)?.reshape((rows, t, self.hyper.dim))?;
-        let mask = self.mask(&cache.pads, start, t)?;
+        // Decoding (t = 1) attends without a mask tensor (see decode_attention).
+        let mask = if t > 1 { Some(self.mask(&cache.pads, start, t)?) } else { None };
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
         let (h, kvh, hd) = (self.hyper.heads, self.hyper.kv_heads, self.hyper.head_dim);
@@ -336,15 +342,16 @@ impl Model {
             let (kb, vb) = slot.as_ref().expect("allocated");
             kb.slice_set(&k, 2, start)?;
             vb.slice_set(&v, 2, start)?;
-            let (k, v) = (kb.narrow(2, 0, start + t)?, vb.narrow(2, 0, start + t)?);
-            // Grouped-query attention: each kv head serves h / kvh query heads, so fold the
-            // query groups into the row axis instead of copying keys and values.
-            let group = h / kvh;
-            let q = q.reshape((rows, kvh, group * t, hd))?;
-            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-            let scores = scores.reshape((rows, kvh, group, t, start + t))?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((rows, kvh, group * t, start + t))?)?;
-            let attn = probs.matmul(&v)?.reshape((rows, h, t, hd))?.transpose(1, 2)?.reshape((rows, t, h * hd))?;
+            let attn = if t == 1 {
+                // Decoding: one query per row, attended in place over the cache buffers.
+                let shape = decode_attention::Shape { rows, heads: h, kv_heads: kvh, head_dim: hd, capacity: cache.capacity, len: start + 1 };
+                let mut out = vec![0f32; rows * h * hd];
+                let pads = &cache.pads;
+                with_values(&q, |q| with_values(kb, |k| with_values(vb, |v| decode_attention::attend(&shape, q, k, v, pads, &mut out))))???;
+                Tensor::from_vec(out, (rows, 1, h * hd), &self.device)?
+            } else {
+                self.prefill_attention(&q, kb, vb, mask.as_ref().expect("built when t > 1"), start, t)?
+            };
             x = (residual + layer.o.forward(&attn)?)?;
             let n = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.hyper.eps as f32)?;
             let mlp = layer.down.forward(&(layer.gate.forward(&n)?.silu()? * layer.up.forward(&n)?)?)?;
@@ -354,6 +361,22 @@ impl Model {
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.hyper.eps as f32)?;
         Ok(self.output.forward(&last)?)
+    }
+
+    /// Attention of `t` new positions per row over the cache's first `start + t` columns
+    /// (prefill), with candle's ops; `mask` from [`Model::mask`].
+    fn prefill_attention(&self, q: &Tensor, kb: &Tensor, vb: &Tensor, mask: &Tensor, start: usize, t: usize) -> Result<Tensor> {
+        let (h, kvh, hd) = (self.hyper.heads, self.hyper.kv_heads, self.hyper.head_dim);
+        let rows = q.dim(0)?;
+        let (k, v) = (kb.narrow(2, 0, start + t)?, vb.narrow(2, 0, start + t)?);
+        // Grouped-query attention: each kv head serves h / kvh query heads, so fold the
+        // query groups into the row axis instead of copying keys and values.
+        let group = h / kvh;
+        let q = q.reshape((rows, kvh, group * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let scores = scores.reshape((rows, kvh, group, t, start + t))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((rows, kvh, group * t, start + t))?)?;
+        Ok(probs.matmul(&v)?.reshape((rows, h, t, hd))?.transpose(1, 2)?.reshape((rows, t, h * hd))?)
     }
 
     /// Additive mask `rows × 1 × 1 × t × (start+t)`: a query sees earlier-or-same columns that are
