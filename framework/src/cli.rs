@@ -123,6 +123,10 @@ pub enum Command {
         /// beyond it, 503 with Retry-After.
         #[arg(long, default_value_t = 2048)]
         kv_budget_mb: u64,
+        /// Keys and values of recent prompts kept, in MiB, so that a prompt beginning like an
+        /// earlier one (a shared system prompt) computes only the rest; 0 turns it off.
+        #[arg(long, default_value_t = 256)]
+        prefix_cache_mb: usize,
     },
     /// Serve a finished run's ranker over HTTP: POST /v1/recommend, GET /health, GET /metrics
     /// (loopback by default; docs/serving.md).
@@ -233,7 +237,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
             server.wait()?;
             Ok(0)
         }
-        Command::ServeLlm { model, addr, batch, gather_ms, kernel, no_dense, api_key_env, max_queue, kv_budget_mb } => {
+        Command::ServeLlm { model, addr, batch, gather_ms, kernel, no_dense, api_key_env, max_queue, kv_budget_mb, prefix_cache_mb } => {
             let opts = crate::serve_llm::ServeOptions {
                 model,
                 addr,
@@ -243,6 +247,7 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                 api_key: crate::http::ApiKey::from_env(api_key_env.as_deref())?,
                 max_queue,
                 kv_budget_bytes: kv_budget_mb << 20,
+                prefix_cache_bytes: prefix_cache_mb << 20,
             };
             let server = crate::serve_llm::spawn(opts)?;
             writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;

@@ -43,6 +43,8 @@ pub struct ServeOptions {
     /// reserve together (prompt + max_tokens each); beyond either, 503 with Retry-After.
     pub max_queue: usize,
     pub kv_budget_bytes: u64,
+    /// Keys and values of recent prompts kept for prompts that begin the same way (0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 #[derive(Default, Serialize)]
@@ -57,6 +59,8 @@ pub struct Metrics {
     /// Requests that joined a running batch (continuous batching).
     pub joined: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of computed.
+    pub cached_prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
 }
 
@@ -112,8 +116,7 @@ impl Drop for Ticket {
 
 /// KV-cache bytes one token takes (keys and values of every layer, f32).
 fn kv_bytes_per_token(llm: &Llm) -> u64 {
-    let h = llm.hyper();
-    (2 * h.layers * h.kv_heads * h.head_dim * 4) as u64
+    llm.kv_bytes_per_token() as u64
 }
 
 /// Where a job's answer goes: whole, or piece by piece as it is generated.
@@ -173,7 +176,7 @@ pub type ServerHandle = crate::http::Running<LlmServed>;
 /// Loads the model, binds `opts.addr` (port 0 picks a free port) and serves in the background.
 pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
     anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
-    let llm = Arc::new(Llm::load(&opts.model, opts.kernel)?);
+    let llm = Arc::new(Llm::load(&opts.model, opts.kernel)?.with_prefix_cache(opts.prefix_cache_bytes));
     let model_id = opts.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| llm.name.clone());
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel::<Job>();
@@ -549,13 +552,15 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Body
 impl Metrics {
     fn count(&self, c: &Completion) {
         self.prompt_tokens.fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+        self.cached_prompt_tokens.fetch_add(c.cached_tokens as u64, Ordering::Relaxed);
         self.completion_tokens.fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
     }
 }
 
 fn usage_json(c: &Completion) -> Value {
     json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-           "total_tokens": c.prompt_tokens + c.completion_tokens})
+           "total_tokens": c.prompt_tokens + c.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": c.cached_tokens}})
 }
 
 /// What every chunk of one streamed answer repeats.

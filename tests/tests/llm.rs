@@ -23,6 +23,7 @@ fn options(batch: usize, gather_ms: u64, dense: bool) -> ServeOptions {
         api_key: Default::default(),
         max_queue: 64,
         kv_budget_bytes: 2 << 30,
+        prefix_cache_bytes: 256 << 20,
     }
 }
 

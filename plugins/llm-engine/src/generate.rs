@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::model::{Kernel, Model};
+use crate::prefix::PrefixStore;
 use crate::tokenizer::{meta, GgufTokenizer};
 
 /// One chat message, as in the OpenAI Chat Completions protocol.
@@ -84,6 +85,8 @@ pub struct Completion {
     /// The tokens generated (a stop token or a cut stop string's tokens included).
     pub tokens: Vec<u32>,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache, not computed.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub finish: FinishReason,
 }
@@ -95,6 +98,9 @@ pub struct Llm {
     chat: minijinja::Environment<'static>,
     pub path: PathBuf,
     pub name: String,
+    /// Prompts already prefilled, reused by prompts that begin the same way (off unless
+    /// [`Llm::with_prefix_cache`]).
+    prefix: std::sync::Mutex<PrefixStore>,
 }
 
 /// A chat template (Jinja, as Hugging Face writes them) parsed once, as template `chat`.
@@ -118,9 +124,29 @@ impl Llm {
                 .get("general.name")
                 .and_then(|v| v.to_string().ok().cloned())
                 .unwrap_or_else(|| path.file_stem().unwrap_or_default().to_string_lossy().into_owned());
-            Ok(Self { model, tokenizer, chat, path: path.to_path_buf(), name })
+            Ok(Self { model, tokenizer, chat, path: path.to_path_buf(), name, prefix: std::sync::Mutex::new(PrefixStore::new(0, 0)) })
         };
         load().with_context(|| format!("loading model {}", path.display()))
+    }
+
+    /// Keeps the keys and values of up to `bytes` of prompts ([`crate::prefix`]): a prompt that
+    /// begins like one already prefilled by [`Llm::start`] or [`Llm::join`] computes only the
+    /// rest (at least its last token). Reuse moves keys between positions by rotation, so an
+    /// answer can differ from an uncached one at a near-tie, as with batch padding.
+    pub fn with_prefix_cache(self, bytes: usize) -> Self {
+        let per_token = self.kv_bytes_per_token();
+        Self { prefix: std::sync::Mutex::new(PrefixStore::new(bytes, per_token)), ..self }
+    }
+
+    /// Bytes of keys and values one token takes in the cache (every layer, f32).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let h = &self.model.hyper;
+        2 * h.layers * h.kv_heads * h.head_dim * 4
+    }
+
+    /// Bytes the prefix cache holds.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefix.lock().map(|s| s.bytes()).unwrap_or(0)
     }
 
     pub fn hyper(&self) -> &crate::Hyper {
@@ -175,13 +201,15 @@ impl Llm {
             .unzip()
     }
 
-    /// The next-token logits after each prompt, computed as one left-padded batch.
+    /// The next-token logits after each prompt, computed as one left-padded batch (reusing and
+    /// filling the prefix cache, if there is one).
     pub fn next_token_logits(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         anyhow::ensure!(longest > 0 && longest < self.model.hyper.context, "prompts must be 1..{} tokens", self.model.hyper.context);
         let (rows, pads) = self.left_pad(prompts.iter().map(Vec::as_slice), longest);
-        let mut cache = self.model.new_cache(pads, longest);
-        Ok(self.model.forward(&rows, &mut cache)?.to_vec2()?)
+        let mut cache = self.model.new_cache(pads.clone(), longest)?;
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        Ok(self.prefill(&mut cache, &rows, &prompts, &pads)?.1)
     }
 
     /// Generates for every prompt, `batch` rows at a time. Prompts are grouped by length so that
@@ -257,24 +285,58 @@ impl Llm {
         let (rows, pads) = self.left_pad(jobs.iter().map(|j| j.1), longest);
         let most_new = jobs.iter().map(|j| j.2.max_new_tokens).max().unwrap_or(0);
         // Room for the first block of answers; the cache grows as answers do.
-        let mut cache = self.model.new_cache(pads, longest + most_new.clamp(1, KV_BLOCK));
-        let logits: Vec<Vec<f32>> = self.model.forward(&rows, &mut cache)?.to_vec2()?;
-        let rows = jobs.iter().zip(logits).map(|((id, prompt, params), logits)| Row::new(*id, prompt.len(), params.clone(), logits)).collect();
+        let mut cache = self.model.new_cache(pads.clone(), longest + most_new.clamp(1, KV_BLOCK))?;
+        let prompts: Vec<&[u32]> = jobs.iter().map(|j| j.1).collect();
+        let (reused, logits) = self.prefill(&mut cache, &rows, &prompts, &pads)?;
+        let rows = jobs.iter().zip(reused).zip(logits).map(|(((id, prompt, params), reused), logits)| Row::new(*id, prompt.len(), reused, params.clone(), logits)).collect();
         Ok(Decoding { cache, rows })
     }
 
-    /// Adds a prompt to a running batch between two steps: it is prefilled on its own, left-padded
-    /// to the batch's length, and decodes with the others from the next step on. Only a prompt
-    /// no longer than the batch ([`Decoding::can_join`]) can join: the batch's rows cannot be
-    /// moved right (their keys carry their positions).
+    /// Prefills `rows` (left-padded by `pads`) into a fresh `cache`, reusing stored prefixes:
+    /// the pass starts at the first column some row still has to compute, every row's earlier
+    /// columns being stored keys (moved to its position) or padding, which every query masks.
+    /// Stores the prompts afterwards. Returns each row's reused tokens and last logits.
+    fn prefill(&self, cache: &mut crate::model::KvCache, rows: &[Vec<u32>], prompts: &[&[u32]], pads: &[usize]) -> Result<(Vec<usize>, Vec<Vec<f32>>)> {
+        let mut store = self.prefix.lock().map_err(|_| anyhow::anyhow!("the prefix cache was poisoned by a panic"))?;
+        let hits: Vec<Option<crate::prefix::Hit>> = prompts.iter().map(|p| if store.enabled() { store.lookup(p, 1) } else { None }).collect();
+        let first = pads.iter().zip(&hits).map(|(p, h)| p + h.as_ref().map_or(0, |h| h.tokens)).min().unwrap_or(0);
+        let mut reused = vec![0; rows.len()];
+        for (r, hit) in hits.iter().enumerate() {
+            let (Some(hit), n) = (hit, first.saturating_sub(pads[r])) else { continue };
+            if n == 0 {
+                continue;
+            }
+            let delta = pads[r] as i64 - hit.pad as i64;
+            let kv = hit.kv.iter().map(|(k, v)| Ok((self.model.shift_keys(&k.narrow(2, 0, n)?, delta)?, v.narrow(2, 0, n)?))).collect::<Result<Vec<_>>>()?;
+            cache.write_row(r, pads[r], &kv)?;
+            reused[r] = n;
+        }
+        cache.skip_to(first)?;
+        let tail: Vec<Vec<u32>> = rows.iter().map(|r| r[first..].to_vec()).collect();
+        let logits: Vec<Vec<f32>> = self.model.forward(&tail, cache)?.to_vec2()?;
+        if store.enabled() {
+            for (r, prompt) in prompts.iter().enumerate() {
+                if !store.holds(prompt) {
+                    let kv = cache.copy_row(r, pads[r]..pads[r] + prompt.len())?;
+                    store.insert(prompt.to_vec(), pads[r], kv);
+                }
+            }
+        }
+        Ok((reused, logits))
+    }
+
+    /// Adds a prompt to a running batch between two steps: it is prefilled on its own (its
+    /// padding columns skipped), left-padded to the batch's length, and decodes with the others
+    /// from the next step on. Only a prompt no longer than the batch ([`Decoding::can_join`])
+    /// can join: the batch's rows cannot be moved right (their keys carry their positions).
     pub fn join(&self, batch: &mut Decoding, id: usize, prompt: &[u32], params: GenParams) -> Result<()> {
         anyhow::ensure!(batch.can_join(prompt.len()), "a prompt of {} tokens cannot join a batch at {} tokens", prompt.len(), batch.len());
         let len = batch.cache.len();
         let (rows, pads) = self.left_pad(std::iter::once(prompt), len);
-        let mut cache = self.model.new_cache(pads, batch.cache.capacity());
-        let logits: Vec<Vec<f32>> = self.model.forward(&rows, &mut cache)?.to_vec2()?;
+        let mut cache = self.model.new_cache(pads.clone(), batch.cache.capacity())?;
+        let (reused, logits) = self.prefill(&mut cache, &rows, &[prompt], &pads)?;
         batch.cache.append_rows(cache)?;
-        batch.rows.push(Row::new(id, prompt.len(), params, logits.into_iter().next().context("no logits")?));
+        batch.rows.push(Row::new(id, prompt.len(), reused[0], params, logits.into_iter().next().context("no logits")?));
         Ok(())
     }
 
@@ -289,7 +351,7 @@ impl Llm {
             let i = row.id;
             if cancelled(i) {
                 let text = self.tokenizer.decode(&row.out)?;
-                done(i, Completion { text, tokens: row.out.clone(), prompt_tokens: row.prompt_len, completion_tokens: row.out.len(), finish: FinishReason::Cancelled })?;
+                done(i, Completion { text, tokens: row.out.clone(), prompt_tokens: row.prompt_len, cached_tokens: row.cached, completion_tokens: row.out.len(), finish: FinishReason::Cancelled })?;
                 continue;
             }
             let params = &row.params;
@@ -336,6 +398,7 @@ impl Llm {
                     text,
                     tokens: row.out.clone(),
                     prompt_tokens: row.prompt_len,
+                    cached_tokens: row.cached,
                     completion_tokens: row.out.len() + eos as usize,
                     finish: if stopped { FinishReason::Stop } else { FinishReason::Length },
                 })?;
@@ -371,6 +434,8 @@ pub const KV_BLOCK: usize = 64;
 struct Row {
     id: usize,
     prompt_len: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
     params: GenParams,
     rng: SeededRng,
     out: Vec<u32>,
@@ -381,8 +446,8 @@ struct Row {
 }
 
 impl Row {
-    fn new(id: usize, prompt_len: usize, params: GenParams, logits: Vec<f32>) -> Self {
-        Self { id, prompt_len, rng: SeededRng::new(params.seed), params, out: Vec::new(), logits, emitted: 0 }
+    fn new(id: usize, prompt_len: usize, cached: usize, params: GenParams, logits: Vec<f32>) -> Self {
+        Self { id, prompt_len, cached, rng: SeededRng::new(params.seed), params, out: Vec::new(), logits, emitted: 0 }
     }
 }
 

@@ -7,6 +7,7 @@
 mod decode_attention;
 mod generate;
 mod model;
+mod prefix;
 mod q8;
 mod tokenizer;
 pub mod tunable;

@@ -137,6 +137,8 @@ pub struct Model {
     output: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// Rotary frequency of each pair of a head's dimensions.
+    inv_freq: Vec<f32>,
     device: Device,
 }
 
@@ -144,7 +146,7 @@ pub struct Model {
 /// head_dim]` allocated once and written in place (appending by concatenation copied the whole
 /// cache every step).
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<(Tensor, Tensor)>,
     /// Left padding of each row; keys before it are masked.
     pads: Vec<usize>,
     len: usize,
@@ -165,7 +167,7 @@ impl KvCache {
         if capacity <= self.capacity {
             return Ok(());
         }
-        for layer in self.layers.iter_mut().flatten() {
+        for layer in self.layers.iter_mut() {
             for buf in [&mut layer.0, &mut layer.1] {
                 let (rows, heads, _, hd) = buf.dims4()?;
                 let bigger = Tensor::zeros((rows, heads, capacity, hd), buf.dtype(), buf.device())?;
@@ -182,22 +184,44 @@ impl KvCache {
     pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
         anyhow::ensure!(other.len == self.len && other.capacity == self.capacity, "caches of different lengths cannot be joined");
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
-            match (mine.as_mut(), theirs) {
-                (Some(m), Some(t)) => {
-                    m.0 = Tensor::cat(&[&m.0, &t.0], 0)?;
-                    m.1 = Tensor::cat(&[&m.1, &t.1], 0)?;
-                }
-                _ => anyhow::bail!("joining a cache that was never filled"),
-            }
+            mine.0 = Tensor::cat(&[&mine.0, &theirs.0], 0)?;
+            mine.1 = Tensor::cat(&[&mine.1, &theirs.1], 0)?;
         }
         self.pads.extend(other.pads);
+        Ok(())
+    }
+
+    /// Every layer's keys and values of row `row`, columns `cols` (`1 × kv_heads × cols × head_dim`
+    /// each), copied out.
+    pub fn copy_row(&self, row: usize, cols: std::ops::Range<usize>) -> Result<Vec<(Tensor, Tensor)>> {
+        anyhow::ensure!(cols.end <= self.len, "columns {cols:?} past the {} filled", self.len);
+        let take = |b: &Tensor| -> Result<Tensor> { Ok(b.narrow(0, row, 1)?.narrow(2, cols.start, cols.len())?.contiguous()?) };
+        self.layers.iter().map(|(k, v)| Ok((take(k)?, take(v)?))).collect()
+    }
+
+    /// Writes keys and values (as [`KvCache::copy_row`] gives them) into row `row` from column `at`.
+    pub fn write_row(&mut self, row: usize, at: usize, kv: &[(Tensor, Tensor)]) -> Result<()> {
+        anyhow::ensure!(kv.len() == self.layers.len(), "keys and values of {} layers for a cache of {}", kv.len(), self.layers.len());
+        for ((kb, vb), (k, v)) in self.layers.iter().zip(kv) {
+            anyhow::ensure!(at + k.dim(2)? <= self.capacity, "writing past the cache capacity");
+            kb.narrow(0, row, 1)?.slice_set(&k.contiguous()?, 2, at)?;
+            vb.narrow(0, row, 1)?.slice_set(&v.contiguous()?, 2, at)?;
+        }
+        Ok(())
+    }
+
+    /// Declares the first `len` columns filled (by [`KvCache::write_row`], or padding that every
+    /// query masks), so the next forward pass starts after them.
+    pub fn skip_to(&mut self, len: usize) -> Result<()> {
+        anyhow::ensure!(self.len == 0 && len <= self.capacity, "skip_to works on a fresh cache within its capacity");
+        self.len = len;
         Ok(())
     }
 
     /// Keeps only the given rows (in that order).
     pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
         let index = Tensor::new(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
-        for layer in self.layers.iter_mut().flatten() {
+        for layer in self.layers.iter_mut() {
             layer.0 = layer.0.index_select(&index, 0)?;
             layer.1 = layer.1.index_select(&index, 0)?;
         }
@@ -206,7 +230,7 @@ impl KvCache {
         // buffers keep their capacity, so the freed columns are at the end).
         let common = self.pads.iter().copied().min().unwrap_or(0);
         if common > 0 {
-            for layer in self.layers.iter_mut().flatten() {
+            for layer in self.layers.iter_mut() {
                 for buf in [&mut layer.0, &mut layer.1] {
                     let live = buf.narrow(2, common, self.len - common)?;
                     let fresh = buf.zeros_like()?;
@@ -295,15 +319,34 @@ impl Model {
         let half = hyper.head_dim / 2;
         let inv: Vec<f32> =
             (0..half).map(|i| 1.0 / hyper.rope_base.powf(2.0 * i as f32 / hyper.head_dim as f32)).collect();
+        let inv_freq = inv.clone();
         let inv = Tensor::from_vec(inv, (1, half), &device)?;
         let pos = Tensor::arange(0u32, hyper.context as u32, &device)?.to_dtype(DType::F32)?.reshape((hyper.context, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, hyper, embedding, layers, norm, output, device })
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, inv_freq, hyper, embedding, layers, norm, output, device })
     }
 
     /// A cache for rows with these left paddings, for sequences of at most `capacity` tokens.
-    pub fn new_cache(&self, pads: Vec<usize>, capacity: usize) -> KvCache {
-        KvCache { layers: (0..self.hyper.layers).map(|_| None).collect(), pads, len: 0, capacity: capacity.min(self.hyper.context) }
+    pub fn new_cache(&self, pads: Vec<usize>, capacity: usize) -> Result<KvCache> {
+        let capacity = capacity.min(self.hyper.context);
+        let shape = (pads.len(), self.hyper.kv_heads, capacity, self.hyper.head_dim);
+        let layers = (0..self.hyper.layers)
+            .map(|_| Ok((Tensor::zeros(shape, DType::F32, &self.device)?, Tensor::zeros(shape, DType::F32, &self.device)?)))
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers, pads, len: 0, capacity })
+    }
+
+    /// Keys (`1 × kv_heads × n × head_dim`, rotary positions applied) moved `delta` positions:
+    /// rotary embeddings are rotations, so a key computed at column `c` becomes the key of the
+    /// same token at `c + delta` by rotating it `delta` positions further.
+    pub fn shift_keys(&self, k: &Tensor, delta: i64) -> Result<Tensor> {
+        if delta == 0 {
+            return Ok(k.clone());
+        }
+        let n = k.dim(2)?;
+        let angles: Vec<f32> = self.inv_freq.iter().map(|f| delta as f32 * f).collect();
+        let row = |f: fn(f32) -> f32| Tensor::from_vec(angles.iter().map(|&a| f(a)).collect::<Vec<_>>(), (1, angles.len()), &self.device)?.repeat((n, 1));
+        Ok(candle_nn::rotary_emb::rope_i(&k.contiguous()?, &row(f32::cos)?, &row(f32::sin)?)?)
     }
 
     /// Runs `tokens` (`rows × t`, the same `t` for every row) after what the cache holds and
@@ -326,7 +369,7 @@ impl Model {
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
         let (h, kvh, hd) = (self.hyper.heads, self.hyper.kv_heads, self.hyper.head_dim);
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (layer, (kb, vb)) in self.layers.iter().zip(cache.layers.iter()) {
             let residual = &x;
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.hyper.eps as f32)?;
             let heads = |w: &Linear, count: usize| -> Result<Tensor> {
@@ -335,11 +378,6 @@ impl Model {
             let q = candle_nn::rotary_emb::rope_i(&heads(&layer.q, h)?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&heads(&layer.k, kvh)?, &cos, &sin)?;
             let v = heads(&layer.v, kvh)?;
-            if slot.is_none() {
-                let buf = Tensor::zeros((rows, kvh, cache.capacity, hd), DType::F32, &self.device)?;
-                *slot = Some((buf.clone(), buf.zeros_like()?));
-            }
-            let (kb, vb) = slot.as_ref().expect("allocated");
             kb.slice_set(&k, 2, start)?;
             vb.slice_set(&v, 2, start)?;
             let attn = if t == 1 {
