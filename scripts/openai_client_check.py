@@ -1,7 +1,8 @@
 """`recfuse serve-llm` through the official `openai` Python client, as a user would call it.
 
 Run by scripts/check-openai-client.sh (which installs the pinned client and starts the server
-with a bearer key): non-streamed and streamed completions with usage, `stop` (both ways), text
+with a bearer key): non-streamed and streamed completions with usage (and cached prompt tokens
+when a prompt repeats), `stop` (both ways), text
 content parts, and the errors the client raises (unknown model, response_format, bad role,
 wrong key). Exits non-zero with the failed check on the first failure.
 
@@ -41,6 +42,9 @@ for chunk in client.chat.completions.create(model=model, messages=ask, max_token
         usage = chunk.usage
 check("streamed answer equals the non-streamed one (greedy)", text == free)
 check("streamed usage chunk", usage is not None and usage.completion_tokens == r.usage.completion_tokens)
+# The same prompt again: all of it but the last token comes from the prefix cache.
+check("usage.prompt_tokens_details.cached_tokens on a repeated prompt",
+      usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1)
 
 # stop: the answer ends before the stop text, streamed or not, and never shows part of it.
 at = free.find("5")
