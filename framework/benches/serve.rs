@@ -69,18 +69,11 @@ fn main() {
         let url = format!("http://{}/v1/recommend", server.addr);
         let (mut p50s, mut p99s, mut rates) = (Vec::new(), Vec::new(), Vec::new());
         for &c in &connections {
-            let out = Command::new(&oha)
-                .args(["-z", &format!("{seconds}s"), "-c", &c.to_string(), "-m", "POST", "-H", "Content-Type: application/json", "-d", &body])
-                .args(["--no-tui", "--output-format", "json", &url])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "oha failed: {}", String::from_utf8_lossy(&out.stderr));
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha JSON");
-            let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
-            let total: u64 = v["statusCodeDistribution"].as_object().map(|m| m.values().filter_map(|x| x.as_u64()).sum()).unwrap_or(0);
-            assert_eq!(ok, total, "non-200 answers under load: {}", v["statusCodeDistribution"]);
-            let (p50, p99) = (v["latencyPercentiles"]["p50"].as_f64().unwrap() * 1e3, v["latencyPercentiles"]["p99"].as_f64().unwrap() * 1e3);
-            let rate = v["summary"]["requestsPerSec"].as_f64().unwrap();
+            let load = common::oha(&oha, &url, &body, c, seconds);
+            let total = load.ok() + load.not_ok();
+            assert_eq!(load.not_ok(), 0, "non-200 answers under load: {:?}", load.codes);
+            let (p50, p99) = (load.p50.expect("answers") * 1e3, load.p99.expect("answers") * 1e3);
+            let rate = load.requests_per_s;
             println!("| {ranker} | {c} | {rate:.0} | {p50:.2} | {p99:.2} |");
             let line = serde_json::json!({"bench": "serve-load", "ranker": ranker, "connections": c, "seconds": seconds,
                 "candidates": 1000, "k": 10, "requests": total, "requests_per_s": rate, "p50_ms": p50, "p99_ms": p99});

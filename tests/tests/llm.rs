@@ -412,13 +412,27 @@ fn a_joined_prompt_decodes_as_alone_and_the_cache_grows_in_blocks() {
         llm.step(&mut batch, &mut None, &mut done, &|_| false).unwrap();
         most_capacity = most_capacity.max(batch.capacity());
     }
-    // Same answer as alone, up to float rounding: a 2-row step sums in another order than a
-    // 1-row one, which may flip a near-tie late in the answer. A wrong position or mask would
-    // derail it from the first tokens.
-    let common = texts[&1].0.chars().zip(alone.chars()).take_while(|(a, b)| a == b).count();
-    assert!(common >= 40, "joined answer {:?} differs early from the answer alone {alone:?}", texts[&1].0);
+    // The same answer as alone, up to float rounding: the joined row sits at other columns
+    // (rotary angles round differently) and int8 activations amplify that, which tips this
+    // answer's near-tie at its third token ("1. Red: The most" / "1. Red: This is the most").
+    let words = |t: &str| t.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(words(&texts[&1].0), words(&alone), "joined answer {:?} differs early from the answer alone {alone:?}", texts[&1].0);
     assert_eq!(texts[&0].1, KV_BLOCK + 40);
     assert!(most_capacity > first_capacity, "the cache grew past its first block");
+
+    // The exact guard, in f32 (candle's dense weights: a prompt of 9+ tokens is prefilled by the
+    // f32 GEMM): the logits a joined prompt starts from equal those of the prompt alone. A wrong
+    // position, mask or padding would move them by whole units.
+    let f32_llm = Llm::load(&model(), Kernel::Candle { dense: true }).unwrap();
+    let mut batch = f32_llm.start(&[(0, long.as_slice(), params(8, true))]).unwrap();
+    for _ in 0..3 {
+        f32_llm.step(&mut batch, &mut None, &mut |_, _| Ok(()), &|_| false).unwrap();
+    }
+    f32_llm.join(&mut batch, 1, &short, params(8, false)).unwrap();
+    let joined = batch.pending_logits(1).expect("the joined row");
+    let alone = &f32_llm.next_token_logits(std::slice::from_ref(&short)).unwrap()[0];
+    let diff = joined.iter().zip(alone).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 0.05, "a joined prompt's logits differ by {diff} from the prompt alone");
 }
 
 /// `serve-llm` batches continuously: a short request sent while a long one is generating joins

@@ -32,3 +32,41 @@ pub fn timed<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     }
     (median(times), last.expect("at least one run"))
 }
+
+/// What oha measured at one load level (client side: HTTP, JSON and all).
+pub struct Load {
+    /// Answers by HTTP status.
+    pub codes: serde_json::Map<String, serde_json::Value>,
+    pub requests_per_s: f64,
+    /// Seconds; `None` when no request finished.
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+impl Load {
+    pub fn ok(&self) -> u64 {
+        self.codes.get("200").and_then(|v| v.as_u64()).unwrap_or(0)
+    }
+
+    pub fn not_ok(&self) -> u64 {
+        self.codes.iter().filter(|(code, _)| code.as_str() != "200").filter_map(|(_, n)| n.as_u64()).sum()
+    }
+}
+
+/// `connections` clients POSTing the JSON `body` to `url` for `seconds` with oha (a maintained
+/// load generator from crates.io, installed into `.cache/tools` by the bench scripts).
+pub fn oha(oha: &std::path::Path, url: &str, body: &str, connections: usize, seconds: u64) -> Load {
+    let out = std::process::Command::new(oha)
+        .args(["-z", &format!("{seconds}s"), "-c", &connections.to_string(), "-m", "POST", "-H", "Content-Type: application/json", "-d", body])
+        .args(["--no-tui", "--output-format", "json", url])
+        .output()
+        .expect("oha runs");
+    assert!(out.status.success(), "oha failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha JSON");
+    Load {
+        codes: v["statusCodeDistribution"].as_object().cloned().unwrap_or_default(),
+        requests_per_s: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50: v["latencyPercentiles"]["p50"].as_f64(),
+        p99: v["latencyPercentiles"]["p99"].as_f64(),
+    }
+}

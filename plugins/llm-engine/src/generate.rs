@@ -479,6 +479,10 @@ impl Decoding {
     pub fn most_remaining(&self) -> usize {
         self.rows.iter().map(|r| r.params.max_new_tokens.saturating_sub(r.out.len())).max().unwrap_or(0)
     }
+    /// The logits row `id` samples its next token from.
+    pub fn pending_logits(&self, id: usize) -> Option<&[f32]> {
+        self.rows.iter().find(|r| r.id == id).map(|r| r.logits.as_slice())
+    }
     /// Whether a prompt of `prompt_len` tokens can join (see [`Llm::join`]).
     pub fn can_join(&self, prompt_len: usize) -> bool {
         prompt_len > 0 && prompt_len <= self.cache.len()
