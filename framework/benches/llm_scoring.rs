@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{median, root};
+use common::{arg, median, root};
 use recfuse::plot::{grouped_bars, Panel};
 use recfuse_llm_engine::tunable::lora::LoraStack;
 use recfuse_llm_engine::tunable::score::{log_probs, Query};
@@ -26,11 +26,6 @@ use std::time::Instant;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 const MODES: [&str; 2] = ["prefix-reuse", "full-prompts"];
 

@@ -12,14 +12,9 @@
 
 mod common;
 
-use common::root;
+use common::{arg, root};
 use recfuse::plot::{grouped_bars, Panel};
 use std::process::Command;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

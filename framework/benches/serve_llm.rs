@@ -16,16 +16,11 @@
 
 mod common;
 
-use common::root;
+use common::{arg, root};
 use recfuse::plot::{grouped_bars, Panel};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// A server process, stopped when dropped (also when the bench panics).
 struct Server {

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{median, root};
+use common::{arg, median, root};
 use recfuse::plot::{grouped_bars, Panel};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,11 +24,6 @@ use std::time::{Duration, Instant};
 
 #[path = "../../plugins/chatgpt-fuser/tests/support/mod.rs"]
 mod support;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Requests answered and the bytes of their bodies.
 #[derive(Default)]

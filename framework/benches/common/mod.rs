@@ -15,6 +15,12 @@ pub fn host(component: &str, seed: u64) -> recfuse_sdk::ffi::HostFfiBox {
     HostServices::detached(component, std::env::temp_dir(), seed).into_ffi()
 }
 
+/// The value after `--name` on the command line, or `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// The median of some measurements.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -6,6 +6,8 @@
 //! one work item on candle's thread pool, reading that row's keys and values once for all the
 //! query heads they serve (grouped-query attention), with no tensor built in between.
 
+use crate::simd::dot;
+
 /// Shapes of one decoding step's attention.
 pub struct Shape {
     pub rows: usize,
@@ -65,20 +67,6 @@ pub fn attend(s: &Shape, q: &[f32], k: &[f32], v: &[f32], pads: &[usize], out: &
             }
         }
     });
-}
-
-/// A dot product in 16 independent lanes, so that it vectorizes (a plain float sum does not:
-/// its order is fixed).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ mod generate;
 mod model;
 mod prefix;
 mod q8;
+mod simd;
 mod tokenizer;
 pub mod tunable;
 

@@ -5,6 +5,7 @@
 //! composed twin, values and gradients, in the tests below.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use crate::simd::dot;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -116,19 +117,6 @@ pub struct PackedAttention {
     pub scale: f32,
     /// First packed token of the segment each token belongs to.
     pub segment_start: std::sync::Arc<Vec<u32>>,
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight lanes so the compiler vectorizes (a sequential float sum cannot be reordered).
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 impl candle_core::CustomOp3 for PackedAttention {
