@@ -122,7 +122,7 @@ fn main() {
     let panel = |title: &str, pick: fn(&(f64, f64)) -> f64| Panel {
         title: title.to_string(),
         categories: categories.clone(),
-        series: vec![(format!("recfuse ({} kernel)", kernel.name()), med(&mine, pick)), ("llama.cpp".into(), med(&theirs, pick))],
+        series: vec![(format!("recfuse, {} kernel", kernel.name()), med(&mine, pick)), ("llama.cpp".into(), med(&theirs, pick))],
         y_label: "tokens/s".into(),
     };
     let chart = root.join("target/bench-results/local-generation.png");

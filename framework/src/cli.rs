@@ -106,8 +106,8 @@ pub enum Command {
         /// When idle, milliseconds to wait for more requests before starting a batch.
         #[arg(long, default_value_t = 5)]
         gather_ms: u64,
-        /// Matmul kernel: `auto` (our int8 kernel on AVX512-VNNI CPUs, else candle's), `int8`
-        /// or `candle`.
+        /// Matmul kernel: `auto` (our int8 kernel on CPUs with AVX512-VNNI or AVX2, else
+        /// candle's), `int8`, `int8-avx2` or `candle`.
         #[arg(long, default_value = "auto")]
         kernel: String,
         /// With candle's kernel: quantized weights only (less memory, slower prefill and batches).
@@ -249,8 +249,9 @@ pub fn run_cli(args: impl IntoIterator<Item = String>, out: &mut dyn Write) -> R
                 kv_budget_bytes: kv_budget_mb << 20,
                 prefix_cache_bytes: prefix_cache_mb << 20,
             };
+            let kernel = opts.kernel.name();
             let server = crate::serve_llm::spawn(opts)?;
-            writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions); Ctrl-C stops", server.model_id, server.addr)?;
+            writeln!(out, "serving {} on http://{}/v1 (OpenAI Chat Completions, {kernel} kernel); Ctrl-C stops", server.model_id, server.addr)?;
             out.flush()?;
             server.wait()?;
             Ok(0)

@@ -15,4 +15,5 @@ pub mod tunable;
 
 pub use generate::{Completion, Decoding, FinishReason, GenParams, Llm, Message, OnText, KV_BLOCK};
 pub use model::{Hyper, Kernel};
+pub use q8::Isa;
 pub use tokenizer::GgufTokenizer;

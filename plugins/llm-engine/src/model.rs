@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
 use crate::decode_attention;
-use crate::q8::{self, PackedQ8};
+use crate::q8::{Isa, PackedQ8};
 use crate::tokenizer::meta;
 
 pub struct Hyper {
@@ -26,10 +26,10 @@ pub struct Hyper {
 /// How the engine multiplies by its weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// Our blocked int8 kernel ([`PackedQ8`], AVX512-VNNI CPUs only) for every row count,
-    /// decoding and prefill alike: weights re-quantized to 8 bits in blocks of 32 (1.1 bytes
-    /// each), activations quantized per row as llama.cpp does.
-    Int8,
+    /// Our blocked int8 kernel ([`PackedQ8`]) for every row count, decoding and prefill alike:
+    /// weights re-quantized to 8 bits in blocks of 32 (1.1 bytes each), activations quantized
+    /// per row as llama.cpp does; with AVX512-VNNI, or AVX2 where that is missing.
+    Int8(Isa),
     /// candle's kernels: its quantized matmul for a few rows (memory-bound: fewer bytes win)
     /// and, when `dense`, an f32 copy of the weights for prefill and batches wider than 8 rows
     /// (compute-bound: candle's quantized kernels do one dot product per row, its f32 GEMM is
@@ -38,30 +38,35 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs: [`Kernel::Int8`] with AVX512-VNNI, else candle's
-    /// (`dense`: may spend memory on f32 copies for speed).
+    /// The fastest kernel this CPU runs: [`Kernel::Int8`] with the best instruction set it has
+    /// (AVX512-VNNI, else AVX2), else candle's (`dense`: may spend memory on f32 copies).
     pub fn best(dense: bool) -> Self {
-        if q8::available() {
-            Kernel::Int8
-        } else {
-            Kernel::Candle { dense }
+        match Isa::best() {
+            Some(isa) => Kernel::Int8(isa),
+            None => Kernel::Candle { dense },
         }
     }
 
-    /// A kernel by its name in configs and flags: `auto` ([`Kernel::best`]), `int8` or `candle`.
+    /// A kernel by its name in configs and flags: `auto` ([`Kernel::best`]), `int8` (the best
+    /// instruction set), `int8-avx2` (AVX2 even where AVX512-VNNI exists) or `candle`.
     pub fn named(name: &str, dense: bool) -> Result<Self> {
+        let int8 = |isa: Option<Isa>, needs: &str| match isa.filter(|i| i.supported()) {
+            Some(isa) => Ok(Self::Int8(isa)),
+            None => bail!("kernel {name:?} needs a CPU with {needs}, which this one lacks (use \"auto\" or \"candle\")"),
+        };
         match name {
             "auto" => Ok(Self::best(dense)),
-            "int8" if q8::available() => Ok(Self::Int8),
-            "int8" => bail!("kernel \"int8\" needs a CPU with AVX512-VNNI, which this one lacks (use \"auto\" or \"candle\")"),
+            "int8" => int8(Isa::best(), "AVX512-VNNI or AVX2"),
+            "int8-avx2" => int8(Some(Isa::Avx2), "AVX2"),
             "candle" => Ok(Self::Candle { dense }),
-            other => bail!("unknown kernel {other:?}: expected \"auto\", \"int8\" or \"candle\""),
+            other => bail!("unknown kernel {other:?}: expected \"auto\", \"int8\", \"int8-avx2\" or \"candle\""),
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Kernel::Int8 => "int8",
+            Kernel::Int8(Isa::Vnni) => "int8 (AVX512-VNNI)",
+            Kernel::Int8(Isa::Avx2) => "int8 (AVX2)",
             Kernel::Candle { .. } => "candle",
         }
     }
@@ -79,11 +84,10 @@ const DENSE_ROWS: usize = 8;
 impl Linear {
     fn new(t: QTensor, kernel: Kernel) -> Result<Self> {
         match kernel {
-            Kernel::Int8 => {
-                anyhow::ensure!(q8::available(), "the int8 kernel needs a CPU with AVX512-VNNI");
+            Kernel::Int8(isa) => {
                 let (n, k) = t.shape().dims2()?;
                 let w = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-                Ok(Self::Q8(PackedQ8::from_f32(&w, n, k)?))
+                Ok(Self::Q8(PackedQ8::from_f32(&w, n, k, isa)?))
             }
             Kernel::Candle { dense } => {
                 let t = fast_format(t)?;

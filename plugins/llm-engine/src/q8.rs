@@ -1,6 +1,7 @@
-//! Our int8 matrix multiply for decoding and prefill on AVX512-VNNI CPUs: weights quantized to
-//! 8 bits in blocks of 32 (as GGUF Q8_0, with f32 scales), activations quantized the same way
-//! per row, products accumulated with `vpdpbusd`.
+//! Our int8 matrix multiply for decoding and prefill on x86-64 CPUs: weights quantized to 8 bits
+//! in blocks of 32 (as GGUF Q8_0, with f32 scales), activations quantized the same way per row,
+//! products accumulated with `vpdpbusd` (AVX512-VNNI) or, on CPUs without it, with AVX2's
+//! `vpmaddubsw` + `vpmaddwd` on the same layout.
 //!
 //! Why our own: candle's quantized CPU matmul takes its VNNI path only when the inner
 //! dimension is a multiple of 256, which SmolLM2-135M's 576 is not; elsewhere it computes one
@@ -14,6 +15,12 @@
 //! `-128 × Σ its bytes` as the accumulator's starting value, which cancels the offset. A work
 //! unit is one tile against up to [`ROWS`] activation rows, so a weight byte loaded once serves
 //! that many rows (batched decoding and prefill).
+//!
+//! AVX2 has no `vpdpbusd`; `vpmaddubsw` multiplies unsigned by signed bytes too but adds pairs
+//! into saturating 16-bit sums, which 255 × 127 × 2 overflows. So the AVX2 kernel turns the
+//! stored bytes back into signed weights (xor 0x80) and multiplies `|w|` by `x · sign(w)`, as
+//! llama.cpp does: pairs of at most 127 × 127 × 2 fit. Each 512-bit tile row of bytes is two
+//! 256-bit halves of 8 output rows.
 
 use anyhow::{ensure, Result};
 #[cfg(target_arch = "x86_64")]
@@ -26,16 +33,38 @@ const TILE: usize = 16;
 /// Activation rows one work unit multiplies by a tile.
 const ROWS: usize = 8;
 
-/// Whether this CPU runs the kernel (else callers keep candle's kernels).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vnni")
+/// The instruction sets the kernel is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX512F + AVX512BW + AVX512-VNNI: `vpdpbusd`, 16 outputs per instruction.
+    Vnni,
+    /// AVX2 + FMA: `vpmaddubsw` + `vpmaddwd`, 8 outputs per instruction pair.
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU runs the kernel for `self`.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Vnni => {
+                    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni")
+                }
+                Isa::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// The fastest this CPU runs, if any (else callers keep candle's kernels).
+    pub fn best() -> Option<Isa> {
+        [Isa::Vnni, Isa::Avx2].into_iter().find(|isa| isa.supported())
+    }
 }
 
 /// One block of 32 inputs of a tile's 16 rows.
@@ -62,6 +91,7 @@ struct ActBlock {
 pub struct PackedQ8 {
     n: usize,
     k: usize,
+    isa: Isa,
     /// `[n / 16 rounded up][k / 32]`, tile-major; rows past `n` in the last tile are zero.
     tiles: Vec<TileBlock>,
 }
@@ -79,8 +109,9 @@ fn quantize_block(x: &[f32]) -> ([i8; BLOCK], f32) {
 }
 
 impl PackedQ8 {
-    /// Packs `w`, row-major `n × k`; `k` must be a multiple of 32.
-    pub fn from_f32(w: &[f32], n: usize, k: usize) -> Result<Self> {
+    /// Packs `w`, row-major `n × k`, for `isa`; `k` must be a multiple of 32.
+    pub fn from_f32(w: &[f32], n: usize, k: usize, isa: Isa) -> Result<Self> {
+        ensure!(isa.supported(), "this CPU lacks the instructions of the {isa:?} int8 kernel");
         ensure!(k % BLOCK == 0 && k > 0, "inner dimension {k} is not a multiple of {BLOCK}");
         ensure!(w.len() == n * k, "weights hold {} values, not {n} × {k}", w.len());
         let kb = k / BLOCK;
@@ -97,7 +128,7 @@ impl PackedQ8 {
                 }
             }
         }
-        Ok(Self { n, k, tiles })
+        Ok(Self { n, k, isa, tiles })
     }
 
     pub fn rows(&self) -> usize {
@@ -108,9 +139,8 @@ impl PackedQ8 {
         self.tiles.len() * std::mem::size_of::<TileBlock>()
     }
 
-    /// `out (m × n) = x (m × k) · Wᵀ`, on candle's CPU thread pool. Callers check [`available`].
+    /// `out (m × n) = x (m × k) · Wᵀ`, on candle's CPU thread pool.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        assert!(available(), "PackedQ8::matmul needs AVX512-VNNI");
         assert_eq!(x.len(), m * self.k, "activations are not m × k");
         assert_eq!(out.len(), m * self.n, "output is not m × n");
         let kb = self.k / BLOCK;
@@ -133,7 +163,7 @@ impl PackedQ8 {
                 unsafe {
                     let a = acts.as_ptr().add(r0 * kb);
                     let o = (out_ptr as *mut f32).add(r0 * self.n + t * TILE);
-                    unit(rows, &self.tiles[t * kb..(t + 1) * kb], a, kb, o, self.n, cols);
+                    unit(self.isa, rows, &self.tiles[t * kb..(t + 1) * kb], a, kb, o, self.n, cols);
                 }
             }
         });
@@ -164,27 +194,37 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Vec<ActBlock> {
     acts
 }
 
-/// Dispatches to the kernel compiled for this many rows (registers are sized at compile time).
+/// Dispatches to the kernel for `isa` compiled for this many rows (registers are sized at
+/// compile time).
 ///
 /// # Safety
 /// `acts` points at `rows × kb` blocks, `out` at the first column of `rows` rows `stride` apart
-/// with `cols` writable columns each; the CPU has AVX512-VNNI.
-unsafe fn unit(rows: usize, tile: &[TileBlock], acts: *const ActBlock, kb: usize, out: *mut f32, stride: usize, cols: usize) {
+/// with `cols` writable columns each; the CPU supports `isa` (checked when packing).
+#[allow(clippy::too_many_arguments)]
+unsafe fn unit(isa: Isa, rows: usize, tile: &[TileBlock], acts: *const ActBlock, kb: usize, out: *mut f32, stride: usize, cols: usize) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        match rows {
-            1 => kernel::<1>(tile, acts, kb, out, stride, cols),
-            2 => kernel::<2>(tile, acts, kb, out, stride, cols),
-            3 => kernel::<3>(tile, acts, kb, out, stride, cols),
-            4 => kernel::<4>(tile, acts, kb, out, stride, cols),
-            5 => kernel::<5>(tile, acts, kb, out, stride, cols),
-            6 => kernel::<6>(tile, acts, kb, out, stride, cols),
-            7 => kernel::<7>(tile, acts, kb, out, stride, cols),
-            _ => kernel::<8>(tile, acts, kb, out, stride, cols),
+        macro_rules! by_rows {
+            ($kernel:ident) => {
+                match rows {
+                    1 => $kernel::<1>(tile, acts, kb, out, stride, cols),
+                    2 => $kernel::<2>(tile, acts, kb, out, stride, cols),
+                    3 => $kernel::<3>(tile, acts, kb, out, stride, cols),
+                    4 => $kernel::<4>(tile, acts, kb, out, stride, cols),
+                    5 => $kernel::<5>(tile, acts, kb, out, stride, cols),
+                    6 => $kernel::<6>(tile, acts, kb, out, stride, cols),
+                    7 => $kernel::<7>(tile, acts, kb, out, stride, cols),
+                    _ => $kernel::<8>(tile, acts, kb, out, stride, cols),
+                }
+            };
+        }
+        match isa {
+            Isa::Vnni => by_rows!(kernel),
+            Isa::Avx2 => by_rows!(kernel_avx2),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("{rows} {tile:p} {acts:p} {kb} {out:p} {stride} {cols}", tile = tile.as_ptr())
+    unreachable!("{isa:?} {rows} {tile:p} {acts:p} {kb} {out:p} {stride} {cols}", tile = tile.as_ptr())
 }
 
 /// `R` activation rows times one tile. Each block's 8 `vpdpbusd` per row go to two accumulators
@@ -227,6 +267,47 @@ unsafe fn kernel<const R: usize>(tile: &[TileBlock], acts: *const ActBlock, kb: 
     }
 }
 
+/// The AVX2 twin of [`kernel`]: each tile is two halves of 8 output rows; per 4 inputs,
+/// `|w|` (unsigned) times `x · sign(w)` (signed) in 16-bit pairs, then pairs summed into 32 bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2<const R: usize>(tile: &[TileBlock], acts: *const ActBlock, kb: usize, out: *mut f32, stride: usize, cols: usize) {
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
+        for half in 0..2 {
+            let live = cols.saturating_sub(half * 8).min(8);
+            if live == 0 {
+                break;
+            }
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, tb) in tile.iter().enumerate() {
+                let mut sum = [_mm256_setzero_si256(); R];
+                for j in 0..BLOCK / 4 {
+                    let w = _mm256_xor_si256(_mm256_load_si256(tb.qs.as_ptr().add(j * 64 + half * 32) as *const __m256i), flip);
+                    let abs_w = _mm256_sign_epi8(w, w);
+                    for r in 0..R {
+                        let a = &*acts.add(r * kb + b);
+                        let quad = _mm256_set1_epi32(std::ptr::read_unaligned(a.qs.as_ptr().add(j * 4) as *const i32));
+                        let pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(quad, w));
+                        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                let d = _mm256_load_ps(tb.d.as_ptr().add(half * 8));
+                for r in 0..R {
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps((*acts.add(r * kb + b)).d));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), scale, acc[r]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(r * stride + half * 8), live);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,16 +323,20 @@ mod tests {
     /// handles, several units of rows, a partial last tile and an all-zero row (scale 0).
     #[test]
     fn matches_plain_products() {
-        if !available() {
-            eprintln!("skipped: no AVX512-VNNI");
-            return;
+        let isas: Vec<Isa> = [Isa::Vnni, Isa::Avx2].into_iter().filter(|i| i.supported()).collect();
+        assert!(!isas.is_empty() || Isa::best().is_none());
+        for isa in isas {
+            plain_products(isa);
         }
+    }
+
+    fn plain_products(isa: Isa) {
         let mut seed = 7;
-        for (m, n, k) in [(1, 16, 32), (3, 40, 96), (8, 576, 576), (13, 200, 1536), (37, 33, 64)] {
+        for (m, n, k) in [(1, 16, 32), (3, 40, 96), (8, 576, 576), (13, 200, 1536), (37, 33, 64), (2, 45, 64)] {
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
             let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
             x[..k].iter_mut().for_each(|v| *v = 0.0);
-            let packed = PackedQ8::from_f32(&w, n, k).unwrap();
+            let packed = PackedQ8::from_f32(&w, n, k, isa).unwrap();
             let mut out = vec![f32::NAN; m * n];
             packed.matmul(&x, m, &mut out);
             let blocks = |v: &[f32]| v.chunks(BLOCK).map(quantize_block).collect::<Vec<_>>();
@@ -266,7 +351,7 @@ mod tests {
                         .sum();
                     let exact: f32 = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum();
                     let got = out[r * n + c];
-                    assert!((got - plain).abs() <= 1e-4 * (1.0 + plain.abs()), "m={m} n={n} k={k} [{r},{c}]: {got} vs {plain}");
+                    assert!((got - plain).abs() <= 1e-4 * (1.0 + plain.abs()), "{isa:?} m={m} n={n} k={k} [{r},{c}]: {got} vs {plain}");
                     assert!((got - exact).abs() <= 0.05 * (k as f32).sqrt(), "m={m} n={n} k={k} [{r},{c}]: {got} vs f32 {exact}");
                 }
             }
@@ -276,7 +361,8 @@ mod tests {
 
     #[test]
     fn refuses_a_bad_shape() {
-        let err = PackedQ8::from_f32(&[0.0; 40], 1, 40).err().unwrap().to_string();
+        let Some(isa) = Isa::best() else { return };
+        let err = PackedQ8::from_f32(&[0.0; 40], 1, 40, isa).err().unwrap().to_string();
         assert!(err.contains("40 is not a multiple of 32"), "{err}");
     }
 }

@@ -47,7 +47,8 @@ pub struct LocalLlmConfig {
     /// Users generated together; larger batches give more tokens/s (docs/benchmarks.md).
     #[serde(default = "d_batch")]
     pub batch_size: usize,
-    /// Matmul kernel: `auto` (int8 on AVX512-VNNI CPUs, else candle's), `int8` or `candle`.
+    /// Matmul kernel: `auto` (int8 on CPUs with AVX512-VNNI or AVX2, else candle's), `int8`,
+    /// `int8-avx2` or `candle`.
     #[serde(default = "d_kernel")]
     pub kernel: String,
     /// With candle's kernel, keep f32 copies of the weights for fast prefill and batches
