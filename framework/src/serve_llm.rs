@@ -114,11 +114,6 @@ impl Drop for Ticket {
     }
 }
 
-/// KV-cache bytes one token takes (keys and values of every layer, f32).
-fn kv_bytes_per_token(llm: &Llm) -> u64 {
-    llm.kv_bytes_per_token() as u64
-}
-
 /// Where a job's answer goes: whole, or piece by piece as it is generated.
 enum Sink {
     Whole(oneshot::Sender<Result<Completion, String>>),
@@ -204,7 +199,7 @@ pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
 /// right); it waits at the head of the queue, and nothing overtakes it, so the batch drains and
 /// it starts the next one (or the batch grows long enough first).
 fn generation_loop(llm: &Llm, rx: mpsc::Receiver<Job>, opts: &ServeOptions, metrics: &Metrics) {
-    let per_token = kv_bytes_per_token(llm);
+    let per_token = llm.kv_bytes_per_token() as u64;
     let mut waiting: std::collections::VecDeque<Job> = Default::default();
     let mut running: Option<Decoding> = None;
     // The sink and ticket of every row of the running batch, by row id.
@@ -491,11 +486,11 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: axum::body::Body
         ));
     }
     // Admission: a place in the queue and the KV memory this request may take.
-    let kv_bytes = (prompt.len() + max_new) as u64 * kv_bytes_per_token(&s.llm);
+    let kv_bytes = (prompt.len() + max_new) as u64 * s.llm.kv_bytes_per_token() as u64;
     if kv_bytes > s.admission.budget {
         return reject(error(
             StatusCode::BAD_REQUEST,
-            format!("prompt + max_tokens ({} tokens) need more KV memory than the server's budget allows ({} tokens)", prompt.len() + max_new, s.admission.budget / kv_bytes_per_token(&s.llm)),
+            format!("prompt + max_tokens ({} tokens) need more KV memory than the server's budget allows ({} tokens)", prompt.len() + max_new, s.admission.budget / s.llm.kv_bytes_per_token() as u64),
             Some("max_tokens"),
             None,
         ));

@@ -307,8 +307,7 @@ impl Llm {
                 continue;
             }
             let delta = pads[r] as i64 - hit.pad as i64;
-            let kv = hit.kv.iter().map(|(k, v)| Ok((self.model.shift_keys(&k.narrow(2, 0, n)?, delta)?, v.narrow(2, 0, n)?))).collect::<Result<Vec<_>>>()?;
-            cache.write_row(r, pads[r], &kv)?;
+            cache.write_row(r, pads[r], &self.model.move_kv(&hit.kv, n, delta)?)?;
             reused[r] = n;
         }
         cache.skip_to(first)?;

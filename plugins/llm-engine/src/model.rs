@@ -340,17 +340,25 @@ impl Model {
         Ok(KvCache { layers, pads, len: 0, capacity })
     }
 
-    /// Keys (`1 × kv_heads × n × head_dim`, rotary positions applied) moved `delta` positions:
-    /// rotary embeddings are rotations, so a key computed at column `c` becomes the key of the
-    /// same token at `c + delta` by rotating it `delta` positions further.
-    pub fn shift_keys(&self, k: &Tensor, delta: i64) -> Result<Tensor> {
-        if delta == 0 {
-            return Ok(k.clone());
-        }
-        let n = k.dim(2)?;
+    /// The first `n` columns of stored keys and values (per layer, `1 × kv_heads × cols ×
+    /// head_dim`, rotary positions applied), moved `delta` positions: rotary embeddings are
+    /// rotations, so a key computed at column `c` becomes the key of the same token at
+    /// `c + delta` by rotating it `delta` positions further (one rotation, built once, for every
+    /// layer); values do not depend on position.
+    pub fn move_kv(&self, kv: &[(Tensor, Tensor)], n: usize, delta: i64) -> Result<Vec<(Tensor, Tensor)>> {
         let angles: Vec<f32> = self.inv_freq.iter().map(|f| delta as f32 * f).collect();
         let row = |f: fn(f32) -> f32| Tensor::from_vec(angles.iter().map(|&a| f(a)).collect::<Vec<_>>(), (1, angles.len()), &self.device)?.repeat((n, 1));
-        Ok(candle_nn::rotary_emb::rope_i(&k.contiguous()?, &row(f32::cos)?, &row(f32::sin)?)?)
+        let rotation = if delta == 0 { None } else { Some((row(f32::cos)?, row(f32::sin)?)) };
+        kv.iter()
+            .map(|(k, v)| {
+                let k = k.narrow(2, 0, n)?;
+                let k = match &rotation {
+                    Some((cos, sin)) => candle_nn::rotary_emb::rope_i(&k.contiguous()?, cos, sin)?,
+                    None => k,
+                };
+                Ok((k, v.narrow(2, 0, n)?))
+            })
+            .collect()
     }
 
     /// Runs `tokens` (`rows × t`, the same `t` for every row) after what the cache holds and

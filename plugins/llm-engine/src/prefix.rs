@@ -7,7 +7,7 @@
 //! and candle kernels compute each row of a batch on its own, so stored entries are what a fresh
 //! prefill would compute, up to one thing: rotary positions. A batch row left-padded by `p` holds
 //! its tokens at columns `p, p+1, ...`; an entry records the padding it was computed with, and
-//! its keys are rotated by the difference when reused ([`crate::model::Model::shift_keys`]).
+//! its keys are rotated by the difference when reused ([`crate::model::Model::move_kv`]).
 
 use candle_core::Tensor;
 
@@ -21,8 +21,8 @@ struct Entry {
     bytes: usize,
 }
 
-/// What a prompt can reuse: the first `tokens` of an entry's keys and values, computed at
-/// column `pad`.
+/// What a prompt can reuse: the first `tokens` of an entry's keys and values (`kv`, which may
+/// hold more), computed at column `pad`.
 pub struct Hit {
     pub tokens: usize,
     pub pad: usize,
@@ -56,8 +56,7 @@ impl PrefixStore {
             return None;
         }
         let entry = self.entries.remove(best);
-        let kv = entry.kv.iter().map(|(k, v)| Ok((k.narrow(2, 0, tokens)?, v.narrow(2, 0, tokens)?))).collect::<candle_core::Result<_>>().ok()?;
-        let hit = Hit { tokens, pad: entry.pad, kv };
+        let hit = Hit { tokens, pad: entry.pad, kv: entry.kv.clone() };
         self.entries.push(entry); // most recently used
         Some(hit)
     }
