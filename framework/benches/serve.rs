@@ -21,8 +21,7 @@ fn main() {
         return;
     }
     let seconds: u64 = arg("--seconds", 15);
-    let oha = root().join(arg("--oha", ".cache/tools/bin/oha".to_string()));
-    assert!(oha.exists(), "oha missing at {}: run scripts/bench-serve.sh (it installs oha)", oha.display());
+    let oha = common::oha_path("scripts/bench-serve.sh");
     let data = root().join(".cache/data/ml-100k");
     assert!(data.join(".complete").exists(), "MovieLens-100K missing: run scripts/fetch-data.sh");
     // The run to serve: fitted once, kept in target/ for reruns of the bench.

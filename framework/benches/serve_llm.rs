@@ -65,8 +65,7 @@ fn main() {
         return;
     }
     let seconds: u64 = arg("--seconds", 20);
-    let oha = root().join(arg("--oha", ".cache/tools/bin/oha".to_string()));
-    assert!(oha.exists(), "oha missing at {}: run scripts/bench-serve-llm.sh (it installs oha)", oha.display());
+    let oha = common::oha_path("scripts/bench-serve-llm.sh");
     let model = root().join(".cache/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model.exists(), "SmolLM2 missing: run scripts/fetch-data.sh smollm2");
     let llama = root().join(arg("--llama-server", ".cache/llama.cpp/build/bin/llama-server".to_string()));

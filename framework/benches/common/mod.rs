@@ -59,6 +59,13 @@ impl Load {
     }
 }
 
+/// oha's path (`--oha`, default `.cache/tools/bin/oha`), which `script` installs.
+pub fn oha_path(script: &str) -> PathBuf {
+    let oha = root().join(arg("--oha", ".cache/tools/bin/oha".to_string()));
+    assert!(oha.exists(), "oha missing at {}: run {script} (it installs oha)", oha.display());
+    oha
+}
+
 /// `connections` clients POSTing the JSON `body` to `url` for `seconds` with oha (a maintained
 /// load generator from crates.io, installed into `.cache/tools` by the bench scripts).
 pub fn oha(oha: &std::path::Path, url: &str, body: &str, connections: usize, seconds: u64) -> Load {
